@@ -16,8 +16,6 @@ _NOT_BUILT = {
     "pretrain": "one-shot SuperPLM pre-training",
     "latency": "latency profiling and the latency predictor",
     "search": "architecture search under a latency constraint",
-    "finetune": "GLUE / SQuAD fine-tuning",
-    "evaluate": "GLUE / SQuAD evaluation",
     "develop": "the whole efficient-development pipeline",
     "report": "HTML / markdown reports",
 }
@@ -84,6 +82,113 @@ def _run_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_task_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", action="append", default=[], metavar="TASK",
+                   help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, squad, squad_v2 (repeat for several)")
+    p.add_argument("--data-dir", type=Path,
+                   help="glue_data/ (with <TASK>/train.tsv, dev.tsv) or its parent; for SQuAD, the folder of the JSON files")
+    p.add_argument("--hub", action="store_true", help="read the data from the Hugging Face hub instead (needs [hub] and internet)")
+    p.add_argument("--dev-file", type=Path, help="SQuAD dev JSON file (overrides --data-dir)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the model's)")
+    p.add_argument("--max-seq-length", type=int, help="tokens per input (default 128 for GLUE, 384 for SQuAD)")
+    p.add_argument("--doc-stride", type=int, default=128, help="SQuAD: token overlap between context windows (default 128)")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size (default 64)")
+    p.add_argument("--max-eval-examples", type=int, help="score a seeded random subset of each dev set")
+    p.add_argument("--null-score-threshold", type=float, default=0.0,
+                   help="SQuAD v2.0: answer only when best span score + threshold >= null score (default 0)")
+    p.add_argument("--no-test-predictions", action="store_true",
+                   help="skip the GLUE submission files for test sets (saves time on a CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model on GLUE / SQuAD tasks, keeping the best dev checkpoint")
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face checkpoint directory (e.g. from extract)")
+    p.add_argument("--out", required=True, type=Path, help="run directory (created)")
+    _add_task_data_options(p)
+    p.add_argument("--train-file", type=Path, help="SQuAD training JSON file (overrides --data-dir)")
+    p.add_argument("--epochs", type=float, default=3.0, help="training epochs (default 3)")
+    p.add_argument("--max-steps", type=int, help="training steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warm-up (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the head init, shuffling and dropout (default 42)")
+    p.add_argument("--max-train-examples", type=int, help="train on a seeded random subset (budgets)")
+    p.add_argument("--eval-every", type=int, help="also evaluate every N steps (default: at each epoch end)")
+    p.add_argument("--teacher", type=Path, help="a model fine-tuned on the task (or a finetune run) to distil logits from")
+    p.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the teacher's soft targets (default 0.5)")
+    p.add_argument("--kd-temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.set_defaults(handler=_run_finetune)
+
+
+def _settings(args: argparse.Namespace):
+    from .tasks.finetune import FinetuneSettings
+
+    training = {}
+    if args.command == "finetune":
+        training = dict(epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr, batch_size=args.batch_size,
+                        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, seed=args.seed,
+                        max_train_examples=args.max_train_examples, eval_every=args.eval_every,
+                        kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature)
+    return FinetuneSettings(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
+                            eval_batch_size=args.eval_batch_size, max_eval_examples=args.max_eval_examples,
+                            null_score_threshold=args.null_score_threshold, progress=not args.no_progress, **training)
+
+
+def _quiet_transformers() -> None:
+    # The load reports list the freshly initialised head on every run; we check loading ourselves.
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from .tasks.run import results_table, run_finetune
+
+    _quiet_transformers()
+    results = run_finetune(model=args.model, tasks=args.task, out=args.out, settings=_settings(args),
+                           data_dir=args.data_dir, hub=args.hub, tokenizer=args.tokenizer, train_file=args.train_file,
+                           dev_file=args.dev_file, teacher=args.teacher, test=not args.no_test_predictions, resume=args.resume,
+                           overwrite=args.overwrite, arguments=vars(args))
+    print(results_table([results], names=[args.out.name]))
+    print(f"results in {args.out / 'results.json'}")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score fine-tuned models on GLUE / SQuAD dev sets, or tabulate results")
+    p.add_argument("--model", type=Path, help="a fine-tuned model directory, or a finetune --out run")
+    p.add_argument("--out", type=Path, help="write results.json, config.yaml and predictions here")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.add_argument("--table", nargs="+", type=Path, metavar="RUN",
+                   help="instead: print a markdown table of these finetune/evaluate runs' results.json")
+    _add_task_data_options(p)
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .tasks.run import results_table, run_evaluate
+
+    if args.table:
+        if args.model or args.task:
+            raise UserError("--table only reads results; drop --model / --task")
+        print(results_table(args.table))
+        return 0
+    if args.model is None:
+        raise UserError("evaluate needs --model DIR (or --table RUN ... to tabulate results)")
+    _quiet_transformers()
+    results = run_evaluate(model=args.model, tasks=args.task, settings=_settings(args), data_dir=args.data_dir,
+                           hub=args.hub, tokenizer=args.tokenizer, dev_file=args.dev_file, out=args.out,
+                           test=not args.no_test_predictions,
+                           overwrite=args.overwrite, arguments=vars(args))
+    print(results_table([results], names=[args.model.name]))
+    return 0
+
+
 def _add_init(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="create a randomly initialised SuperPLM checkpoint for a space")
     p.add_argument("--space", default="paper-mlm", help="paper-mlm, paper-kd or a YAML/JSON file (default paper-mlm)")
@@ -146,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_space(sub)
     _add_init(sub)
     _add_extract(sub)
+    _add_finetune(sub)
+    _add_evaluate(sub)
     for name, what in _NOT_BUILT.items():
         _add_not_built(sub, name, what)
     return parser

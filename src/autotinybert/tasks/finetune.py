@@ -1,0 +1,592 @@
+"""Fine-tuning and evaluation of a Hugging Face model on one GLUE or SQuAD task.
+
+We use a small loop of our own rather than transformers' `Trainer`, because:
+- the architecture search calls this in-process, many times, on in-memory models, and must
+  get dev scores back without checkpoints, output folders or logging integrations;
+- same seed => same result, without touching the caller's global RNG: the loop runs inside
+  `torch.random.fork_rng()`, seeds its own dropout stream and shuffles with its own
+  `torch.Generator` (Trainer seeds the global state and pulls in accelerate);
+- the loop is about a hundred lines (AdamW, linear warm-up/decay as in BERT, gradient
+  clipping, dynamic padding, best-dev selection) and stays stable across transformers major
+  versions, whose Trainer arguments changed between v4 and v5.
+
+Public entry points:
+- `finetune_model(model, tokenizer, task, data, settings)` -> `FinetuneResult`; the model ends
+  with its best-dev weights. Pass a `RunStore` to persist checkpoints and resume.
+- `evaluate_model(model, tokenizer, task, splits, settings)` -> scores per split.
+- `load_task_model(path, task)` / `build_task_model(encoder, task)`: a task model from a
+  checkpoint directory or from an in-memory encoder (search evaluator).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from . import glue, metrics, squad
+
+Task = glue.GlueTask | squad.SquadTask
+
+
+@dataclass
+class FinetuneSettings:
+    """Optimisation and budget settings (defaults: BERT's GLUE recipe, 3 epochs, 10% warm-up)."""
+
+    epochs: float = 3.0
+    max_steps: int | None = None             # overrides epochs
+    learning_rate: float = 5e-5
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_seq_length: int | None = None        # None: 128 for GLUE, 384 for SQuAD
+    doc_stride: int = 128                    # SQuAD window overlap in tokens
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    max_train_examples: int | None = None    # seeded random subset (budgets)
+    max_eval_examples: int | None = None
+    subset_seed: int = 0                     # which subset; separate from the training seed
+    eval_every: int | None = None            # steps; None: at the end of each epoch
+    n_best: int = 20                         # SQuAD post-processing
+    max_answer_length: int = 30
+    null_score_threshold: float = 0.0        # SQuAD v2.0
+    kd_alpha: float = 0.5                    # weight of the teacher's soft targets
+    kd_temperature: float = 2.0
+    progress: bool = False
+
+    def sequence_length(self, task: Task) -> int:
+        return self.max_seq_length or (384 if isinstance(task, squad.SquadTask) else 128)
+
+    def validate(self) -> None:
+        positive = {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size, "learning_rate": self.learning_rate}
+        for name, value in positive.items():
+            if not value > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise UserError(f"--epochs must be positive, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise UserError(f"--max-steps must be positive, got {self.max_steps}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.kd_alpha <= 1 or self.kd_temperature <= 0:
+            raise UserError("--kd-alpha must be in [0, 1] and --kd-temperature positive")
+
+
+def resolve_task(name: str) -> Task:
+    """A GLUE or SQuAD task by name (case-insensitive; sst-2 / sst2, squad / squad_v2, ...)."""
+    if name.lower().startswith("squad"):
+        return squad.squad_task(name)
+    try:
+        return glue.glue_task(name)
+    except UserError:
+        raise UserError(f"unknown task {name!r}; choose one of {', '.join([*glue.GLUE_TASKS, *squad.SQUAD_TASKS])}") from None
+
+
+# --- data ------------------------------------------------------------------------------------
+
+@dataclass
+class TaskData:
+    """Everything one task run reads: train, labelled dev splits, unlabeled test splits."""
+
+    train: Any | None
+    dev: dict[str, Any]
+    test: dict[str, Any] = field(default_factory=dict)
+
+
+def load_task_data(task: Task, data_dir: str | Path | None, *, train: bool = True, test: bool = True,
+                   train_file: str | Path | None = None, dev_file: str | Path | None = None,
+                   settings: FinetuneSettings | None = None, loader: Callable | None = None) -> TaskData:
+    """Load `task` from `data_dir` (local layout) or the hub (`data_dir` None), with the
+    settings' example budgets applied. SQuAD may name its JSON files directly."""
+    settings = settings or FinetuneSettings()
+    if isinstance(task, squad.SquadTask):
+        train_split = squad.load_split(task, "train", data_dir, train_file, loader) if train else None
+        dev = {"dev": squad.load_split(task, "dev", data_dir, dev_file, loader)}
+        tests: dict[str, Any] = {}
+        sample = squad.subset
+    else:
+        if train_file or dev_file:
+            raise UserError("--train-file / --dev-file are for SQuAD; GLUE tasks read --data-dir")
+        train_split = glue.load_split(task, "train", data_dir, loader) if train else None
+        dev = {name: glue.load_split(task, name, data_dir, loader) for name in task.dev_files}
+        tests = ({name: glue.load_split(task, name, data_dir, loader) for name in glue.available_test_splits(task, data_dir)}
+                 if test else {})
+        sample = glue.subset
+    if train_split is not None:
+        train_split = sample(train_split, settings.max_train_examples, settings.subset_seed)
+    dev = {name: sample(split, settings.max_eval_examples, settings.subset_seed) for name, split in dev.items()}
+    return TaskData(train_split, dev, tests)
+
+
+# --- models ----------------------------------------------------------------------------------
+
+def _auto_class(task: Task):
+    import transformers
+
+    if isinstance(task, squad.SquadTask):
+        return transformers.AutoModelForQuestionAnswering
+    return transformers.AutoModelForSequenceClassification
+
+
+def _task_config_fields(task: Task) -> dict[str, Any]:
+    if isinstance(task, squad.SquadTask):
+        return {}
+    if task.is_regression:
+        return {"num_labels": 1, "problem_type": "regression", "id2label": {0: "score"}, "label2id": {"score": 0}}
+    return {"num_labels": task.num_labels, "problem_type": "single_label_classification",
+            "id2label": dict(enumerate(task.labels)), "label2id": {n: i for i, n in enumerate(task.labels)}}
+
+
+def load_task_model(path: str | Path, task: Task, *, finetuned: bool = False, seed: int = 42):
+    """A task model from a checkpoint directory (`trust_remote_code`: exported non-stock types).
+
+    `finetuned=False`: a pre-trained encoder gets a fresh task head, initialised from `seed`
+    without touching the global RNG. `finetuned=True`: every weight must come from the files and
+    the head must fit `task`.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model {path} has no config.json; point it at a Hugging Face checkpoint directory")
+    auto = _auto_class(task)
+    extra = {} if finetuned else {**_task_config_fields(task), "ignore_mismatched_sizes": True}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model, info = auto.from_pretrained(str(path), trust_remote_code=True, output_loading_info=True, **extra)
+        except (ValueError, KeyError, OSError) as err:
+            raise UserError(f"cannot load {path} as a {auto.__name__} for {task.name}: {str(err).splitlines()[0]}") from None
+    _check_loaded(model, info, path, task, finetuned)
+    return model
+
+
+def _check_loaded(model, info: dict, path: Path, task: Task, finetuned: bool) -> None:
+    prefix = f"{model.base_model_prefix}."
+    missing = sorted(info.get("missing_keys", []))
+    if finetuned:
+        if missing:
+            raise UserError(f"{path} lacks {missing[0]} (and {len(missing) - 1} more); is it a model fine-tuned on {task.name}?")
+        expected = 2 if isinstance(task, squad.SquadTask) else task.num_labels
+        if not isinstance(task, squad.SquadTask) and model.config.num_labels != expected:
+            raise UserError(f"{path} has {model.config.num_labels} outputs but {task.name} needs {expected}; "
+                            f"is it fine-tuned on another task?")
+        return
+    # The encoder itself must load; only the head (and BERT's pooler, absent from MLM checkpoints) may be new.
+    encoder_missing = [k for k in missing if k.startswith(prefix) and ".pooler." not in f".{k}"]
+    if encoder_missing:
+        raise UserError(f"{path} has no weights for {encoder_missing[0]} (and {len(encoder_missing) - 1} more); "
+                        f"is it a checkpoint of this model type?")
+
+
+def build_task_model(encoder, task: Task, *, seed: int = 42):
+    """A task model around a copy of an in-memory encoder (BertModel-like, or a model that
+    contains one under `base_model_prefix`, e.g. BertForMaskedLM). The head is initialised from
+    `seed` inside a forked RNG; the encoder's weights are copied in, the pooler kept if present.
+    """
+    config = copy.deepcopy(encoder.config)
+    for name, value in _task_config_fields(task).items():
+        setattr(config, name, value)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _auto_class(task).from_config(config, trust_remote_code=True)
+    base = getattr(encoder, encoder.base_model_prefix, encoder)
+    target = getattr(model, model.base_model_prefix)
+    result = target.load_state_dict(base.state_dict(), strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("pooler.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"encoder and task model disagree: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    return model.to(next(encoder.parameters()).device)
+
+
+# --- features and batches --------------------------------------------------------------------
+
+_INPUT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+def _glue_features(task: glue.GlueTask, tokenizer, split, max_length: int, with_labels: bool) -> list[dict]:
+    examples = split.examples
+    second = [e.text_b for e in examples] if task.train_columns.text_b is not None else None
+    encoding = tokenizer([e.text_a for e in examples], second, truncation=True, max_length=max_length)
+    keys = [k for k in _INPUT_KEYS if k in encoding]
+    features = [{k: encoding[k][i] for k in keys} for i in range(len(examples))]
+    if with_labels:
+        for feature, label in zip(features, glue.label_ids(task, examples)):
+            feature["labels"] = label
+    return features
+
+
+def _collate(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest feature in the batch (dynamic padding: short GLUE inputs stay cheap)."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {}
+    for key in _INPUT_KEYS:
+        if key in features[0]:
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = torch.tensor([f[key] + [fill] * (width - len(f[key])) for f in features], dtype=torch.long)
+    for key in ("labels", "start_positions", "end_positions"):
+        if key in features[0]:
+            dtype = torch.float32 if isinstance(features[0][key], float) else torch.long
+            batch[key] = torch.tensor([f[key] for f in features], dtype=dtype)
+    return batch
+
+
+def _forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The heads' outputs: (logits,) for GLUE, (start_logits, end_logits) for SQuAD."""
+    outputs = model(**{k: v for k, v in batch.items() if k in _INPUT_KEYS})
+    if hasattr(outputs, "start_logits"):
+        return outputs.start_logits, outputs.end_logits
+    return (outputs.logits,)
+
+
+def _loss(task: Task, student: tuple[torch.Tensor, ...], batch: dict, teacher: tuple[torch.Tensor, ...] | None,
+          settings: FinetuneSettings) -> torch.Tensor:
+    """Cross-entropy (MSE for STS-B); with a teacher, mixed with logits distillation
+    (Hinton et al. 2015: KL between temperature-softened distributions, scaled by T^2)."""
+    if isinstance(task, squad.SquadTask):
+        targets = (batch["start_positions"], batch["end_positions"])
+    else:
+        targets = (batch["labels"],)
+    losses = []
+    for index, (logits, target) in enumerate(zip(student, targets)):
+        regression = not isinstance(task, squad.SquadTask) and task.is_regression
+        hard = F.mse_loss(logits.squeeze(-1), target) if regression else F.cross_entropy(logits, target)
+        if teacher is None:
+            losses.append(hard)
+            continue
+        if regression:
+            soft = F.mse_loss(logits.squeeze(-1), teacher[index].squeeze(-1))
+        else:
+            t = settings.kd_temperature
+            soft = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher[index] / t, -1),
+                            log_target=True, reduction="batchmean") * t * t
+        losses.append(settings.kd_alpha * soft + (1 - settings.kd_alpha) * hard)
+    return sum(losses) / len(losses)
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _predict_features(model, features: Sequence[dict], pad_id: int, batch_size: int, token_level: bool,
+                      progress: bool = False, desc: str = "eval") -> list[tuple]:
+    """Head outputs per feature (numpy), batched by length so padding stays small."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    outputs: list[tuple | None] = [None] * len(features)
+    try:
+        for begin in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+            chunk = order[begin: begin + batch_size]
+            heads = [h.float().cpu().numpy() for h in _forward(model, _collate([features[i] for i in chunk], pad_id))]
+            for row, i in enumerate(chunk):
+                width = len(features[i]["input_ids"])
+                outputs[i] = tuple(h[row, :width] if token_level else h[row] for h in heads)
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def _glue_predictions(task: glue.GlueTask, outputs: Sequence[tuple]) -> list:
+    if task.is_regression:
+        return [float(o[0][0]) for o in outputs]
+    return [int(o[0].argmax()) for o in outputs]
+
+
+def predict_glue(model, tokenizer, task: glue.GlueTask, split, settings: FinetuneSettings) -> list:
+    """Label indices (or STS-B scores) for every example of `split`, labelled or not."""
+    features = _glue_features(task, tokenizer, split, settings.sequence_length(task), with_labels=False)
+    outputs = _predict_features(model, features, _pad_id(tokenizer), settings.eval_batch_size, False,
+                                settings.progress, f"{task.name} {split.split}")
+    return _glue_predictions(task, outputs)
+
+
+def predict_squad(model, tokenizer, task: squad.SquadTask, split, settings: FinetuneSettings) -> dict[str, squad.SpanPrediction]:
+    length = settings.sequence_length(task)
+    features = squad.eval_features(tokenizer, split.examples, length, settings.doc_stride)
+    outputs = _predict_features(model, features, _pad_id(tokenizer), settings.eval_batch_size, True,
+                                settings.progress, f"{task.name} {split.split}")
+    return squad.best_spans(split.examples, features, [o[0] for o in outputs], [o[1] for o in outputs],
+                            settings.n_best, settings.max_answer_length)
+
+
+def evaluate_split(model, tokenizer, task: Task, split, settings: FinetuneSettings) -> tuple[dict[str, float], Any]:
+    """Metrics on one labelled split, and the predictions they came from."""
+    if isinstance(task, squad.SquadTask):
+        spans = predict_squad(model, tokenizer, task, split, settings)
+        answers = squad.final_answers(spans, task.with_no_answer, settings.null_score_threshold)
+        odds = squad.null_odds(spans) if task.with_no_answer else None
+        scores = metrics.squad_scores(answers, squad.gold_answers(split.examples), odds,
+                                      {q: s.text for q, s in spans.items()})
+        return scores, answers
+    predictions = predict_glue(model, tokenizer, task, split, settings)
+    return metrics.glue_metrics(task.name, predictions, glue.label_ids(task, split.examples)), predictions
+
+
+def evaluate_model(model, tokenizer, task: Task, splits: dict[str, Any], settings: FinetuneSettings | None = None) -> dict[str, dict[str, float]]:
+    """Scores on each labelled split, e.g. {"dev_matched": {...}, "dev_mismatched": {...}}."""
+    settings = settings or FinetuneSettings()
+    return {name: evaluate_split(model, tokenizer, task, split, settings)[0] for name, split in splits.items()}
+
+
+def main_score(task: Task, scores: dict[str, dict[str, float]]) -> float:
+    """The number model selection maximises: SQuAD F1; GLUE task score on the main dev split."""
+    dev = scores[task.main_dev_split]
+    return dev["f1"] if isinstance(task, squad.SquadTask) else metrics.task_score(dev)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+# --- training --------------------------------------------------------------------------------
+
+@dataclass
+class FinetuneResult:
+    scores: dict[str, dict[str, float]]      # best checkpoint's metrics per dev split
+    score: float                             # main_score of `scores`
+    best_step: int
+    steps: int
+    train_examples: int
+    train_features: int
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    predictions: dict[str, Any] | None = None  # the best evaluation's, per dev split (None after a resume)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_score: float | None = None
+    best_step: int = 0
+    best_scores: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def train_features(task: Task, tokenizer, split, settings: FinetuneSettings) -> list[dict]:
+    length = settings.sequence_length(task)
+    if isinstance(task, squad.SquadTask):
+        return squad.train_features(tokenizer, split.examples, length, settings.doc_stride)
+    return _glue_features(task, tokenizer, split, length, with_labels=True)
+
+
+def _plan(num_features: int, settings: FinetuneSettings) -> tuple[int, int, set[int]]:
+    """(steps per epoch, total steps, steps after which to evaluate)."""
+    per_epoch = math.ceil(num_features / settings.batch_size)
+    total = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
+    evaluate_at = {total} | {k * per_epoch for k in range(1, total // per_epoch + 1)}
+    if settings.eval_every:
+        evaluate_at |= set(range(settings.eval_every, total + 1, settings.eval_every))
+    return per_epoch, total, evaluate_at
+
+
+def _optimizer(model, settings: FinetuneSettings) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm weights (BERT's recipe)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.learning_rate)
+
+
+def _learning_rate(step: int, total: int, settings: FinetuneSettings) -> float:
+    """Linear warm-up over `warmup_ratio` of the steps, then linear decay to 0 (BERT)."""
+    warmup = int(settings.warmup_ratio * total)
+    if step < warmup:
+        return settings.learning_rate * (step + 1) / warmup
+    return settings.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffle of one epoch, a function of (seed, epoch) only, so a resumed run replays it."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def finetune_model(model, tokenizer, task: Task, data: TaskData, settings: FinetuneSettings | None = None, *,
+                   teacher=None, store: "RunStore | None" = None) -> FinetuneResult:
+    """Fine-tune `model` on `data.train`, evaluating on `data.dev` and keeping the best weights.
+
+    In memory unless `store` is given (then checkpoints after each evaluation and resumes from
+    them). The caller's global RNG state is left as it was; same inputs and seed => same result.
+    """
+    settings = settings or FinetuneSettings()
+    settings.validate()
+    if data.train is None:
+        raise UserError(f"{task.name}: no training data")
+    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+        raise UserError("the teacher and the student must share a vocabulary (vocab sizes differ)")
+    features = train_features(task, tokenizer, data.train, settings)
+    per_epoch, total, evaluate_at = _plan(len(features), settings)
+    optimizer = _optimizer(model, settings)
+    pad_id = _pad_id(tokenizer)
+    state, best_weights = TrainState(), None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)  # dropout stream of this run only
+        if store is not None and store.has_checkpoint():
+            state = store.load_checkpoint(model, optimizer)
+        if teacher is not None:
+            teacher.eval()
+        state, best_weights, best_predictions = _train_loop(model, tokenizer, task, data, settings, features, optimizer,
+                                                            teacher, store, state, (per_epoch, total, evaluate_at), pad_id)
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
+    elif store is not None and store.has_best():
+        store.load_best(model)
+    return FinetuneResult(state.best_scores, state.best_score, state.best_step, state.step, len(data.train.examples),
+                          len(features), state.history, state.train_seconds, best_predictions)
+
+
+def _train_loop(model, tokenizer, task, data, settings, features, optimizer, teacher, store, state, plan, pad_id):
+    from tqdm.auto import tqdm
+
+    per_epoch, total, evaluate_at = plan
+    best_weights, best_predictions, running, counted = None, None, 0.0, 0
+    model.train()
+    bar = tqdm(total=total, initial=state.step, desc=f"{task.name} train", disable=not settings.progress)
+    started = time.perf_counter()
+    while state.step < total:
+        epoch, position = divmod(state.step, per_epoch)
+        order = _epoch_order(len(features), settings.seed, epoch)
+        batch = _collate([features[i] for i in order[position * settings.batch_size:(position + 1) * settings.batch_size]], pad_id)
+        loss = _training_step(model, task, batch, optimizer, teacher, settings, _learning_rate(state.step, total, settings))
+        state.step += 1
+        running, counted = running + loss, counted + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if state.step in evaluate_at:
+            state.train_seconds += time.perf_counter() - started
+            evaluated = {name: evaluate_split(model, tokenizer, task, split, settings) for name, split in data.dev.items()}
+            scores = {name: result[0] for name, result in evaluated.items()}
+            score = main_score(task, scores)
+            state.history.append({"step": state.step, "epoch": round(state.step / per_epoch, 3),
+                                  "train_loss": running / counted, "score": score, "scores": scores})
+            bar.write(f"{task.name} step {state.step}/{total}: train loss {running / counted:.4f}, dev score {score:.2f}")
+            running, counted = 0.0, 0
+            if state.best_score is None or score > state.best_score:
+                state.best_score, state.best_step, state.best_scores = score, state.step, scores
+                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_predictions = {name: result[1] for name, result in evaluated.items()}
+                if store is not None:
+                    store.save_best(model, tokenizer)
+            if store is not None:
+                store.save_checkpoint(model, optimizer, state)
+            model.train()
+            started = time.perf_counter()
+    bar.close()
+    return state, best_weights, best_predictions
+
+
+def _training_step(model, task, batch, optimizer, teacher, settings, learning_rate: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    teacher_outputs = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_outputs = tuple(t.detach() for t in _forward(teacher, batch))
+    loss = _loss(task, _forward(model, batch), batch, teacher_outputs, settings)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+# --- persistence for the command line (resume) -------------------------------------------------
+
+class RunStore:
+    """One task's files under `directory`: the best model (`model/`, save_pretrained + tokenizer,
+    loadable by AutoModelFor*), and the last checkpoint (`checkpoint/`: weights, optimizer state
+    and the RNG state in safetensors, counters in JSON) that `--resume` continues from."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.model_dir = self.directory / "model"
+        self.checkpoint_dir = self.directory / "checkpoint"
+
+    def has_checkpoint(self) -> bool:
+        return (self.checkpoint_dir / "trainer_state.json").is_file()
+
+    @property
+    def best_weights(self) -> Path:
+        # Kept beside model/ so resuming restores exactly the module's own state_dict keys.
+        return self.directory / "best.safetensors"
+
+    def has_best(self) -> bool:
+        return self.best_weights.is_file()
+
+    def save_best(self, model, tokenizer) -> None:
+        from safetensors.torch import save_model
+
+        from ..files import staged_directory
+
+        with staged_directory(self.model_dir, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        _atomic(self.best_weights, lambda p: save_model(model, str(p)))
+
+    def load_best(self, model) -> None:
+        from safetensors.torch import load_model
+
+        load_model(model, str(self.best_weights), strict=True)
+
+    def save_checkpoint(self, model, optimizer, state: TrainState) -> None:
+        from safetensors.torch import save_file, save_model
+
+        from ..files import atomic_write_json, staged_directory
+
+        tensors, groups = _flatten_optimizer(optimizer.state_dict())
+        tensors["rng_state"] = torch.get_rng_state()
+        with staged_directory(self.checkpoint_dir, overwrite=True) as tmp:
+            save_model(model, str(tmp / "model.safetensors"))
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            atomic_write_json(tmp / "trainer_state.json", {**asdict(state), "param_groups": groups})
+
+    def load_checkpoint(self, model, optimizer) -> TrainState:
+        """Restore weights, optimizer and the dropout RNG (call inside the run's fork_rng)."""
+        import json
+
+        from safetensors.torch import load_file, load_model
+
+        saved = json.loads((self.checkpoint_dir / "trainer_state.json").read_text())
+        groups = saved.pop("param_groups")
+        load_model(model, str(self.checkpoint_dir / "model.safetensors"), strict=True)
+        tensors = load_file(str(self.checkpoint_dir / "optimizer.safetensors"))
+        torch.set_rng_state(tensors.pop("rng_state"))
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, groups))
+        return TrainState(**saved)
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Optimizer state as flat tensors (`state.<param>.<key>`) plus JSON-able param groups."""
+    tensors = {}
+    for index, values in state_dict["state"].items():
+        for key, value in values.items():
+            tensors[f"state.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, state_dict["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,300 @@
+"""The `finetune` and `evaluate` stages: output folders, resume, submission files, tables.
+
+Layout of a fine-tuning run (`--out RUN`):
+
+    RUN/config.yaml                 every argument as used
+    RUN/results.json                per-task dev scores, GLUE average, timings (rewritten per task)
+    RUN/<task>/model/               best-dev model + tokenizer (AutoModelFor*.from_pretrained)
+    RUN/<task>/checkpoint/          last checkpoint, for --resume
+    RUN/<task>/results.json         the task's record; its presence marks the task done
+    RUN/submission/<TASK>.tsv       GLUE test predictions (index<TAB>prediction), when test files exist
+    RUN/<task>/dev_predictions.json SQuAD answers per question id (official format)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import UserError
+from ..files import atomic_write_json, atomic_write_text, write_stage_config
+from . import glue, metrics, squad
+from .finetune import (FinetuneSettings, RunStore, Task, evaluate_split, finetune_model, load_task_data,
+                       load_task_model, predict_glue, resolve_task)
+
+# Arguments that may change between a run and its --resume without changing the result.
+_RESUME_FREE = {"resume", "overwrite", "no_progress", "progress", "command", "handler", "out"}
+
+# Column order of results tables: the paper's (Table 3), then WNLI and SQuAD v2.0.
+_TABLE_ORDER = ("squad", "sst2", "mnli", "mrpc", "cola", "qnli", "qqp", "stsb", "rte", "wnli", "squad_v2")
+_TABLE_NAMES = {"squad": "SQuAD1.1 EM/F1", "squad_v2": "SQuAD2.0 EM/F1", "sst2": "SST-2", "mnli": "MNLI-m/mm",
+                "mrpc": "MRPC F1/acc", "cola": "CoLA", "qnli": "QNLI", "qqp": "QQP F1/acc",
+                "stsb": "STS-B P/S", "rte": "RTE", "wnli": "WNLI"}
+
+
+def resolve_tasks(names: Iterable[str]) -> list[Task]:
+    tasks, seen = [], set()
+    for name in names:
+        task = resolve_task(name)
+        if task.name not in seen:
+            tasks.append(task)
+            seen.add(task.name)
+    if not tasks:
+        raise UserError("no --task given; name at least one, e.g. --task sst2")
+    return tasks
+
+
+def _data_source(data_dir: Path | None, hub: bool) -> Path | None:
+    if hub and data_dir is not None:
+        raise UserError("pass either --data-dir or --hub, not both")
+    if not hub and data_dir is None:
+        raise UserError("no data: pass --data-dir (classic glue_data layout / SQuAD JSON files) or --hub")
+    return data_dir
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"no usable tokenizer in {path} ({type(err).__name__}); pass --tokenizer DIR") from None
+
+
+# --- finetune ------------------------------------------------------------------------------
+
+def run_finetune(*, model: Path, tasks: list[str], out: Path, settings: FinetuneSettings, data_dir: Path | None,
+                 hub: bool = False, tokenizer: Path | None = None, train_file: Path | None = None,
+                 dev_file: Path | None = None, teacher: Path | None = None, test: bool = True, resume: bool = False,
+                 overwrite: bool = False, arguments: dict[str, Any] | None = None) -> dict:
+    """Fine-tune `model` on each task; returns the run's results (also RUN/results.json)."""
+    settings.validate()
+    task_list = resolve_tasks(tasks)
+    data_dir = _data_source(data_dir, hub)
+    if (train_file or dev_file) and not all(isinstance(t, squad.SquadTask) for t in task_list):
+        raise UserError("--train-file / --dev-file name SQuAD JSON files; run GLUE tasks separately")
+    _prepare_out(out, resume, overwrite, arguments or {})
+    # Load and check every task's data before training any: bad input fails in seconds, not hours.
+    data = {t.name: load_task_data(t, data_dir, train_file=train_file, dev_file=dev_file, settings=settings, test=test)
+            for t in task_list}
+    token_source = tokenizer or model
+    tok = load_tokenizer(token_source)
+    results = _read_results(out) if resume else _empty_results(model)
+    for task in task_list:
+        done = out / task.name / "results.json"
+        if resume and done.is_file():
+            results["tasks"][task.name] = json.loads(done.read_text())
+            continue
+        record = _finetune_task(model, task, data[task.name], tok, settings, out, teacher, data_dir)
+        atomic_write_json(done, record)
+        results["tasks"][task.name] = record
+        _write_results(out, results)
+    _write_results(out, results)
+    return results
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool, arguments: dict) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory; choose another path")
+    non_empty = out.is_dir() and any(out.iterdir())
+    if resume:
+        if not (out / "config.yaml").is_file():
+            raise UserError(f"--resume: {out} holds no run (no config.yaml); drop --resume to start one")
+        _check_same_arguments(out / "config.yaml", arguments)
+        return
+    if non_empty:
+        if not overwrite:
+            raise UserError(f"--out {out} already exists and is not empty; pass --resume to continue it, "
+                            f"--overwrite to replace it, or choose another path")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_stage_config(out, arguments)
+
+
+def _check_same_arguments(config_path: Path, arguments: dict) -> None:
+    import yaml
+
+    recorded = yaml.safe_load(config_path.read_text()) or {}
+    current = {k: (str(v) if isinstance(v, Path) else v) for k, v in arguments.items() if not callable(v)}
+    for key in sorted(set(recorded) | set(current)):
+        if key in _RESUME_FREE:
+            continue
+        if recorded.get(key) != current.get(key):
+            raise UserError(f"--resume with different arguments: {key} was {recorded.get(key)!r}, now "
+                            f"{current.get(key)!r}; rerun with the original arguments or use a new --out")
+
+
+def _finetune_task(model_path: Path, task: Task, data, tokenizer, settings: FinetuneSettings, out: Path,
+                   teacher_path: Path | None, data_dir: Path | None) -> dict:
+    store = RunStore(out / task.name)
+    model = load_task_model(model_path, task, seed=settings.seed)
+    teacher = load_task_model(_teacher_dir(teacher_path, task), task, finetuned=True) if teacher_path else None
+    result = finetune_model(model, tokenizer, task, data, settings, teacher=teacher, store=store)
+    started = time.perf_counter()
+    record = {
+        "task": task.name, "model": str(model_path), "score": result.score, "scores": result.scores,
+        "best_step": result.best_step, "steps": result.steps, "train_examples": result.train_examples,
+        "train_features": result.train_features,
+        "dev_examples": {name: len(split.examples) for name, split in data.dev.items()},
+        "train_seconds": round(result.train_seconds, 1), "history": result.history,
+    }
+    record["outputs"] = _write_predictions(model, tokenizer, task, data, settings, out, data_dir, result.predictions)
+    record["predict_seconds"] = round(time.perf_counter() - started, 1)
+    return record
+
+
+def _teacher_dir(path: Path, task: Task) -> Path:
+    """A teacher model directory, or a finetune run holding `<task>/model`."""
+    nested = Path(path) / task.name / "model"
+    return nested if nested.is_dir() else Path(path)
+
+
+def _write_predictions(model, tokenizer, task: Task, data, settings, out: Path, data_dir: Path | None,
+                       dev_predictions: dict | None = None) -> list[str]:
+    """SQuAD: dev answers (official predictions format). GLUE: submission files for test splits."""
+    written = []
+    if isinstance(task, squad.SquadTask):
+        for name, split in data.dev.items():
+            if dev_predictions and name in dev_predictions:
+                answers = dev_predictions[name]  # the best evaluation's: no second pass over dev
+            else:
+                _, answers = evaluate_split(model, tokenizer, task, split, settings)
+            path = out / task.name / f"{name}_predictions.json"
+            atomic_write_json(path, answers)
+            written.append(str(path.relative_to(out)))
+        return written
+    for name, split in data.test.items():
+        path = out / "submission" / f"{task.submission[name]}.tsv"
+        write_submission(path, task, split, predict_glue(model, tokenizer, task, split, settings))
+        written.append(str(path.relative_to(out)))
+    if task.name == "mnli" and data_dir is not None:
+        diagnostic = glue.load_diagnostic(data_dir)
+        if diagnostic is not None:
+            path = out / "submission" / f"{glue.DIAGNOSTIC[2]}.tsv"
+            write_submission(path, task, diagnostic, predict_glue(model, tokenizer, task, diagnostic, settings))
+            written.append(str(path.relative_to(out)))
+    return written
+
+
+def write_submission(path: Path, task: glue.GlueTask, split, predictions: list) -> None:
+    """GLUE server format: a header `index<TAB>prediction`, one row per test example."""
+    rows = ["index\tprediction"]
+    for number, (example, prediction) in enumerate(zip(split.examples, predictions)):
+        rows.append(f"{example.index if example.index is not None else number}\t{glue.submission_value(task, prediction)}")
+    atomic_write_text(path, "\n".join(rows) + "\n")
+
+
+def _empty_results(model: Path) -> dict:
+    return {"model": str(model), "tasks": {}}
+
+
+def _read_results(out: Path) -> dict:
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {"tasks": {}}
+
+
+def _write_results(out: Path, results: dict) -> None:
+    scores = {name: record["score"] for name, record in results["tasks"].items()}
+    results["glue_average"] = metrics.glue_average(scores)
+    results["glue_average_tasks"] = [t for t in metrics.GLUE_AVERAGE_TASKS if t in scores]
+    atomic_write_json(out / "results.json", results)
+
+
+# --- evaluate -------------------------------------------------------------------------------
+
+def run_evaluate(*, model: Path, tasks: list[str], settings: FinetuneSettings, data_dir: Path | None,
+                 hub: bool = False, tokenizer: Path | None = None, dev_file: Path | None = None,
+                 out: Path | None = None, test: bool = True, overwrite: bool = False,
+                 arguments: dict | None = None) -> dict:
+    """Score already fine-tuned models: `model` is one model directory or a finetune run
+    (then `<run>/<task>/model` is used per task). Writes `out/results.json` when `out` is given."""
+    task_list = resolve_tasks(tasks)
+    data_dir = _data_source(data_dir, hub)
+    if out is not None:
+        _prepare_out(out, False, overwrite, arguments or {})
+    results = _empty_results(model)
+    for task in task_list:
+        model_dir = _task_model_dir(model, task)
+        data = load_task_data(task, data_dir, train=False, test=test and out is not None, dev_file=dev_file, settings=settings)
+        tok = load_tokenizer(tokenizer or model_dir)
+        task_model = load_task_model(model_dir, task, finetuned=True)
+        started = time.perf_counter()
+        scores = {name: evaluate_split(task_model, tok, task, split, settings)[0] for name, split in data.dev.items()}
+        record = {"task": task.name, "model": str(model_dir), "scores": scores,
+                  "score": scores[task.main_dev_split]["f1"] if isinstance(task, squad.SquadTask)
+                  else metrics.task_score(scores[task.main_dev_split]),
+                  "dev_examples": {name: len(split.examples) for name, split in data.dev.items()},
+                  "eval_seconds": round(time.perf_counter() - started, 1)}
+        if out is not None:
+            record["outputs"] = _write_predictions(task_model, tok, task, data, settings, out, data_dir)
+        results["tasks"][task.name] = record
+        if out is not None:
+            _write_results(out, results)
+    scores = {name: r["score"] for name, r in results["tasks"].items()}
+    results["glue_average"] = metrics.glue_average(scores)
+    results["glue_average_tasks"] = [t for t in metrics.GLUE_AVERAGE_TASKS if t in scores]
+    return results
+
+
+def _task_model_dir(model: Path, task: Task) -> Path:
+    nested = Path(model) / task.name / "model"
+    if nested.is_dir():
+        return nested
+    if (Path(model) / "config.json").is_file():
+        return Path(model)
+    raise UserError(f"--model {model} is neither a model directory (config.json) nor a finetune run with "
+                    f"{task.name}/model/; fine-tune it first or point at the right folder")
+
+
+# --- tables ---------------------------------------------------------------------------------
+
+def results_table(runs: Iterable[Path | dict], names: Iterable[str] | None = None) -> str:
+    """A markdown table: one row per run (results.json of finetune/evaluate), one column per
+    task (paper order), and the GLUE average over the tasks each row has."""
+    loaded = [(_run_name(r), r if isinstance(r, dict) else _load_results(Path(r))) for r in runs]
+    if names is not None:
+        loaded = [(name, results) for name, (_, results) in zip(names, loaded)]
+    present = {t for _, results in loaded for t in results["tasks"]}
+    columns = [t for t in _TABLE_ORDER if t in present]
+    with_glue = any(t in metrics.GLUE_AVERAGE_TASKS for t in present)
+    header = ["run", *(_TABLE_NAMES[t] for t in columns)] + (["GLUE avg"] if with_glue else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for name, results in loaded:
+        cells = [name] + [_cell(t, results["tasks"].get(t)) for t in columns]
+        if with_glue:
+            average = metrics.glue_average({t: r["score"] for t, r in results["tasks"].items()})
+            cells.append("-" if average is None else f"{average:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _run_name(run) -> str:
+    return "results" if isinstance(run, dict) else Path(run).name or str(run)
+
+
+def _load_results(path: Path) -> dict:
+    file = path / "results.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"no results.json in {path}; point --table at finetune/evaluate --out folders")
+    try:
+        results = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{file}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(results.get("tasks"), dict):
+        raise UserError(f"{file} is not a finetune/evaluate results file (no 'tasks')")
+    return results
+
+
+def _cell(task: str, record: dict | None) -> str:
+    if record is None:
+        return "-"
+    scores = record["scores"]
+    if task.startswith("squad"):
+        dev = scores["dev"]
+        return f"{dev['exact_match']:.1f}/{dev['f1']:.1f}"
+    if task == "mnli":
+        return "/".join(f"{scores[s]['accuracy']:.1f}" for s in ("dev_matched", "dev_mismatched") if s in scores)
+    return "/".join(f"{value:.1f}" for value in next(iter(scores.values())).values())
