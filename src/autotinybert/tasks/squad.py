@@ -122,18 +122,21 @@ def load_json_split(task: SquadTask, path: str | Path, split: str) -> SquadSplit
 
 def _json_example(task, article, context, qa, path, raw, place, split) -> SquadExample:
     qid = str(_field(qa, "id", (str, int), path, raw, place))
-    where = _where(path, raw, place, qid)
+
+    def where() -> str:  # only on errors: locating the line scans the file
+        return _where(path, raw, place, qid)
+
     question = _field(qa, "question", str, path, raw, place)
     impossible = bool(qa.get("is_impossible", False))
     if impossible and not task.with_no_answer:
-        raise UserError(f"{where}: unanswerable question in a SQuAD 1.1 file; use task squad_v2")
+        raise UserError(f"{where()}: unanswerable question in a SQuAD 1.1 file; use task squad_v2")
     answers = []
     for answer in ([] if impossible else _field(qa, "answers", list, path, raw, place)):
         if not isinstance(answer, dict) or not isinstance(answer.get("text"), str):
-            raise UserError(f"{where}: an answer has no 'text'")
+            raise UserError(f"{where()}: an answer has no 'text'")
         answers.append(Answer(answer["text"], int(answer.get("answer_start", -1))))
     if not answers and not impossible:
-        raise UserError(f"{where}: question has no answers and is not marked is_impossible")
+        raise UserError(f"{where()}: question has no answers and is not marked is_impossible")
     example = SquadExample(qid, str(article.get("title", "")), context, question, tuple(answers))
     if split == "train":
         _check_aligned(example, where)
@@ -156,11 +159,11 @@ def _where(path: Path, raw: str, place: str, qid: str) -> str:
     return f"{path}{line}: {place} (id {qid})"
 
 
-def _check_aligned(example: SquadExample, where: str) -> None:
+def _check_aligned(example: SquadExample, where: str | Callable[[], str]) -> None:
     for answer in example.answers:
         found = example.context[answer.start: answer.start + len(answer.text)] if answer.start >= 0 else None
         if found != answer.text:
-            raise UserError(f"{where}: answer {answer.text!r} is not found in the context at answer_start "
+            raise UserError(f"{where() if callable(where) else where}: answer {answer.text!r} is not found in the context at answer_start "
                             f"{answer.start} (context there reads {found!r})")
 
 
@@ -265,8 +268,8 @@ def gold_answers(examples: Iterable[SquadExample]) -> dict[str, list[str]]:
 def _encode(tokenizer, examples: Sequence[SquadExample], max_seq_length: int, doc_stride: int):
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("SQuAD needs a fast tokenizer (offset mappings); the model's tokenizer is a slow one")
-    if doc_stride >= max_seq_length - 64:
-        raise UserError(f"--doc-stride {doc_stride} must be well below --max-seq-length {max_seq_length}")
+    if not 0 <= doc_stride < max_seq_length // 2:
+        raise UserError(f"--doc-stride {doc_stride} must be below half of --max-seq-length {max_seq_length}")
     # Questions are truncated never; contexts ("only_second") are windowed.
     return tokenizer(
         [e.question.lstrip() for e in examples], [e.context for e in examples],
