@@ -199,9 +199,11 @@ def build_task_model(encoder, task: Task, *, seed: int = 42):
     base = getattr(encoder, encoder.base_model_prefix, encoder)
     target = getattr(model, model.base_model_prefix)
     result = target.load_state_dict(base.state_dict(), strict=False)
+    # BERT's pooler exists in some classes only (not in *ForMaskedLM / *ForQuestionAnswering).
     missing = [k for k in result.missing_keys if not k.startswith("pooler.")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"encoder and task model disagree: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    unexpected = [k for k in result.unexpected_keys if not k.startswith("pooler.")]
+    if missing or unexpected:
+        raise ValueError(f"encoder and task model disagree: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.to(next(encoder.parameters()).device)
 
 

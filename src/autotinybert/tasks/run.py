@@ -26,7 +26,7 @@ from .finetune import (FinetuneSettings, RunStore, Task, evaluate_split, finetun
                        load_task_model, predict_glue, resolve_task)
 
 # Arguments that may change between a run and its --resume without changing the result.
-_RESUME_FREE = {"resume", "overwrite", "no_progress", "progress", "command", "handler", "out"}
+_RESUME_FREE = {"resume", "overwrite", "no_progress", "progress", "threads", "command", "handler", "out"}
 
 # Column order of results tables: the paper's (Table 3), then WNLI and SQuAD v2.0.
 _TABLE_ORDER = ("squad", "sst2", "mnli", "mrpc", "cola", "qnli", "qqp", "stsb", "rte", "wnli", "squad_v2")
@@ -47,10 +47,10 @@ def resolve_tasks(names: Iterable[str]) -> list[Task]:
     return tasks
 
 
-def _data_source(data_dir: Path | None, hub: bool) -> Path | None:
+def _data_source(data_dir: Path | None, hub: bool, files_given: bool = False) -> Path | None:
     if hub and data_dir is not None:
         raise UserError("pass either --data-dir or --hub, not both")
-    if not hub and data_dir is None:
+    if not hub and data_dir is None and not files_given:
         raise UserError("no data: pass --data-dir (classic glue_data layout / SQuAD JSON files) or --hub")
     return data_dir
 
@@ -73,7 +73,7 @@ def run_finetune(*, model: Path, tasks: list[str], out: Path, settings: Finetune
     """Fine-tune `model` on each task; returns the run's results (also RUN/results.json)."""
     settings.validate()
     task_list = resolve_tasks(tasks)
-    data_dir = _data_source(data_dir, hub)
+    data_dir = _data_source(data_dir, hub, files_given=bool(train_file and dev_file))
     if (train_file or dev_file) and not all(isinstance(t, squad.SquadTask) for t in task_list):
         raise UserError("--train-file / --dev-file name SQuAD JSON files; run GLUE tasks separately")
     _prepare_out(out, resume, overwrite, arguments or {})
@@ -212,7 +212,7 @@ def run_evaluate(*, model: Path, tasks: list[str], settings: FinetuneSettings, d
     """Score already fine-tuned models: `model` is one model directory or a finetune run
     (then `<run>/<task>/model` is used per task). Writes `out/results.json` when `out` is given."""
     task_list = resolve_tasks(tasks)
-    data_dir = _data_source(data_dir, hub)
+    data_dir = _data_source(data_dir, hub, files_given=dev_file is not None)
     if out is not None:
         _prepare_out(out, False, overwrite, arguments or {})
     results = _empty_results(model)
