@@ -246,3 +246,17 @@ def test_minilm_learns_sst2_on_a_small_budget():
     model = ft.load_task_model(minilm_dir(), task, seed=0)
     result = ft.finetune_model(model, AutoTokenizer.from_pretrained(str(minilm_dir())), task, data, settings)
     assert result.scores["dev"]["accuracy"] >= 65.0  # chance is ~50 (SST-2 dev is balanced)
+
+
+def test_group_by_length_is_a_seeded_permutation_with_less_padding():
+    features = [{"input_ids": [0] * (1 + (i * 7) % 30)} for i in range(400)]
+    grouped = ft.FinetuneSettings(batch_size=4, group_by_length=True, seed=3)
+    plain = ft.FinetuneSettings(batch_size=4, seed=3)
+    order = ft._epoch_order(features, grouped, epoch=1)
+    assert sorted(order) == list(range(400)) and order == ft._epoch_order(features, grouped, epoch=1)
+    assert order != ft._epoch_order(features, grouped, epoch=2)
+
+    def padded(o):
+        return sum(4 * max(len(features[i]["input_ids"]) for i in o[b:b + 4]) for b in range(0, 400, 4))
+
+    assert padded(order) < 0.7 * padded(ft._epoch_order(features, plain, epoch=1))

@@ -116,6 +116,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     p.add_argument("--seed", type=int, default=42, help="seed of the head init, shuffling and dropout (default 42)")
     p.add_argument("--max-train-examples", type=int, help="train on a seeded random subset (budgets)")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="batch inputs of similar length together (less padding: faster on a CPU)")
     p.add_argument("--eval-every", type=int, help="also evaluate every N steps (default: at each epoch end)")
     p.add_argument("--teacher", type=Path, help="a model fine-tuned on the task (or a finetune run) to distil logits from")
     p.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the teacher's soft targets (default 0.5)")
@@ -133,6 +135,7 @@ def _settings(args: argparse.Namespace):
         training = dict(epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr, batch_size=args.batch_size,
                         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, seed=args.seed,
                         max_train_examples=args.max_train_examples, eval_every=args.eval_every,
+                        group_by_length=args.group_by_length,
                         kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature)
     return FinetuneSettings(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
                             eval_batch_size=args.eval_batch_size, max_eval_examples=args.max_eval_examples,

@@ -55,6 +55,7 @@ class FinetuneSettings:
     max_eval_examples: int | None = None
     subset_seed: int = 0                     # which subset; separate from the training seed
     eval_every: int | None = None            # steps; None: at the end of each epoch
+    group_by_length: bool = False            # batch similar lengths together (less padding, faster)
     n_best: int = 20                         # SQuAD post-processing
     max_answer_length: int = 30
     null_score_threshold: float = 0.0        # SQuAD v2.0
@@ -408,10 +409,21 @@ def _learning_rate(step: int, total: int, settings: FinetuneSettings) -> float:
     return settings.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffle of one epoch, a function of (seed, epoch) only, so a resumed run replays it."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
+def _epoch_order(features: Sequence[dict], settings: FinetuneSettings, epoch: int) -> list[int]:
+    """The shuffle of one epoch, a function of (seed, epoch) only, so a resumed run replays it.
+
+    With `group_by_length`, each chunk of 50 batches of the shuffle is sorted by length (as
+    transformers' LengthGroupedSampler does): batches hold similar lengths, padding shrinks.
+    """
+    generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
+    order = torch.randperm(len(features), generator=generator).tolist()
+    if not settings.group_by_length:
+        return order
+    chunk = 50 * settings.batch_size
+    grouped = []
+    for begin in range(0, len(order), chunk):
+        grouped += sorted(order[begin: begin + chunk], key=lambda i: -len(features[i]["input_ids"]))
+    return grouped
 
 
 def finetune_model(model, tokenizer, task: Task, data: TaskData, settings: FinetuneSettings | None = None, *,
@@ -458,7 +470,7 @@ def _train_loop(model, tokenizer, task, data, settings, features, optimizer, tea
     started = time.perf_counter()
     while state.step < total:
         epoch, position = divmod(state.step, per_epoch)
-        order = _epoch_order(len(features), settings.seed, epoch)
+        order = _epoch_order(features, settings, epoch)
         batch = _collate([features[i] for i in order[position * settings.batch_size:(position + 1) * settings.batch_size]], pad_id)
         loss = _training_step(model, task, batch, optimizer, teacher, settings, _learning_rate(state.step, total, settings))
         state.step += 1
