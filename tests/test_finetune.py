@@ -172,7 +172,11 @@ def test_finetune_evaluate_and_table_commands(glue_dir, model_dir, tmp_path, cap
     code, stdout, _ = _cli(capsys, "evaluate", "--table", out, tmp_path / "eval")
     assert code == 0
     table = stdout.strip().splitlines()
-    assert table[0] == "| run | MNLI-m/mm | RTE | GLUE avg |" and table[2].startswith("| run |") and len(table) == 4
+    # rows are models: the tiny model's finetune run, and the evaluated run folder
+    assert table[0] == "| model | MNLI-m/mm | RTE | GLUE avg |" and len(table) == 4
+    assert table[2].startswith("| tiny0 |") and table[3].startswith("| run | - |")
+    rte = results["tasks"]["rte"]["scores"]["dev"]["accuracy"]
+    assert table[2].endswith(f" | {rte:.1f} | {(rte + results['tasks']['mnli']['score']) / 2:.1f} |")
 
     # --resume after completion: nothing retrained, same results
     code, _, err = _cli(capsys, "finetune", "--model", model_dir, "--task", "rte", "--task", "MNLI", "--out", out,
@@ -260,3 +264,13 @@ def test_group_by_length_is_a_seeded_permutation_with_less_padding():
         return sum(4 * max(len(features[i]["input_ids"]) for i in o[b:b + 4]) for b in range(0, 400, 4))
 
     assert padded(order) < 0.7 * padded(ft._epoch_order(features, plain, epoch=1))
+
+
+def test_results_table_merges_runs_of_one_model():
+    sst2 = {"model": "/x/minilm/model", "tasks": {"sst2": {"score": 90.0, "scores": {"dev": {"accuracy": 90.0}}}}}
+    mrpc = {"model": "/x/minilm/model", "tasks": {"mrpc": {"score": 85.0, "scores": {"dev": {"f1": 88.0, "accuracy": 82.0}}}}}
+    squad = {"model": "/y/tiny", "tasks": {"squad": {"score": 70.0, "scores": {"dev": {"exact_match": 60.0, "f1": 70.0}}}}}
+    lines = results_table([sst2, mrpc, squad]).splitlines()
+    assert lines[0] == "| model | SQuAD1.1 EM/F1 | SST-2 | MRPC F1/acc | GLUE avg |"
+    assert lines[2] == "| minilm | - | 90.0 | 88.0/82.0 | 87.5 |"
+    assert lines[3] == "| tiny | 60.0/70.0 | - | - | - |"

@@ -168,7 +168,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
                            data_dir=args.data_dir, hub=args.hub, tokenizer=args.tokenizer, train_file=args.train_file,
                            dev_file=args.dev_file, teacher=args.teacher, test=not args.no_test_predictions, resume=args.resume,
                            overwrite=args.overwrite, arguments=vars(args))
-    print(results_table([results], names=[args.out.name]))
+    print(results_table([results]))
     print(f"results in {args.out / 'results.json'}")
     return 0
 
@@ -200,7 +200,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                            hub=args.hub, tokenizer=args.tokenizer, dev_file=args.dev_file, out=args.out,
                            test=not args.no_test_predictions,
                            overwrite=args.overwrite, arguments=vars(args))
-    print(results_table([results], names=[args.model.name]))
+    print(results_table([results]))
     return 0
 
 

@@ -252,27 +252,41 @@ def _task_model_dir(model: Path, task: Task) -> Path:
 # --- tables ---------------------------------------------------------------------------------
 
 def results_table(runs: Iterable[Path | dict], names: Iterable[str] | None = None) -> str:
-    """A markdown table: one row per run (results.json of finetune/evaluate), one column per
-    task (paper order), and the GLUE average over the tasks each row has."""
-    loaded = [(_run_name(r), r if isinstance(r, dict) else _load_results(Path(r))) for r in runs]
-    if names is not None:
-        loaded = [(name, results) for name, (_, results) in zip(names, loaded)]
-    present = {t for _, results in loaded for t in results["tasks"]}
+    """A markdown table: one row per model, one column per task (paper order), and the GLUE
+    average over the tasks each row has. Runs of the same model (e.g. one finetune run per task
+    with its own budget) merge into one row; a later run of a task replaces an earlier one."""
+    rows: dict[str, dict] = {}
+    for run, name in zip(runs, names or _NO_NAMES):
+        results = run if isinstance(run, dict) else _load_results(Path(run))
+        label = name or _model_label(results.get("model", str(run)))
+        rows.setdefault(label, {}).update(results["tasks"])
+    present = {t for tasks in rows.values() for t in tasks}
     columns = [t for t in _TABLE_ORDER if t in present]
     with_glue = any(t in metrics.GLUE_AVERAGE_TASKS for t in present)
-    header = ["run", *(_TABLE_NAMES[t] for t in columns)] + (["GLUE avg"] if with_glue else [])
+    header = ["model", *(_TABLE_NAMES[t] for t in columns)] + (["GLUE avg"] if with_glue else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for name, results in loaded:
-        cells = [name] + [_cell(t, results["tasks"].get(t)) for t in columns]
+    for label, tasks in rows.items():
+        cells = [label] + [_cell(t, tasks.get(t)) for t in columns]
         if with_glue:
-            average = metrics.glue_average({t: r["score"] for t, r in results["tasks"].items()})
+            average = metrics.glue_average({t: r["score"] for t, r in tasks.items()})
             cells.append("-" if average is None else f"{average:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _run_name(run) -> str:
-    return "results" if isinstance(run, dict) else Path(run).name or str(run)
+class _Nones:
+    def __iter__(self):
+        while True:
+            yield None
+
+
+_NO_NAMES = _Nones()
+
+
+def _model_label(model: str) -> str:
+    """A short row name: the model folder, or its parent when the folder is just 'model'."""
+    path = Path(model)
+    return path.parent.name if path.name == "model" and path.parent.name else (path.name or model)
 
 
 def _load_results(path: Path) -> dict:
