@@ -274,3 +274,26 @@ def test_results_table_merges_runs_of_one_model():
     assert lines[0] == "| model | SQuAD1.1 EM/F1 | SST-2 | MRPC F1/acc | GLUE avg |"
     assert lines[2] == "| minilm | - | 90.0 | 88.0/82.0 | 87.5 |"
     assert lines[3] == "| tiny | 60.0/70.0 | - | - | - |"
+
+
+def test_interrupted_overwrite_keeps_the_old_run_and_resumes(glue_dir, model_dir, tmp_path, capsys, monkeypatch):
+    from autotinybert.tasks import run
+
+    out = tmp_path / "out"
+    args = ["finetune", "--model", model_dir, "--task", "wnli", "--data-dir", glue_dir, "--out", out,
+            "--max-steps", 1, "--no-progress"]
+    assert _cli(capsys, *args)[0] == 0
+    before = (out / "results.json").read_text()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "finetune_model", interrupted)
+    code, _, err = _cli(capsys, *args, "--overwrite", "--seed", 7)
+    assert code == 130 and "interrupted" in err
+    assert (out / "results.json").read_text() == before  # the old run is untouched
+    monkeypatch.undo()
+    code, _, err = _cli(capsys, *args, "--overwrite", "--seed", 7, "--resume")
+    assert code == 0, err
+    assert "seed: 7" in (out / "config.yaml").read_text()
+    assert not (tmp_path / ".out.partial").exists()

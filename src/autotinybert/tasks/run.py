@@ -14,13 +14,14 @@ Layout of a fine-tuning run (`--out RUN`):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..errors import UserError
-from ..files import atomic_write_json, atomic_write_text, write_stage_config
+from ..files import atomic_write_json, atomic_write_text, staged_directory, write_stage_config
 from . import glue, metrics, squad
 from .finetune import (FinetuneSettings, RunStore, Task, evaluate_split, finetune_model, load_task_data,
                        load_task_model, predict_glue, resolve_task)
@@ -76,42 +77,61 @@ def run_finetune(*, model: Path, tasks: list[str], out: Path, settings: Finetune
     data_dir = _data_source(data_dir, hub, files_given=bool(train_file and dev_file))
     if (train_file or dev_file) and not all(isinstance(t, squad.SquadTask) for t in task_list):
         raise UserError("--train-file / --dev-file name SQuAD JSON files; run GLUE tasks separately")
-    _prepare_out(out, resume, overwrite, arguments or {})
     # Load and check every task's data before training any: bad input fails in seconds, not hours.
     data = {t.name: load_task_data(t, data_dir, train_file=train_file, dev_file=dev_file, settings=settings, test=test)
             for t in task_list}
-    token_source = tokenizer or model
-    tok = load_tokenizer(token_source)
-    results = _read_results(out) if resume else _empty_results(model)
+    tok = load_tokenizer(tokenizer or model)
+    work, publish = _work_directory(out, resume, overwrite, arguments or {})
+    results = _read_results(work) if resume else _empty_results(model)
     for task in task_list:
-        done = out / task.name / "results.json"
+        done = work / task.name / "results.json"
         if resume and done.is_file():
             results["tasks"][task.name] = json.loads(done.read_text())
             continue
-        record = _finetune_task(model, task, data[task.name], tok, settings, out, teacher, data_dir)
+        record = _finetune_task(model, task, data[task.name], tok, settings, work, teacher, data_dir)
         atomic_write_json(done, record)
         results["tasks"][task.name] = record
-        _write_results(out, results)
-    _write_results(out, results)
+        _write_results(work, results)
+    _write_results(work, results)
+    publish()
     return results
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool, arguments: dict) -> None:
+def _work_directory(out: Path, resume: bool, overwrite: bool, arguments: dict) -> tuple[Path, Callable[[], None]]:
+    """Where the run writes, and how to publish it when done.
+
+    A new run works in `out` itself (a partial run there is what --resume continues). Replacing
+    a non-empty `out` (--overwrite) works in the sibling `.<name>.partial` and swaps it in only
+    when complete, so an interrupted overwrite loses nothing; --resume continues that too.
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose another path")
-    non_empty = out.is_dir() and any(out.iterdir())
+    partial = out.with_name(f".{out.name}.partial")
     if resume:
-        if not (out / "config.yaml").is_file():
+        work = partial if (partial / "config.yaml").is_file() else out
+        if not (work / "config.yaml").is_file():
             raise UserError(f"--resume: {out} holds no run (no config.yaml); drop --resume to start one")
-        _check_same_arguments(out / "config.yaml", arguments)
-        return
-    if non_empty:
+        _check_same_arguments(work / "config.yaml", arguments)
+        return work, (lambda: _swap(partial, out)) if work == partial else (lambda: None)
+    if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"--out {out} already exists and is not empty; pass --resume to continue it, "
                             f"--overwrite to replace it, or choose another path")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_stage_config(out, arguments)
+        shutil.rmtree(partial, ignore_errors=True)
+        work, finish = partial, lambda: _swap(partial, out)
+    else:
+        work, finish = out, lambda: None
+    work.mkdir(parents=True, exist_ok=True)
+    write_stage_config(work, arguments)
+    return work, finish
+
+
+def _swap(new: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_same_arguments(config_path: Path, arguments: dict) -> None:
@@ -213,8 +233,16 @@ def run_evaluate(*, model: Path, tasks: list[str], settings: FinetuneSettings, d
     (then `<run>/<task>/model` is used per task). Writes `out/results.json` when `out` is given."""
     task_list = resolve_tasks(tasks)
     data_dir = _data_source(data_dir, hub, files_given=dev_file is not None)
-    if out is not None:
-        _prepare_out(out, False, overwrite, arguments or {})
+    if out is None:
+        return _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, None, test)
+    with staged_directory(out, overwrite=overwrite) as work:  # appears complete or not at all
+        write_stage_config(work, arguments or {})
+        results = _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, work, test)
+        _write_results(work, results)
+    return results
+
+
+def _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, out: Path | None, test: bool) -> dict:
     results = _empty_results(model)
     for task in task_list:
         model_dir = _task_model_dir(model, task)
@@ -231,8 +259,6 @@ def run_evaluate(*, model: Path, tasks: list[str], settings: FinetuneSettings, d
         if out is not None:
             record["outputs"] = _write_predictions(task_model, tok, task, data, settings, out, data_dir)
         results["tasks"][task.name] = record
-        if out is not None:
-            _write_results(out, results)
     scores = {name: r["score"] for name, r in results["tasks"].items()}
     results["glue_average"] = metrics.glue_average(scores)
     results["glue_average_tasks"] = [t for t in metrics.GLUE_AVERAGE_TASKS if t in scores]
