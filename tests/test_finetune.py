@@ -297,3 +297,16 @@ def test_interrupted_overwrite_keeps_the_old_run_and_resumes(glue_dir, model_dir
     assert code == 0, err
     assert "seed: 7" in (out / "config.yaml").read_text()
     assert not (tmp_path / ".out.partial").exists()
+
+
+def test_finetune_encoder_scores_in_memory_and_leaves_the_encoder_alone(glue_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    encoder = tiny_encoder(seed=4)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    task = ft.resolve_task("mrpc")
+    settings = ft.FinetuneSettings(**FAST)
+    result = ft.finetune_encoder(encoder, tiny_tokenizer(), task, ft.load_task_data(task, glue_dir, settings=settings), settings)
+    assert set(result.scores["dev"]) == {"f1", "accuracy"} and result.score == sum(result.scores["dev"].values()) / 2
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -1,9 +1,10 @@
 """Downstream tasks: GLUE and SQuAD loading, metrics, fine-tuning and evaluation.
 
-    from autotinybert.tasks import FinetuneSettings, finetune_model, build_task_model, resolve_task
-    task = resolve_task("sst2")
-    data = load_task_data(task, "glue_data", settings=settings)
-    scores = finetune_model(build_task_model(encoder, task), tokenizer, task, data, settings).scores
+    from autotinybert.tasks import FinetuneSettings, finetune_encoder, load_task_data, resolve_task
+    task, settings = resolve_task("sst2"), FinetuneSettings(epochs=1, max_train_examples=2000)
+    data = load_task_data(task, "glue_data", settings=settings)      # once; reused per candidate
+    result = finetune_encoder(encoder, tokenizer, task, data, settings)  # in memory, no files
+    result.score, result.scores                                        # 91.2, {"dev": {"accuracy": 91.2}}
 
 Metrics and loaders import without torch; fine-tuning loads torch on first use.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 _LAZY = {
     "FinetuneSettings": "finetune", "FinetuneResult": "finetune", "TaskData": "finetune",
-    "finetune_model": "finetune", "evaluate_model": "finetune", "build_task_model": "finetune",
+    "finetune_model": "finetune", "finetune_encoder": "finetune", "evaluate_model": "finetune", "build_task_model": "finetune",
     "load_task_model": "finetune", "load_task_data": "finetune", "resolve_task": "finetune",
     "RunStore": "finetune", "run_finetune": "run", "run_evaluate": "run", "results_table": "run",
 }

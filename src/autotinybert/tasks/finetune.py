@@ -15,7 +15,9 @@ Public entry points:
   with its best-dev weights. Pass a `RunStore` to persist checkpoints and resume.
 - `evaluate_model(model, tokenizer, task, splits, settings)` -> scores per split.
 - `load_task_model(path, task)` / `build_task_model(encoder, task)`: a task model from a
-  checkpoint directory or from an in-memory encoder (search evaluator).
+  checkpoint directory or from an in-memory encoder.
+- `finetune_encoder(encoder, tokenizer, task, data, settings)`: both in one call, for the
+  search's fine-tuning evaluator (the encoder itself is left unchanged).
 """
 
 from __future__ import annotations
@@ -394,7 +396,7 @@ def _plan(num_features: int, settings: FinetuneSettings) -> tuple[int, int, set[
 def _optimizer(model, settings: FinetuneSettings) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and LayerNorm weights (BERT's recipe)."""
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         if parameter.requires_grad:
             (no_decay if parameter.ndim < 2 else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -513,6 +515,18 @@ def _training_step(model, task, batch, optimizer, teacher, settings, learning_ra
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+def finetune_encoder(encoder, tokenizer, task: Task, data: TaskData, settings: FinetuneSettings | None = None,
+                     *, teacher=None) -> FinetuneResult:
+    """Dev scores of `encoder` fine-tuned on `task`, all in memory (no files written).
+
+    The paper's fitness for a candidate architecture (sec. 3.3) is such a score (MNLI-m accuracy,
+    SQuAD F1) of the sub-model with inherited weights; `encoder` is copied, never modified.
+    """
+    settings = settings or FinetuneSettings()
+    model = build_task_model(encoder, task, seed=settings.seed)
+    return finetune_model(model, tokenizer, task, data, settings, teacher=teacher)
 
 
 # --- persistence for the command line (resume) -------------------------------------------------
