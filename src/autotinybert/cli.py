@@ -64,9 +64,18 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_extract)
 
 
+def _quiet_transformers() -> None:
+    """transformers' per-file progress bars drown our own output on every load/save."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def _run_extract(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
+    _quiet_transformers()
     summary = export_checkpoint(
         supernet_dir=args.supernet,
         arch=args.arch,
@@ -99,6 +108,7 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
 def _run_init(args: argparse.Namespace) -> int:
     from .modeling import init_supernet_checkpoint
 
+    _quiet_transformers()
     summary = init_supernet_checkpoint(
         space=args.space, out_dir=args.out, tokenizer_dir=args.tokenizer, vocab_size=args.vocab_size,
         teacher_hidden_size=args.teacher_hidden_size, seed=args.seed, overwrite=args.overwrite,
@@ -119,13 +129,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _quiet_transformers()
     run_demo(args.out, overwrite=args.overwrite)
     return 0
 
 
 def _add_not_built(sub: argparse._SubParsersAction, name: str, what: str) -> None:
     p = sub.add_parser(name, help=f"{what} (not built yet)")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(handler=lambda args, _name=name, _what=what: _not_built(_name, _what))
 
 
@@ -153,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in _NOT_BUILT:  # unbuilt stages accept anything, then explain
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.handler(args) or 0)
     except UserError as err:

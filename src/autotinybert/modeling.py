@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
@@ -91,6 +91,10 @@ class SuperBertConfig(PretrainedConfig):
             raise UserError(f"vocab_size must be a positive integer, got {vocab_size!r}")
         return cls(space=space.to_dict(), vocab_size=vocab_size,
                    max_position_embeddings=max_position_embeddings, **kwargs)
+
+
+# Known to AutoConfig so tools that open a SuperPLM directory (e.g. AutoTokenizer) recognise it.
+AutoConfig.register(SuperBertConfig.model_type, SuperBertConfig, exist_ok=True)
 
 
 # --- elastic functional pieces -------------------------------------------------------------
