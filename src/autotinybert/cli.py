@@ -13,7 +13,6 @@ from .errors import UserError
 
 # Stages that later issues build; each says so clearly instead of failing obscurely.
 _NOT_BUILT = {
-    "pretrain": "one-shot SuperPLM pre-training",
     "latency": "latency profiling and the latency predictor",
     "search": "architecture search under a latency constraint",
     "finetune": "GLUE / SQuAD fine-tuning",
@@ -134,6 +133,75 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="one-shot SuperPLM pre-training, or further training of one --arch")
+    data = p.add_argument_group("data")
+    data.add_argument("--corpus", nargs="+", required=True,
+                      help="text files / directories of .txt (one sentence per line, blank line between documents) "
+                           "or hf:NAME[:CONFIG] (needs internet)")
+    data.add_argument("--valid-corpus", nargs="+", help="held-out text (default: every 50th document of --corpus)")
+    data.add_argument("--text-column", default="text", help="text column of an hf: corpus (default text)")
+    data.add_argument("--tokenizer", help="checkpoint directory whose tokenizer to use (e.g. the teacher)")
+    data.add_argument("--vocab-size", type=int, help="train a WordPiece vocabulary of this size on the corpus")
+    data.add_argument("--seq-len", type=int, default=128, help="packed sequence length (default 128)")
+    data.add_argument("--cache-dir", help="tokenised-corpus cache (default ~/.cache/autotinybert/data)")
+    model = p.add_argument_group("model")
+    model.add_argument("--space", default="paper-mlm", help="paper-mlm, paper-kd or a YAML/JSON file")
+    for dim in ("layers", "hidden", "ffn", "heads", "qkv"):
+        model.add_argument(f"--max-{dim}", type=int, help=f"shrink the space's maximum {dim} (small machines)")
+    model.add_argument("--objective", choices=["mlm", "kd", "both"], default="mlm")
+    model.add_argument("--teacher", help="local BERT-family checkpoint for --objective kd/both")
+    model.add_argument("--sampling", choices=["random", "per-worker", "sandwich"], default="random")
+    model.add_argument("--samples-per-batch", type=int, default=1, help="sub-models per step, gradients summed")
+    model.add_argument("--arch", help="train this one architecture (further training), e.g. L4-H312-F1200-A12-Q312")
+    model.add_argument("--init", help="initial weights: a SuperPLM directory or an extracted checkpoint")
+    train = p.add_argument_group("training")
+    train.add_argument("--max-steps", type=int, default=1000)
+    train.add_argument("--batch-size", type=int, default=32, help="sequences per worker per micro-batch")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--weight-decay", type=float, default=0.01)
+    train.add_argument("--warmup-ratio", type=float, default=0.1)
+    train.add_argument("--max-grad-norm", type=float, default=1.0)
+    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--log-every", type=int, default=10)
+    train.add_argument("--eval-every", type=int, default=200)
+    train.add_argument("--eval-batches", type=int, default=4)
+    train.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--out", required=True, help="run directory; it is also a SuperPLM checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import PretrainSettings, pretrain
+
+    _quiet_transformers()
+    limits = {dim: getattr(args, f"max_{dim}") for dim in ("layers", "hidden", "ffn", "heads", "qkv")
+              if getattr(args, f"max_{dim}") is not None}
+    settings = PretrainSettings(
+        out=args.out, corpus=args.corpus, valid_corpus=args.valid_corpus, tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, space=args.space, space_limits=limits, objective=args.objective,
+        teacher=args.teacher, sampling=args.sampling, samples_per_batch=args.samples_per_batch, arch=args.arch,
+        init=args.init, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm, bf16=args.bf16, seq_len=args.seq_len, seed=args.seed,
+        log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        save_every=args.save_every, cache_dir=args.cache_dir, text_column=args.text_column,
+        progress=not args.no_progress,
+    )
+    summary = pretrain(settings, resume=args.resume)
+    if summary.get("validation"):
+        print(f"{'architecture':<26} {'MLM loss':>9} {'MLM acc':>8}" + (f" {'KD loss':>8}" if args.objective != "mlm" else ""))
+        for arch, row in summary["validation"].items():
+            kd = f" {row['kd_loss']:>8.4f}" if "kd_loss" in row else ""
+            print(f"{arch:<26} {row['mlm_loss']:>9.3f} {row['mlm_accuracy']:>8.3f}{kd}")
+    print(f"{summary['steps']} steps, {summary['tokens_per_second']:,} tokens/s; SuperPLM in {args.out}")
+    return 0
+
+
 def _add_not_built(sub: argparse._SubParsersAction, name: str, what: str) -> None:
     p = sub.add_parser(name, help=f"{what} (not built yet)")
     p.set_defaults(handler=lambda args, _name=name, _what=what: _not_built(_name, _what))
@@ -156,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_space(sub)
     _add_init(sub)
     _add_extract(sub)
+    _add_pretrain(sub)
     for name, what in _NOT_BUILT.items():
         _add_not_built(sub, name, what)
     return parser
