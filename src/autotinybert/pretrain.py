@@ -31,7 +31,16 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .data import IGNORE_INDEX, PackedSplit, build_dataset, corpus_files, make_batch, mask_tokens, train_wordpiece
+from .data import (
+    IGNORE_INDEX,
+    PackedSplit,
+    build_dataset,
+    corpus_files,
+    corpus_fingerprint,
+    make_batch,
+    mask_tokens,
+    train_wordpiece,
+)
 from .errors import UserError
 from .files import atomic_write_json, staged_directory, write_stage_config
 from .modeling import (
@@ -424,6 +433,14 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, settings: PretrainSe
         raise UserError(f"--resume: {out} has no checkpoint to resume; drop --resume to start a new run")
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"--resume: {ckpt / 'trainer_state.json'} is corrupt ({err}); delete {ckpt} to start over") from None
+    saved = state.get("settings", {})
+    changed = [k for k in _RESUME_INVARIANT if k in saved and saved[k] != asdict(settings)[k]]
+    if changed:
+        raise UserError(f"--resume with different {', '.join(changed)} than the checkpoint; "
+                        "rerun with the original arguments (only --max-steps and logging may change)")
+    try:
         weights = load_file(str(ckpt / "model.safetensors"))
         training = torch.load(ckpt / "training_state.pt", weights_only=True, map_location="cpu")
         model.load_state_dict(weights, strict=True)
@@ -432,11 +449,6 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, settings: PretrainSe
     except Exception as err:  # any failure here means the files are unusable, whatever the library
         raise UserError(f"--resume: the checkpoint in {ckpt} is corrupt ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}); delete it to start over") from None
-    saved = state.get("settings", {})
-    changed = [k for k in _RESUME_INVARIANT if k in saved and saved[k] != asdict(settings)[k]]
-    if changed:
-        raise UserError(f"--resume with different {', '.join(changed)} than the checkpoint; "
-                        "rerun with the original arguments (only --max-steps and logging may change)")
     return int(state["step"])
 
 
@@ -459,7 +471,7 @@ def _write_metrics(path: Path, rows: list[dict], mode: str = "a") -> None:
 
 
 # --- the run ----------------------------------------------------------------------------------
-def _prepare_tokenizer(settings: PretrainSettings, out: Path, workers: Workers, resume: bool):
+def _prepare_tokenizer(settings: PretrainSettings, out: Path, workers: Workers, resume: bool, cache_dir: Path):
     if resume and (out / "tokenizer_config.json").is_file():
         return load_tokenizer(out)
     if settings.tokenizer:
@@ -471,10 +483,14 @@ def _prepare_tokenizer(settings: PretrainSettings, out: Path, workers: Workers, 
         return load_tokenizer(settings.init)
     if settings.vocab_size is None:
         raise UserError("give --tokenizer DIR (e.g. the teacher's) or --vocab-size N to train a WordPiece vocabulary")
+    # The tokenizers library breaks frequency ties in hash order, so two trainings on the same text
+    # can differ. Caching the vocabulary by (corpus, size) makes reruns see the very same one.
     files = corpus_files([c for c in settings.corpus if not c.startswith("hf:")])
-    target = out / "tokenizer"
-    if workers.main:
-        train_wordpiece(files, settings.vocab_size, target)
+    key = hashlib.sha256(f"{corpus_fingerprint(files)}:{settings.vocab_size}".encode()).hexdigest()[:20]
+    target = cache_dir / "tokenizers" / key
+    if workers.main and not (target / "tokenizer_config.json").is_file():
+        with staged_directory(target, overwrite=True) as tmp:
+            train_wordpiece(files, settings.vocab_size, tmp)
     workers.barrier()
     return load_tokenizer(target)
 
@@ -492,12 +508,12 @@ def pretrain(settings: PretrainSettings, resume: bool = False,
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     space = resolve_space(settings)
-    tokenizer = _prepare_tokenizer(settings, out, workers, resume)
+    cache_dir = Path(settings.cache_dir or Path.home() / ".cache" / "autotinybert" / "data")
+    tokenizer = _prepare_tokenizer(settings, out, workers, resume, cache_dir)
     teacher = Teacher(settings.teacher, workers.device) if settings.objective in ("kd", "both") else None
     if teacher is not None:
         teacher.check_fits(space, len(tokenizer))
 
-    cache_dir = Path(settings.cache_dir or Path.home() / ".cache" / "autotinybert" / "data")
     if workers.main:  # one process tokenises; the others read the cache it writes
         train, valid, cache_entry = build_dataset(settings.corpus, tokenizer, settings.seq_len, cache_dir,
                                                   settings.valid_corpus, text_column=settings.text_column)
@@ -594,6 +610,7 @@ def pretrain(settings: PretrainSettings, resume: bool = False,
         "wall_seconds": round(time.perf_counter() - started, 2),
         "tokens_per_second": int(tokens_seen / max(time.perf_counter() - started, 1e-9)) * workers.world,
         "workers": workers.world,
+        "weights_digest": weights_digest(model),
         "data_cache": str(cache_entry),
         "train_sequences": len(train),
         "valid_sequences": len(valid),
@@ -629,3 +646,12 @@ def _progress_bar(settings: PretrainSettings, start: int, workers: Workers):
     from tqdm.auto import tqdm
 
     return tqdm(total=settings.max_steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of all parameters: equal digests mean identical weights (workers in sync, resumes exact)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
