@@ -237,3 +237,9 @@ def test_torchrun_two_workers_stay_in_sync(tmp_path, corpus, space_file):
     assert digests[0] == digests[1]  # the two workers hold identical weights after every step
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["workers"] == 2 and results["weights_digest"] == digests[0]
+
+
+def test_metrics_go_to_tensorboard_when_installed(tmp_path, corpus, space_file):
+    pytest.importorskip("tensorboard")
+    pretrain(_settings(tmp_path, corpus, space_file, max_steps=2))
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -458,7 +458,32 @@ def _trim_metrics(path: Path, step: int) -> None:
         return
     with path.open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
-    _write_metrics(path, rows, mode="w")
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_metrics(tmp, rows, mode="w")
+    os.replace(tmp, path)
+
+
+class TensorBoard:
+    """Scalars to ``out/tensorboard`` when the optional tensorboard package is installed."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional: pip install 'autotinybert[tensorboard]'
+                return
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, rows: list[dict]) -> None:
+        if self.writer is None:
+            return
+        for row in rows:
+            prefix = row["split"] if row["split"] == "train" else f"valid/{row['arch']}"
+            for key in ("loss", "mlm_loss", "mlm_accuracy", "kd_loss", "lr", "tokens_per_s"):
+                if row.get(key) not in (None, ""):
+                    self.writer.add_scalar(f"{prefix}/{key}", float(row[key]), int(row["step"]))
+        self.writer.flush()
 
 
 def _write_metrics(path: Path, rows: list[dict], mode: str = "a") -> None:
@@ -548,6 +573,7 @@ def pretrain(settings: PretrainSettings, resume: bool = False,
     autocast = torch.autocast(workers.device.type, dtype=torch.bfloat16, enabled=settings.bf16)
     progress = _progress_bar(settings, start, workers)
     last_eval: dict[str, dict] = {}
+    board = TensorBoard(out, workers.main)
     # Dropout draws from torch's global generator: forked here so the caller's state is untouched,
     # and re-seeded per micro-batch so a resumed run replays the lost steps exactly.
     with torch.random.fork_rng(devices=[workers.device.index or 0] if workers.device.type == "cuda" else []):
@@ -582,17 +608,20 @@ def pretrain(settings: PretrainSettings, resume: bool = False,
                 progress.update(1)
                 progress.set_postfix(loss=f"{total:.3f}", tok_s=rate, arch=str(archs[0]))
             if workers.main and (done % settings.log_every == 0 or done == settings.max_steps):
-                _write_metrics(out / METRICS_FILE, [{
+                rows = [{
                     "step": done, "split": "train", "arch": " ".join(map(str, archs)), "loss": round(total, 5),
                     **{k: round(v, 5) for k, v in parts.items()}, "lr": scheduler.get_last_lr()[0],
                     "tokens_per_s": rate,
-                }])
+                }]
+                _write_metrics(out / METRICS_FILE, rows)
+                board.log(rows)
             if done % settings.eval_every == 0 or done == settings.max_steps:
                 if workers.main:
                     last_eval = evaluate(model, valid, tokenizer, panel, settings.objective, teacher,
                                          settings.batch_size, settings.eval_batches, settings.seed, workers.device)
-                    _write_metrics(out / METRICS_FILE, [{"step": done, "split": "valid", "arch": arch, **row}
-                                                        for arch, row in last_eval.items()])
+                    rows = [{"step": done, "split": "valid", "arch": arch, **row} for arch, row in last_eval.items()]
+                    _write_metrics(out / METRICS_FILE, rows)
+                    board.log(rows)
                 workers.barrier()
             if done % settings.save_every == 0 or done == settings.max_steps:
                 if workers.main:
