@@ -190,6 +190,8 @@ def test_profile_resume_measures_only_missing(tmp_path, monkeypatch):
         latency.profile("paper-mlm", 8, out, seed=1, progress=False)
     with pytest.raises(UserError, match="measured with"):
         latency.profile("paper-mlm", 8, out, LatencySettings(threads=2), seed=1, resume=True, progress=False)
+    with pytest.raises(UserError, match="another search space"):
+        latency.profile("paper-kd", 8, out, seed=1, resume=True, progress=False)
 
 
 # --- command line ---------------------------------------------------------------------------------

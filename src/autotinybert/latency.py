@@ -351,7 +351,7 @@ def profile(space: SearchSpace | str, samples: int, out: str | Path, settings: L
         if not (resume or overwrite):
             raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to start again")
         if resume:
-            done = _check_resumable(out, settings)
+            done = _check_resumable(out, settings, space)
         else:
             out.unlink()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -370,7 +370,7 @@ def profile(space: SearchSpace | str, samples: int, out: str | Path, settings: L
     return [done[str(arch)] for arch, _ in plan]
 
 
-def _check_resumable(out: Path, settings: LatencySettings) -> dict[str, dict[str, Any]]:
+def _check_resumable(out: Path, settings: LatencySettings, space: SearchSpace) -> dict[str, dict[str, Any]]:
     records = read_records(out)
     # Rewrite without a torn last line, so the next append starts on a fresh line.
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
@@ -378,6 +378,8 @@ def _check_resumable(out: Path, settings: LatencySettings) -> dict[str, dict[str
         old = {key: record["fingerprint"].get(key) for key in settings.shape()}
         if old != settings.shape():
             raise UserError(f"{out} was measured with {old}, not {settings.shape()}; use another --out or the same options")
+        if not record.get("reference") and record.get("space") != space.to_dict():
+            raise UserError(f"{out} profiles another search space; use another --out or the same --space")
     return {record["arch"]: record for record in records}
 
 
