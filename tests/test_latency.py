@@ -45,6 +45,13 @@ def test_measure_onnxruntime():
     assert result["fingerprint"]["engine"] == "onnxruntime"
 
 
+def test_cpu_clock():
+    result = latency.measure(TINY, LatencySettings(clock="cpu", **FAST))
+    assert result["latency"]["median_ms"] > 0 and result["fingerprint"]["clock"] == "cpu"
+    with pytest.raises(UserError, match="--threads 1"):
+        LatencySettings(clock="cpu", threads=2)
+
+
 def test_timer_is_injectable():
     ticks = iter(range(100))
     result = latency.measure(TINY, LatencySettings(**FAST), timer=lambda: next(ticks) * 0.001)
@@ -206,6 +213,7 @@ def _one_line_error(capsys, argv):
     (["--engine", "tensorrt"], "unknown latency engine"),
     (["--threads", "0"], "--threads must be"),
     (["--seq-len", "-1"], "--seq-len must be"),
+    (["--clock", "sundial"], "unknown --clock"),
 ])
 def test_cli_profile_bad_options(tmp_path, capsys, argv, message):
     err = _one_line_error(capsys, ["latency", "profile", "--samples", "2", "--out", str(tmp_path / "p.jsonl"), *argv])

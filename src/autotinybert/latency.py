@@ -41,7 +41,8 @@ PREDICTOR_FORMAT = "autotinybert-latency-predictor"
 PREDICTOR_VERSION = 1
 # Fingerprint keys that must agree for a latency number to transfer (shapes and engine change the
 # workload; CPU model and core count change the hardware; library versions change the kernels).
-_FINGERPRINT_KEYS = ("cpu_model", "logical_cpus", "engine", "engine_version", "batch_size", "seq_len", "threads")
+_FINGERPRINT_KEYS = ("cpu_model", "logical_cpus", "engine", "engine_version", "batch_size", "seq_len", "threads", "clock")
+CLOCKS = ("wall", "cpu")
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -56,10 +57,16 @@ class LatencySettings:
     warmup: int = 3
     repeats: int = 20
     vocab_size: int = 30522
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise UserError(f"unknown latency engine {self.engine!r}: use one of {', '.join(ENGINES)}")
+        if self.clock not in CLOCKS:
+            raise UserError(f"unknown --clock {self.clock!r}: use one of {', '.join(CLOCKS)}")
+        if self.clock == "cpu" and self.threads != 1:
+            raise UserError("--clock cpu sums CPU time over threads, which is latency only with --threads 1; "
+                            "use --clock wall for multi-threaded measurements")
         for name in ("batch_size", "seq_len", "threads", "repeats", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -68,7 +75,18 @@ class LatencySettings:
             raise UserError(f"--warmup must be an integer >= 0; got {self.warmup!r}")
 
     def shape(self) -> dict[str, Any]:
-        return {"engine": self.engine, "batch_size": self.batch_size, "seq_len": self.seq_len, "threads": self.threads}
+        return {"engine": self.engine, "batch_size": self.batch_size, "seq_len": self.seq_len, "threads": self.threads,
+                "clock": self.clock}
+
+    def timer(self) -> Callable[[], float]:
+        """Wall clock (what a user waits) or this process's CPU time.
+
+        With one thread the forward pass runs entirely on the calling thread, so process CPU
+        time equals wall time on an idle machine, but does not count time the scheduler gives
+        to other processes: on a shared machine it removes time-slicing noise (not cache or
+        memory-bandwidth contention).
+        """
+        return time.perf_counter if self.clock == "wall" else time.process_time
 
 
 # --- fingerprint ------------------------------------------------------------------------------
@@ -249,12 +267,14 @@ def _onnx_times(model, settings: LatencySettings, timer: Callable[[], float]) ->
 
 
 def measure(arch: Arch | str, settings: LatencySettings = LatencySettings(), *,
-            timer: Callable[[], float] = time.perf_counter, probe: Callable[[], None] | None = None) -> dict[str, Any]:
+            timer: Callable[[], float] | None = None, probe: Callable[[], None] | None = None) -> dict[str, Any]:
     """Time ``arch`` as deployed; returns latency statistics, parameters, FLOPs and the fingerprint.
 
-    ``probe`` (torch engine) runs inside the timed context; tests use it to check thread settings.
+    ``timer`` defaults to ``settings.timer()``; ``probe`` (torch engine) runs inside the timed
+    context; tests use both to check timing and thread settings.
     """
     arch = Arch.parse(arch) if isinstance(arch, str) else arch
+    timer = timer or settings.timer()
     model = build_model(arch, settings.vocab_size, settings.seq_len)
     if settings.engine == "torch":
         times = _torch_times(model, settings, timer, probe)
@@ -488,8 +508,7 @@ class LatencyPredictor:
         """Warn when this machine/engine/shape differs from the one the predictor was fitted on."""
         if current is None:
             fp = self.fingerprint
-            current = fingerprint(LatencySettings(engine=fp.get("engine", "torch"), batch_size=fp.get("batch_size", 1),
-                                                  seq_len=fp.get("seq_len", 128), threads=fp.get("threads", 1)))
+            current = fingerprint(_settings_of(fp))
         differences = fingerprint_differences(self.fingerprint, current)
         if differences:
             warnings.warn("latency predictor was measured on a different device or setup ("
@@ -721,9 +740,7 @@ def check(predictor: LatencyPredictor | str | Path, archs: Iterable[Arch | str],
     """Measure ``archs`` now, with the predictor's engine and shapes, next to its predictions."""
     if not isinstance(predictor, LatencyPredictor):
         predictor = LatencyPredictor.load(predictor)
-    fp = predictor.fingerprint
-    settings = LatencySettings(engine=fp["engine"], batch_size=fp["batch_size"], seq_len=fp["seq_len"],
-                               threads=fp["threads"], warmup=warmup, repeats=repeats)
+    settings = _settings_of(predictor.fingerprint, warmup=warmup, repeats=repeats)
     rows = []
     for arch in archs:
         arch = Arch.parse(arch) if isinstance(arch, str) else arch
@@ -732,3 +749,10 @@ def check(predictor: LatencyPredictor | str | Path, archs: Iterable[Arch | str],
         rows.append({"arch": str(arch), "predicted_ms": predicted, "measured_ms": measured,
                      "error_pct": 100 * (predicted - measured) / measured})
     return rows
+
+
+def _settings_of(fp: dict[str, Any], **timing: int) -> LatencySettings:
+    """The settings a fingerprint was measured with (to re-measure or compare like with like)."""
+    return LatencySettings(engine=fp.get("engine", "torch"), batch_size=fp.get("batch_size", 1),
+                           seq_len=fp.get("seq_len", 128), threads=fp.get("threads", 1), clock=fp.get("clock", "wall"),
+                           **timing)
