@@ -145,8 +145,8 @@ def test_predictor_from_other_space_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("content", ["{not json", '{"format": "something-else"}', "[]",
                                      '{"format": "autotinybert-latency-predictor", "version": 1, '
-                                     '"feature_names": ["num_hidden_layers", "hidden_size", "intermediate_size", '
-                                     '"num_attention_heads", "qkv_size"], "layers": [{"weight": [[1]], "bias": [0]}]}'])
+                                     '"inputs": ["num_hidden_layers", "hidden_size", "intermediate_size", '
+                                     '"num_attention_heads", "qkv_size", "log_flops", "log_attention_flops_per_layer", "log_ffn_flops_per_layer"], "layers": [{"weight": [[1]], "bias": [0]}]}'])
 def test_corrupt_predictor_is_a_user_error(tmp_path, content):
     path = tmp_path / "pred.json"
     path.write_text(content)
