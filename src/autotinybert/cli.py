@@ -13,7 +13,6 @@ from .errors import UserError
 
 # Stages that later issues build; each says so clearly instead of failing obscurely.
 _NOT_BUILT = {
-    "latency": "latency profiling and the latency predictor",
     "search": "architecture search under a latency constraint",
     "finetune": "GLUE / SQuAD fine-tuning",
     "evaluate": "GLUE / SQuAD evaluation",
@@ -115,6 +114,113 @@ def _run_init(args: argparse.Namespace) -> int:
     )
     print(f"SuperPLM ({summary['mode']} space, largest {summary['largest']}, vocab {summary['vocab_size']}, "
           f"{summary['parameters'] / 1e6:.1f}M parameters) written to {args.out}")
+    return 0
+
+def _add_latency(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("latency", help="measure latency, fit and use the latency predictor")
+    stages = p.add_subparsers(dest="latency_command", metavar="STAGE", required=True)
+
+    def timing_options(q: argparse.ArgumentParser) -> None:
+        # --engine is checked by LatencySettings (not argparse choices) so a typo is one clear line.
+        q.add_argument("--engine", default="torch", help="torch (eager) or onnxruntime (CPU) (default torch)")
+        q.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1, as in the paper)")
+        q.add_argument("--batch-size", type=int, default=1, help="batch size (default 1, as in the paper)")
+        q.add_argument("--seq-len", type=int, default=128, help="sequence length (default 128, as in the paper)")
+        q.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+        q.add_argument("--repeats", type=int, default=20, help="timed runs; median and p90 reported (default 20)")
+        q.add_argument("--clock", default="wall",
+                       help="wall (default; what users wait) or cpu (process CPU time: with --threads 1 it ignores "
+                            "time other processes take on a shared machine)")
+
+    q = stages.add_parser("profile", help="measure architectures spread over a space, plus BERT-base (JSONL)")
+    q.add_argument("--space", default="paper-mlm", help="paper-mlm, paper-kd or a YAML/JSON file (default paper-mlm)")
+    q.add_argument("--samples", type=int, required=True, help="architectures to measure (besides BERT-base)")
+    q.add_argument("--out", type=Path, required=True, help="JSON-lines file, one measurement per line")
+    q.add_argument("--seed", type=int, default=0, help="seed of the planned list (default 0)")
+    q.add_argument("--resume", action="store_true", help="measure only architectures missing from --out")
+    q.add_argument("--overwrite", action="store_true", help="discard an existing --out and start again")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    timing_options(q)
+    q.set_defaults(handler=_run_latency_profile)
+
+    q = stages.add_parser("fit", help="fit the MLP latency predictor (and a FLOPs baseline) on profiled data")
+    q.add_argument("--data", type=Path, required=True, help="JSONL written by 'latency profile'")
+    q.add_argument("--out", type=Path, required=True, help="predictor file (JSON)")
+    q.add_argument("--holdout", type=float, default=0.2, help="fraction held out for metrics (default 0.2)")
+    q.add_argument("--seed", type=int, default=0, help="split and initialisation seed (default 0)")
+    q.add_argument("--hidden", type=int, default=64, help="MLP hidden width (default 64)")
+    q.add_argument("--epochs", type=int, default=3000, help="full-batch Adam steps (default 3000)")
+    q.set_defaults(handler=_run_latency_fit)
+
+    q = stages.add_parser("predict", help="predicted latency of architectures")
+    q.add_argument("--predictor", type=Path, required=True, help="file written by 'latency fit'")
+    q.add_argument("--arch", action="append", required=True, help="architecture, e.g. L5-H564-F1054-A8-Q512 (repeatable)")
+    q.add_argument("--space", help="require the predictor to be fitted on this space (paper-mlm, paper-kd or a file)")
+    q.set_defaults(handler=_run_latency_predict)
+
+    q = stages.add_parser("check", help="measure architectures now and compare with the predictor")
+    q.add_argument("--predictor", type=Path, required=True, help="file written by 'latency fit'")
+    q.add_argument("--arch", action="append", required=True, help="architecture (repeatable)")
+    q.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    q.add_argument("--repeats", type=int, default=20, help="timed runs (default 20)")
+    q.set_defaults(handler=_run_latency_check)
+
+
+def _settings(args: argparse.Namespace):
+    from .latency import LatencySettings
+
+    return LatencySettings(engine=args.engine, batch_size=args.batch_size, seq_len=args.seq_len,
+                           threads=args.threads, warmup=args.warmup, repeats=args.repeats, clock=args.clock)
+
+
+def _run_latency_profile(args: argparse.Namespace) -> int:
+    from .latency import profile
+
+    settings = _settings(args)
+    records = profile(args.space, args.samples, args.out, settings, seed=args.seed, resume=args.resume,
+                      overwrite=args.overwrite, progress=not args.no_progress, arguments=vars(args))
+    reference = next(r for r in records if r["reference"])
+    print(f"{len(records)} measurements ({settings.engine}, {settings.threads} thread(s), batch {settings.batch_size}, "
+          f"seq {settings.seq_len}, {settings.clock} clock) in {args.out}; BERT-base median {reference['latency']['median_ms']:.1f} ms")
+    return 0
+
+
+def _run_latency_fit(args: argparse.Namespace) -> int:
+    from .latency import fit, write_output_config
+
+    predictor, report = fit(args.data, holdout=args.holdout, seed=args.seed, hidden=args.hidden, epochs=args.epochs)
+    predictor.save(args.out)
+    write_output_config(args.out, vars(args))
+    print(f"fitted on {report['n_train']} architectures, held out {report['n_heldout']}:")
+    for name in ("mlp", "baseline"):
+        m = report[name]
+        print(f"  {name:<9} RMSE {m['rmse_ms']:.2f} ms  MAPE {m['mape_pct']:.2f}%  Spearman {m['spearman']:.4f}")
+    if predictor.reference_ms is not None:
+        print(f"BERT-base reference {predictor.reference_ms:.1f} ms; predictor written to {args.out}")
+    return 0
+
+
+def _run_latency_predict(args: argparse.Namespace) -> int:
+    from .latency import LatencyPredictor
+    from .space import Arch, SearchSpace
+
+    predictor = LatencyPredictor.load(args.predictor, space=SearchSpace.load(args.space) if args.space else None)
+    for text in args.arch:
+        arch = Arch.parse(text)
+        ms = predictor.predict(arch)
+        speedup = f"  ({predictor.reference_ms / ms:.1f}x faster than BERT-base)" if predictor.reference_ms else ""
+        outside = "" if predictor.covers(arch) else "  [outside the profiled space: extrapolated]"
+        print(f"{arch}  {ms:.2f} ms{speedup}{outside}")
+    return 0
+
+
+def _run_latency_check(args: argparse.Namespace) -> int:
+    from .latency import check
+
+    rows = check(args.predictor, args.arch, warmup=args.warmup, repeats=args.repeats)
+    print(f"{'architecture':<24} {'predicted':>10} {'measured':>10} {'error':>8}")
+    for row in rows:
+        print(f"{row['arch']:<24} {row['predicted_ms']:>8.2f}ms {row['measured_ms']:>8.2f}ms {row['error_pct']:>+7.1f}%")
     return 0
 
 
@@ -225,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init(sub)
     _add_extract(sub)
     _add_pretrain(sub)
+    _add_latency(sub)
     for name, what in _NOT_BUILT.items():
         _add_not_built(sub, name, what)
     return parser
