@@ -197,6 +197,20 @@ def test_further_training_of_one_architecture_exports_a_checkpoint(tmp_path, cor
     pretrain(further)
     model = AutoModelForMaskedLM.from_pretrained(tmp_path / "further" / "exported", trust_remote_code=True)
     assert model.config.qkv_size == 12 and model.config.hidden_size == 20
+    # continue from the extracted checkpoint itself (bf16 autocast): its weights are the starting point
+    again = replace(further, out=str(tmp_path / "again"), init=str(tmp_path / "further" / "exported"),
+                    max_steps=1, bf16=True)
+    from autotinybert.pretrain import initial_weights, resolve_space
+    from autotinybert.modeling import SuperBertConfig, new_supernet
+
+    config = SuperBertConfig.from_space(resolve_space(again), vocab_size=model.config.vocab_size)
+    student = new_supernet(config, seed=99)
+    initial_weights(student, again)
+    exported = model.state_dict()
+    for key, value in student.state_dict().items():
+        if key in exported:
+            assert torch.equal(value, exported[key]), key
+    assert pretrain(again)["steps"] == 1
 
 
 def test_cli_errors_for_bad_corpora(tmp_path, capsys, space_file):
