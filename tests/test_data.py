@@ -106,3 +106,25 @@ def test_bad_corpora_are_clear_errors(tmp_path, tokenizer, content, message):
 def test_missing_corpus_is_a_clear_error(tmp_path, tokenizer):
     with pytest.raises(UserError, match="does not exist"):
         build_dataset([tmp_path / "nope.txt"], tokenizer, 16, tmp_path / "cache")
+
+
+def test_hub_corpora_go_through_datasets(tmp_path, tokenizer, monkeypatch):
+    import sys
+    import types
+
+    class FakeDataset(list):
+        column_names = ["text", "id"]
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return FakeDataset([{"text": TEXT, "id": 1}, {"text": "   ", "id": 2}, {"text": TEXT, "id": 3}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    train, valid, _ = build_dataset(["hf:wikitext:wikitext-2-raw-v1"], tokenizer, 16, tmp_path / "cache",
+                                    valid_fraction=0.5)
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "train")]
+    assert len(train) > 0 and len(valid) > 0
+    with pytest.raises(UserError, match="no column 'body'"):
+        build_dataset(["hf:other"], tokenizer, 16, tmp_path / "cache2", text_column="body")
