@@ -64,10 +64,7 @@ def measure(arch: Arch, supernet, vocab_size: int, args) -> dict[str, float]:
     times: dict[str, list[float]] = {f"{m}_{k}": [] for m in models for k in ("fwdbwd", "step")}
     for index, batch in enumerate(data):
         for name, model in models.items():
-            def forward_backward():
-                model(**batch).loss.backward()
-
-            fb = timed(forward_backward)
+            fb = timed(lambda model=model, batch=batch: model(**batch).loss.backward())
             opt = timed(optimisers[name].step)
             optimisers[name].zero_grad(set_to_none=True)
             if index >= args.warmup:

@@ -11,7 +11,7 @@ from autotinybert import extract, verify_export
 from autotinybert.export import export_onnx, random_inputs, save_export
 from autotinybert.hf import AutoTinyBertForMaskedLM, AutoTinyBertModel
 from autotinybert.space import Arch, SearchSpace, released
-from conftest import TINY_KD, TINY_MLM, TINY_VOCAB, randomise_parameters, tiny_supernet
+from conftest import TINY_KD, TINY_MLM, TINY_VOCAB, tiny_supernet
 
 TOLERANCE = 1e-5
 
