@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -300,7 +299,3 @@ def export_checkpoint(supernet_dir: str | Path, arch: str | Arch, out_dir: str |
         atomic_write_json(tmp / "results.json", summary)
     return summary
 
-
-def load_export_config(path: str | Path) -> dict[str, Any]:
-    """The raw config.json of an exported checkpoint (for reports; no model code imported)."""
-    return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
