@@ -30,6 +30,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .errors import UserError
+from .hf.modeling_autotinybert import additive_attention_mask  # one masking rule for supernet and export
 from .space import Arch, SearchSpace
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
@@ -135,12 +136,6 @@ def head_slice(config: SuperBertConfig, arch: Arch) -> _HeadSlice:
         return _HeadSlice(arch.num_attention_heads, max_dims, max_heads, max_dims)
     # kd: every head kept, each trimmed (official SuperBERT KD slicing)
     return _HeadSlice(max_heads, arch.qkv_size // max_heads, max_heads, max_dims)
-
-
-def additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) 1 = keep / 0 = pad  ->  (B, 1, 1, T) additive mask (0 or the dtype's minimum)."""
-    mask = attention_mask[:, None, None, :].to(dtype)
-    return (1.0 - mask) * torch.finfo(dtype).min
 
 
 # --- modules (names mirror transformers' BertModel) -----------------------------------------
