@@ -441,3 +441,25 @@ def pareto_front(points: Iterable[dict]) -> list[dict]:
             best = p["fitness"]
     return front
 
+
+
+# --- output files ----------------------------------------------------------------------------------
+def write_outputs(out: str | Path, results: Sequence[TargetResult], evals: Evaluations, extra: dict | None = None) -> dict:
+    """``results.json`` (everything) and ``best.json`` (best architecture per target, as a config
+    and as its short string), written atomically."""
+    out = Path(out)
+    front = pareto_front(evals.records)
+    best = [{"target": r.target.name, "target_ms": r.target.ms, "arch": r.best["arch"],
+             "config": Arch.parse(r.best["arch"]).to_dict(), "fitness": r.best["fitness"],
+             "latency_ms": r.best["latency_ms"]} for r in results]
+    summary = {
+        **(extra or {}),
+        "targets": [r.to_dict() for r in results],
+        "best": best,
+        "evaluations": len(evals.records),
+        "new_evaluations": evals.new,
+        "pareto_front": [{k: p[k] for k in ("arch", "latency_ms", "fitness")} for p in front],
+    }
+    atomic_write_json(out / "results.json", summary)
+    atomic_write_json(out / "best.json", best)
+    return summary
