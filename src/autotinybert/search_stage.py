@@ -31,6 +31,13 @@ def run_search_stage(*, supernet: Path, predictor: Path, speedups: list[float], 
         raise UserError(f"--out {out} is not empty; pass --resume to continue the search there or choose another path")
     if resume and not state_path.is_file():
         raise UserError(f"--resume: {state_path} does not exist; run without --resume first")
+    # Options first, then files, then the cheap numpy candidates, then the models.
+    if evaluator == "finetune":
+        from .evaluators import finetune_evaluator
+
+        finetune_evaluator()
+    if evaluator != "proxy":
+        raise UserError(f"unknown evaluator {evaluator!r}: use proxy (or finetune once fine-tuning is built)")
     latency = LatencyPredictor.load(predictor)
     targets = make_targets(speedups, target_ms, latency.reference_ms)
     # Candidates first (cheap, numpy): an infeasible target fails before any model is loaded.
@@ -39,12 +46,6 @@ def run_search_stage(*, supernet: Path, predictor: Path, speedups: list[float], 
         print(f"warning: the latency predictor was fitted on space {latency.space}; parts of the SuperPLM's "
               "space are extrapolated")
     candidates = find_candidates(space, latency.predict_features, targets, settings.window)
-    if evaluator == "finetune":
-        from .evaluators import finetune_evaluator
-
-        finetune_evaluator()
-    if evaluator != "proxy":
-        raise UserError(f"unknown evaluator {evaluator!r}: use proxy (or finetune once fine-tuning is built)")
     from .evaluators import ProxyEvaluator
 
     fitness = ProxyEvaluator(supernet, valid_corpus or [], metric=metric, teacher=teacher, seq_len=seq_len,
