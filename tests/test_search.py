@@ -259,20 +259,31 @@ def test_cli_search_evolved_proxy_and_resume(tmp_path, capsys):
     assert len(json.loads((out / "state.json").read_text())["evaluations"]) == len(state["evaluations"])
 
 
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """A tiny random SuperPLM and a toy predictor, made once for the bad-input cases."""
+    from autotinybert.modeling import save_supernet
+    from conftest import TINY_MLM, tiny_supernet
+
+    root = tmp_path_factory.mktemp("tiny")
+    save_supernet(tiny_supernet(TINY_MLM), root / "superplm")
+    _toy_predictor(root / "pred.json", TINY_MLM)
+    return root
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--target-ms", "1e-6"], "nearest feasible latency"),
     (["--target-ms", "1", "--method", "genetic"], "unknown search method"),
     (["--target-ms", "1", "--evaluator", "finetune"], "fine-tuning stage, not built yet"),
     ([], "at least one target"),
+    (["--target-ms", "1", "--window", "1.2", "0.9"], "--window LOW HIGH"),
+    (["--target-ms", "1", "--generations", "0"], "--generations must be a positive integer"),
+    (["--target-ms", "1", "--resume"], "run without --resume first"),
 ])
-def test_cli_search_bad_input_is_one_line(tmp_path, capsys, extra, fragment):
+def test_cli_search_bad_input_is_one_line(tmp_path, capsys, tiny_files, extra, fragment):
     from autotinybert.cli import main
-    from autotinybert.modeling import save_supernet
-    from conftest import TINY_MLM, tiny_supernet
 
-    save_supernet(tiny_supernet(TINY_MLM), tmp_path / "superplm")
-    _toy_predictor(tmp_path / "pred.json", TINY_MLM)
-    code = main(["search", "--supernet", str(tmp_path / "superplm"), "--predictor", str(tmp_path / "pred.json"),
+    code = main(["search", "--supernet", str(tiny_files / "superplm"), "--predictor", str(tiny_files / "pred.json"),
                  "--grid-step-hidden", "4", "--grid-step-ffn", "4", "--out", str(tmp_path / "o"), *extra])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -284,3 +295,11 @@ def test_cli_search_correlate_explains(capsys):
 
     assert main(["search", "correlate"]) == 2
     assert "needs the finetune evaluator" in capsys.readouterr().err
+
+
+def test_resume_with_another_evaluator_is_refused(tmp_path):
+    state = tmp_path / "state.json"
+    search(SPACE, [TARGET], Counting(), toy_latency, settings("random"), state_path=state, evaluator_key="a")
+    with pytest.raises(UserError, match="different evaluator"):
+        search(SPACE, [TARGET], Counting(), toy_latency, settings("random"), state_path=state, resume=True,
+               evaluator_key="b")

@@ -385,7 +385,7 @@ def search(space: SearchSpace, targets: Sequence[Target], fitness: Fitness, late
     after every evaluation; ``resume`` loads it first (it must come from the same settings).
     """
     candidates = list(candidates) if candidates is not None else find_candidates(space, latency, targets, settings.window)
-    header = {"format": STATE_FORMAT, "version": STATE_VERSION, "settings": settings.key(),
+    header = {"format": STATE_FORMAT, "version": STATE_VERSION, "settings": settings.key(), "evaluator": evaluator_key,
               "space": space.to_dict(), "targets": [t.to_dict() for t in targets]}
     state_path = Path(state_path) if state_path is not None else None
     evals = Evaluations(fitness, evaluator_key, state_path, header)
@@ -419,7 +419,7 @@ def read_state(path: Path, header: dict) -> dict:
         raise UserError(f"{path} is corrupt ({str(err).splitlines()[0]}); remove it to start the search again") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
         raise UserError(f"{path} is not a search state of this version; remove it or choose another --out")
-    for key in ("settings", "space"):
+    for key in ("settings", "space", "evaluator"):
         if state.get(key) != header[key]:
             raise UserError(f"{path} was written with a different {key} ({state.get(key)} vs {header[key]}); "
                             "resume with the same options or choose another --out")
