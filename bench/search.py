@@ -21,7 +21,14 @@ import numpy as np
 
 from autotinybert.evaluators import ProxyEvaluator
 from autotinybert.latency import LatencyPredictor
-from autotinybert.search import METHODS, SearchSettings, Target, find_candidates, search, search_grid
+from autotinybert.search import (
+    METHODS,
+    SearchSettings,
+    Target,
+    find_candidates,
+    search,
+    search_grid,
+)
 from autotinybert.space import Arch
 
 
@@ -36,11 +43,13 @@ def main() -> None:
     p.add_argument("--generation-size", type=int, default=25)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--metric", default="mlm_loss", help="proxy fitness (default mlm_loss: continuous, so few ties)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
     predictor = LatencyPredictor.load(args.predictor, check_fingerprint=False)
-    fitness = ProxyEvaluator(args.supernet, args.valid_corpus, batches=args.eval_batches, cache_dir=args.cache_dir)
+    fitness = ProxyEvaluator(args.supernet, args.valid_corpus, metric=args.metric, batches=args.eval_batches,
+                             cache_dir=args.cache_dir)
     space = search_grid(fitness.space)
     targets = [Target(ms) for ms in args.target_ms]
     # Fitness values persist next to --out, so a rerun of the bench does not re-evaluate.

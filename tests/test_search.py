@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 
 from autotinybert.errors import UserError
-from autotinybert.search import (METHODS, SearchSettings, Target, fast_rule, find_candidates, make_targets,
-                                 pareto_front, search, search_grid)
+from autotinybert.search import (
+    METHODS,
+    SearchSettings,
+    Target,
+    fast_rule,
+    find_candidates,
+    make_targets,
+    pareto_front,
+    search,
+    search_grid,
+)
 from autotinybert.space import Arch, Dim, SearchSpace
 
 # A small mlm space: 4 * 9 * 29 * 4 = 4176 grid points.
@@ -140,7 +149,7 @@ def test_kill_and_resume_reproduces_and_never_reevaluates(tmp_path, method):
     with pytest.raises(UserError, match="--resume"):
         search(SPACE, targets, Counting(), toy_latency, settings(method), state_path=state)
     second = Counting()
-    resumed, evals = search(SPACE, targets, second, toy_latency, settings(method), state_path=state, resume=True)
+    resumed, _ = search(SPACE, targets, second, toy_latency, settings(method), state_path=state, resume=True)
     assert [[(v["arch"], v["fitness"], v["generation"]) for v in r.visits] for r in resumed] == \
         [[(v["arch"], v["fitness"], v["generation"]) for v in r.visits] for r in reference]
     assert len(second.calls) == len(ref_evals.records) - 23
@@ -217,11 +226,12 @@ def _toy_predictor(path, space):
 
 
 def test_cli_search_evolved_proxy_and_resume(tmp_path, capsys):
+    from conftest import TINY_MLM, tiny_supernet
+    from test_data import TEXT
+
     from autotinybert.cli import main
     from autotinybert.data import train_wordpiece
     from autotinybert.modeling import save_supernet
-    from conftest import TINY_MLM, tiny_supernet
-    from test_data import TEXT
 
     corpus = tmp_path / "valid.txt"
     corpus.write_text(TEXT * 10, encoding="utf-8")
@@ -262,8 +272,9 @@ def test_cli_search_evolved_proxy_and_resume(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     """A tiny random SuperPLM and a toy predictor, made once for the bad-input cases."""
-    from autotinybert.modeling import save_supernet
     from conftest import TINY_MLM, tiny_supernet
+
+    from autotinybert.modeling import save_supernet
 
     root = tmp_path_factory.mktemp("tiny")
     save_supernet(tiny_supernet(TINY_MLM), root / "superplm")

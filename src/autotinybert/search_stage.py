@@ -12,7 +12,14 @@ from typing import Any
 
 from .errors import UserError
 from .files import write_stage_config
-from .search import SearchSettings, find_candidates, make_targets, search, search_grid, write_outputs
+from .search import (
+    SearchSettings,
+    find_candidates,
+    make_targets,
+    search,
+    search_grid,
+    write_outputs,
+)
 from .space import SearchSpace
 
 
@@ -76,7 +83,9 @@ def run_search_stage(*, supernet: Path, predictor: Path, speedups: list[float], 
     summary = write_outputs(out, results, evals, extra={
         "method": settings.method, "evaluator": fitness.key, "metric": metric, "grid": space.to_dict(),
         "seconds": round(seconds, 3),
-        "seconds_per_evaluation": (round(sum(fitness.seconds) / len(fitness.seconds), 4) if fitness.seconds else None),
+        # Over every evaluation in the state (a resumed run may evaluate nothing itself).
+        "seconds_per_evaluation": (round(sum(r["seconds"] for r in evals.records) / len(evals.records), 4)
+                                   if evals.records else None),
     })
     if plot:
         try:
