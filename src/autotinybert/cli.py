@@ -13,7 +13,6 @@ from .errors import UserError
 
 # Stages that later issues build; each says so clearly instead of failing obscurely.
 _NOT_BUILT = {
-    "search": "architecture search under a latency constraint",
     "finetune": "GLUE / SQuAD fine-tuning",
     "evaluate": "GLUE / SQuAD evaluation",
     "develop": "the whole efficient-development pipeline",
@@ -308,6 +307,78 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="search architectures of a SuperPLM under latency targets")
+    # Options are checked in the handler (not required=True) so that 'search correlate' parses too.
+    p.add_argument("--supernet", type=Path, help="SuperPLM checkpoint directory (pretrain / init output)")
+    p.add_argument("--predictor", type=Path, help="latency predictor file ('latency fit' output)")
+    p.add_argument("--speedup", type=float, action="append", default=[],
+                   help="target: this many times faster than BERT-base on the predictor's device (repeatable)")
+    p.add_argument("--target-ms", type=float, action="append", default=[], help="target latency in ms (repeatable)")
+    p.add_argument("--method", default="evolved", help="random, fast or evolved (default evolved)")
+    p.add_argument("--evaluator", default="proxy", help="proxy (inherited weights, held-out MLM) or finetune")
+    p.add_argument("--metric", default="mlm_accuracy", help="proxy fitness: mlm_accuracy, mlm_loss or kd_loss")
+    p.add_argument("--teacher", help="teacher checkpoint for --metric kd_loss")
+    p.add_argument("--valid-corpus", nargs="+", help="held-out text for the proxy evaluator")
+    p.add_argument("--cache-dir", help="tokenised-corpus cache (default ~/.cache/autotinybert/data)")
+    p.add_argument("--seq-len", type=int, help="sequence length (default: the SuperPLM's pre-training one, else 128)")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="proxy batch size (default 32)")
+    p.add_argument("--eval-batches", type=int, default=8, help="fixed held-out batches per architecture (default 8)")
+    p.add_argument("--generations", type=int, help="generations (default 10; fast: 1)")
+    p.add_argument("--generation-size", type=int, default=25, help="architectures per generation (default 25)")
+    p.add_argument("--explore-rate", type=float, default=0.5, help="evolved: chance a child is a fresh random one (0.5)")
+    p.add_argument("--window", type=float, nargs=2, default=[0.85, 1.1], metavar=("LOW", "HIGH"),
+                   help="candidate latency window as factors of the target (default 0.85 1.1)")
+    p.add_argument("--grid-step-hidden", type=int, default=16, help="hidden-size step of the search grid (default 16)")
+    p.add_argument("--grid-step-ffn", type=int, default=32, help="FFN-size step of the search grid (default 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device for the evaluator (default cpu)")
+    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue the search in --out; nothing is evaluated twice")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plot", action="store_true", help="do not draw pareto.png")
+    p.set_defaults(handler=_run_search)
+    stages = p.add_subparsers(dest="search_command", metavar="STAGE")
+    q = stages.add_parser("correlate", help="rank correlation of proxy vs fine-tuned fitness (needs fine-tuning)")
+    q.set_defaults(handler=_run_search_correlate)
+
+
+def _run_search_correlate(args: argparse.Namespace) -> int:
+    raise UserError("'search correlate' compares proxy and fine-tuned fitness, so it needs the finetune evaluator "
+                    "(the downstream fine-tuning stage), which is not built yet")
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from .search import SearchSettings
+    from .search_stage import run_search_stage
+
+    missing = [f"--{name}" for name in ("supernet", "predictor", "out") if getattr(args, name) is None]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}")
+    _quiet_transformers()
+    generations = args.generations if args.generations is not None else (1 if args.method == "fast" else 10)
+    settings = SearchSettings(method=args.method, generations=generations, generation_size=args.generation_size,
+                              explore_rate=args.explore_rate, window=tuple(args.window), seed=args.seed)
+    for name in ("grid_step_hidden", "grid_step_ffn"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
+    summary = run_search_stage(
+        supernet=args.supernet, predictor=args.predictor, speedups=args.speedup, target_ms=args.target_ms,
+        settings=settings, evaluator=args.evaluator, valid_corpus=args.valid_corpus, out=args.out,
+        resume=args.resume, grid_step_hidden=args.grid_step_hidden, grid_step_ffn=args.grid_step_ffn,
+        metric=args.metric, teacher=args.teacher, seq_len=args.seq_len, eval_batch_size=args.eval_batch_size,
+        eval_batches=args.eval_batches, cache_dir=args.cache_dir, device=args.device,
+        progress=not args.no_progress, plot=not args.no_plot, arguments=vars(args))
+    print(f"{'target':<10} {'window (ms)':<17} {'candidates':>10} {'best architecture':<24} {'latency':>9} {'fitness':>8}")
+    for row in summary["targets"]:
+        low, high = row["window_ms"]
+        best = row["best"]
+        print(f"{row['target']['name']:<10} {f'{low:.2f}..{high:.2f}':<17} {row['candidates']:>10} {best['arch']:<24} "
+              f"{best['latency_ms']:>7.2f}ms {best['fitness']:>8.4f}")
+    print(f"{summary['new_evaluations']} new evaluations ({summary['evaluations']} in total); results in {args.out}")
+    return 0
+
+
 def _add_not_built(sub: argparse._SubParsersAction, name: str, what: str) -> None:
     p = sub.add_parser(name, help=f"{what} (not built yet)")
     p.set_defaults(handler=lambda args, _name=name, _what=what: _not_built(_name, _what))
@@ -332,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_pretrain(sub)
     _add_latency(sub)
+    _add_search(sub)
     for name, what in _NOT_BUILT.items():
         _add_not_built(sub, name, what)
     return parser

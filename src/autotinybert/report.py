@@ -50,3 +50,43 @@ def plot_validation_curves(metrics_csv: str | Path, out_png: str | Path, column:
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+def plot_pareto(results_json: str | Path, out_png: str | Path, ylabel: str = "fitness") -> Path:
+    """Predicted latency vs fitness of every evaluated architecture, the Pareto front and each
+    target's window and best architecture (from a search ``results.json`` + ``state.json``)."""
+    import json
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plots need the plots extra: pip install 'autotinybert[plots]'") from None
+    results_json = Path(results_json)
+    results = json.loads(results_json.read_text(encoding="utf-8"))
+    state = json.loads((results_json.parent / "state.json").read_text(encoding="utf-8"))
+    points = state["evaluations"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    ax.scatter([p["latency_ms"] for p in points], [p["fitness"] for p in points], s=8, c="0.6",
+               label=f"evaluated ({len(points)})")
+    front = results["pareto_front"]
+    ax.step([p["latency_ms"] for p in front], [p["fitness"] for p in front], where="post", c="tab:red",
+            marker="o", markersize=3, label="Pareto front")
+    for i, target in enumerate(results["targets"]):
+        low, high = target["window_ms"]
+        ax.axvspan(low, high, alpha=0.08, color=f"C{i}")
+        best = target["best"]
+        ax.scatter([best["latency_ms"]], [best["fitness"]], marker="*", s=120, color=f"C{i}", zorder=3,
+                   label=f"{target['target']['name']}: {best['arch']}")
+    ax.set_xlabel("predicted latency (ms)")
+    ax.set_ylabel(ylabel)
+    ax.set_title("architecture search: predicted latency vs fitness")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
