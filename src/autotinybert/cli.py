@@ -13,9 +13,6 @@ from .errors import UserError
 
 # Stages that later issues build; each says so clearly instead of failing obscurely.
 _NOT_BUILT = {
-    "pretrain": "one-shot SuperPLM pre-training",
-    "latency": "latency profiling and the latency predictor",
-    "search": "architecture search under a latency constraint",
     "develop": "the whole efficient-development pipeline",
     "report": "HTML / markdown reports",
 }
@@ -62,9 +59,18 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_extract)
 
 
+def _quiet_transformers() -> None:
+    """transformers' per-file progress bars drown our own output on every load/save."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def _run_extract(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
+    _quiet_transformers()
     summary = export_checkpoint(
         supernet_dir=args.supernet,
         arch=args.arch,
@@ -127,7 +133,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_finetune)
 
 
-def _settings(args: argparse.Namespace):
+def _finetune_settings(args: argparse.Namespace):
     from .tasks.finetune import FinetuneSettings
 
     training = {}
@@ -151,20 +157,12 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _quiet_transformers() -> None:
-    # The load reports list the freshly initialised head on every run; we check loading ourselves.
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
 def _run_finetune(args: argparse.Namespace) -> int:
     from .tasks.run import results_table, run_finetune
 
     _quiet_transformers()
     _set_threads(args.threads)
-    results = run_finetune(model=args.model, tasks=args.task, out=args.out, settings=_settings(args),
+    results = run_finetune(model=args.model, tasks=args.task, out=args.out, settings=_finetune_settings(args),
                            data_dir=args.data_dir, hub=args.hub, tokenizer=args.tokenizer, train_file=args.train_file,
                            dev_file=args.dev_file, teacher=args.teacher, test=not args.no_test_predictions, resume=args.resume,
                            overwrite=args.overwrite, arguments=vars(args))
@@ -196,7 +194,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise UserError("evaluate needs --model DIR (or --table RUN ... to tabulate results)")
     _quiet_transformers()
     _set_threads(args.threads)
-    results = run_evaluate(model=args.model, tasks=args.task, settings=_settings(args), data_dir=args.data_dir,
+    results = run_evaluate(model=args.model, tasks=args.task, settings=_finetune_settings(args), data_dir=args.data_dir,
                            hub=args.hub, tokenizer=args.tokenizer, dev_file=args.dev_file, out=args.out,
                            test=not args.no_test_predictions,
                            overwrite=args.overwrite, arguments=vars(args))
@@ -219,6 +217,7 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
 def _run_init(args: argparse.Namespace) -> int:
     from .modeling import init_supernet_checkpoint
 
+    _quiet_transformers()
     summary = init_supernet_checkpoint(
         space=args.space, out_dir=args.out, tokenizer_dir=args.tokenizer, vocab_size=args.vocab_size,
         teacher_hidden_size=args.teacher_hidden_size, seed=args.seed, overwrite=args.overwrite,
@@ -226,6 +225,113 @@ def _run_init(args: argparse.Namespace) -> int:
     )
     print(f"SuperPLM ({summary['mode']} space, largest {summary['largest']}, vocab {summary['vocab_size']}, "
           f"{summary['parameters'] / 1e6:.1f}M parameters) written to {args.out}")
+    return 0
+
+def _add_latency(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("latency", help="measure latency, fit and use the latency predictor")
+    stages = p.add_subparsers(dest="latency_command", metavar="STAGE", required=True)
+
+    def timing_options(q: argparse.ArgumentParser) -> None:
+        # --engine is checked by LatencySettings (not argparse choices) so a typo is one clear line.
+        q.add_argument("--engine", default="torch", help="torch (eager) or onnxruntime (CPU) (default torch)")
+        q.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1, as in the paper)")
+        q.add_argument("--batch-size", type=int, default=1, help="batch size (default 1, as in the paper)")
+        q.add_argument("--seq-len", type=int, default=128, help="sequence length (default 128, as in the paper)")
+        q.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+        q.add_argument("--repeats", type=int, default=20, help="timed runs; median and p90 reported (default 20)")
+        q.add_argument("--clock", default="wall",
+                       help="wall (default; what users wait) or cpu (process CPU time: with --threads 1 it ignores "
+                            "time other processes take on a shared machine)")
+
+    q = stages.add_parser("profile", help="measure architectures spread over a space, plus BERT-base (JSONL)")
+    q.add_argument("--space", default="paper-mlm", help="paper-mlm, paper-kd or a YAML/JSON file (default paper-mlm)")
+    q.add_argument("--samples", type=int, required=True, help="architectures to measure (besides BERT-base)")
+    q.add_argument("--out", type=Path, required=True, help="JSON-lines file, one measurement per line")
+    q.add_argument("--seed", type=int, default=0, help="seed of the planned list (default 0)")
+    q.add_argument("--resume", action="store_true", help="measure only architectures missing from --out")
+    q.add_argument("--overwrite", action="store_true", help="discard an existing --out and start again")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    timing_options(q)
+    q.set_defaults(handler=_run_latency_profile)
+
+    q = stages.add_parser("fit", help="fit the MLP latency predictor (and a FLOPs baseline) on profiled data")
+    q.add_argument("--data", type=Path, required=True, help="JSONL written by 'latency profile'")
+    q.add_argument("--out", type=Path, required=True, help="predictor file (JSON)")
+    q.add_argument("--holdout", type=float, default=0.2, help="fraction held out for metrics (default 0.2)")
+    q.add_argument("--seed", type=int, default=0, help="split and initialisation seed (default 0)")
+    q.add_argument("--hidden", type=int, default=64, help="MLP hidden width (default 64)")
+    q.add_argument("--epochs", type=int, default=3000, help="full-batch Adam steps (default 3000)")
+    q.set_defaults(handler=_run_latency_fit)
+
+    q = stages.add_parser("predict", help="predicted latency of architectures")
+    q.add_argument("--predictor", type=Path, required=True, help="file written by 'latency fit'")
+    q.add_argument("--arch", action="append", required=True, help="architecture, e.g. L5-H564-F1054-A8-Q512 (repeatable)")
+    q.add_argument("--space", help="require the predictor to be fitted on this space (paper-mlm, paper-kd or a file)")
+    q.set_defaults(handler=_run_latency_predict)
+
+    q = stages.add_parser("check", help="measure architectures now and compare with the predictor")
+    q.add_argument("--predictor", type=Path, required=True, help="file written by 'latency fit'")
+    q.add_argument("--arch", action="append", required=True, help="architecture (repeatable)")
+    q.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    q.add_argument("--repeats", type=int, default=20, help="timed runs (default 20)")
+    q.set_defaults(handler=_run_latency_check)
+
+
+def _settings(args: argparse.Namespace):
+    from .latency import LatencySettings
+
+    return LatencySettings(engine=args.engine, batch_size=args.batch_size, seq_len=args.seq_len,
+                           threads=args.threads, warmup=args.warmup, repeats=args.repeats, clock=args.clock)
+
+
+def _run_latency_profile(args: argparse.Namespace) -> int:
+    from .latency import profile
+
+    settings = _settings(args)
+    records = profile(args.space, args.samples, args.out, settings, seed=args.seed, resume=args.resume,
+                      overwrite=args.overwrite, progress=not args.no_progress, arguments=vars(args))
+    reference = next(r for r in records if r["reference"])
+    print(f"{len(records)} measurements ({settings.engine}, {settings.threads} thread(s), batch {settings.batch_size}, "
+          f"seq {settings.seq_len}, {settings.clock} clock) in {args.out}; BERT-base median {reference['latency']['median_ms']:.1f} ms")
+    return 0
+
+
+def _run_latency_fit(args: argparse.Namespace) -> int:
+    from .latency import fit, write_output_config
+
+    predictor, report = fit(args.data, holdout=args.holdout, seed=args.seed, hidden=args.hidden, epochs=args.epochs)
+    predictor.save(args.out)
+    write_output_config(args.out, vars(args))
+    print(f"fitted on {report['n_train']} architectures, held out {report['n_heldout']}:")
+    for name in ("mlp", "baseline"):
+        m = report[name]
+        print(f"  {name:<9} RMSE {m['rmse_ms']:.2f} ms  MAPE {m['mape_pct']:.2f}%  Spearman {m['spearman']:.4f}")
+    if predictor.reference_ms is not None:
+        print(f"BERT-base reference {predictor.reference_ms:.1f} ms; predictor written to {args.out}")
+    return 0
+
+
+def _run_latency_predict(args: argparse.Namespace) -> int:
+    from .latency import LatencyPredictor
+    from .space import Arch, SearchSpace
+
+    predictor = LatencyPredictor.load(args.predictor, space=SearchSpace.load(args.space) if args.space else None)
+    for text in args.arch:
+        arch = Arch.parse(text)
+        ms = predictor.predict(arch)
+        speedup = f"  ({predictor.reference_ms / ms:.1f}x faster than BERT-base)" if predictor.reference_ms else ""
+        outside = "" if predictor.covers(arch) else "  [outside the profiled space: extrapolated]"
+        print(f"{arch}  {ms:.2f} ms{speedup}{outside}")
+    return 0
+
+
+def _run_latency_check(args: argparse.Namespace) -> int:
+    from .latency import check
+
+    rows = check(args.predictor, args.arch, warmup=args.warmup, repeats=args.repeats)
+    print(f"{'architecture':<24} {'predicted':>10} {'measured':>10} {'error':>8}")
+    for row in rows:
+        print(f"{row['arch']:<24} {row['predicted_ms']:>8.2f}ms {row['measured_ms']:>8.2f}ms {row['error_pct']:>+7.1f}%")
     return 0
 
 
@@ -239,13 +345,154 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _quiet_transformers()
     run_demo(args.out, overwrite=args.overwrite)
+    return 0
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="one-shot SuperPLM pre-training, or further training of one --arch")
+    data = p.add_argument_group("data")
+    data.add_argument("--corpus", nargs="+", required=True,
+                      help="text files / directories of .txt (one sentence per line, blank line between documents) "
+                           "or hf:NAME[:CONFIG] (needs internet)")
+    data.add_argument("--valid-corpus", nargs="+", help="held-out text (default: every 50th document of --corpus)")
+    data.add_argument("--text-column", default="text", help="text column of an hf: corpus (default text)")
+    data.add_argument("--tokenizer", help="checkpoint directory whose tokenizer to use (e.g. the teacher)")
+    data.add_argument("--vocab-size", type=int, help="train a WordPiece vocabulary of this size on the corpus")
+    data.add_argument("--seq-len", type=int, default=128, help="packed sequence length (default 128)")
+    data.add_argument("--cache-dir", help="tokenised-corpus cache (default ~/.cache/autotinybert/data)")
+    model = p.add_argument_group("model")
+    model.add_argument("--space", default="paper-mlm", help="paper-mlm, paper-kd or a YAML/JSON file")
+    for dim in ("layers", "hidden", "ffn", "heads", "qkv"):
+        model.add_argument(f"--max-{dim}", type=int, help=f"shrink the space's maximum {dim} (small machines)")
+    model.add_argument("--objective", choices=["mlm", "kd", "both"], default="mlm")
+    model.add_argument("--teacher", help="local BERT-family checkpoint for --objective kd/both")
+    model.add_argument("--sampling", choices=["random", "per-worker", "sandwich"], default="random")
+    model.add_argument("--samples-per-batch", type=int, default=1, help="sub-models per step, gradients summed")
+    model.add_argument("--arch", help="train this one architecture (further training), e.g. L4-H312-F1200-A12-Q312")
+    model.add_argument("--init", help="initial weights: a SuperPLM directory or an extracted checkpoint")
+    train = p.add_argument_group("training")
+    train.add_argument("--max-steps", type=int, default=1000)
+    train.add_argument("--batch-size", type=int, default=32, help="sequences per worker per micro-batch")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--weight-decay", type=float, default=0.01)
+    train.add_argument("--warmup-ratio", type=float, default=0.1)
+    train.add_argument("--max-grad-norm", type=float, default=1.0)
+    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--log-every", type=int, default=10)
+    train.add_argument("--eval-every", type=int, default=200)
+    train.add_argument("--eval-batches", type=int, default=4)
+    train.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--out", required=True, help="run directory; it is also a SuperPLM checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import PretrainSettings, pretrain
+
+    _quiet_transformers()
+    limits = {dim: getattr(args, f"max_{dim}") for dim in ("layers", "hidden", "ffn", "heads", "qkv")
+              if getattr(args, f"max_{dim}") is not None}
+    settings = PretrainSettings(
+        out=args.out, corpus=args.corpus, valid_corpus=args.valid_corpus, tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, space=args.space, space_limits=limits, objective=args.objective,
+        teacher=args.teacher, sampling=args.sampling, samples_per_batch=args.samples_per_batch, arch=args.arch,
+        init=args.init, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm, bf16=args.bf16, seq_len=args.seq_len, seed=args.seed,
+        log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        save_every=args.save_every, cache_dir=args.cache_dir, text_column=args.text_column,
+        progress=not args.no_progress,
+    )
+    summary = pretrain(settings, resume=args.resume)
+    if summary.get("validation"):
+        print(f"{'architecture':<26} {'MLM loss':>9} {'MLM acc':>8}" + (f" {'KD loss':>8}" if args.objective != "mlm" else ""))
+        for arch, row in summary["validation"].items():
+            kd = f" {row['kd_loss']:>8.4f}" if "kd_loss" in row else ""
+            print(f"{arch:<26} {row['mlm_loss']:>9.3f} {row['mlm_accuracy']:>8.3f}{kd}")
+    print(f"{summary['steps']} steps, {summary['tokens_per_second']:,} tokens/s; SuperPLM in {args.out}")
+    return 0
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="search architectures of a SuperPLM under latency targets")
+    # Options are checked in the handler (not required=True) so that 'search correlate' parses too.
+    p.add_argument("--supernet", type=Path, help="SuperPLM checkpoint directory (pretrain / init output)")
+    p.add_argument("--predictor", type=Path, help="latency predictor file ('latency fit' output)")
+    p.add_argument("--speedup", type=float, action="append", default=[],
+                   help="target: this many times faster than BERT-base on the predictor's device (repeatable)")
+    p.add_argument("--target-ms", type=float, action="append", default=[], help="target latency in ms (repeatable)")
+    p.add_argument("--method", default="evolved", help="random, fast or evolved (default evolved)")
+    p.add_argument("--evaluator", default="proxy", help="proxy (inherited weights, held-out MLM) or finetune")
+    p.add_argument("--metric", default="mlm_accuracy", help="proxy fitness: mlm_accuracy, mlm_loss or kd_loss")
+    p.add_argument("--teacher", help="teacher checkpoint for --metric kd_loss")
+    p.add_argument("--valid-corpus", nargs="+", help="held-out text for the proxy evaluator")
+    p.add_argument("--cache-dir", help="tokenised-corpus cache (default ~/.cache/autotinybert/data)")
+    p.add_argument("--seq-len", type=int, help="sequence length (default: the SuperPLM's pre-training one, else 128)")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="proxy batch size (default 32)")
+    p.add_argument("--eval-batches", type=int, default=8, help="fixed held-out batches per architecture (default 8)")
+    p.add_argument("--generations", type=int, help="generations (default 10; fast: 1)")
+    p.add_argument("--generation-size", type=int, default=25, help="architectures per generation (default 25)")
+    p.add_argument("--explore-rate", type=float, default=0.5, help="evolved: chance a child is a fresh random one (0.5)")
+    p.add_argument("--window", type=float, nargs=2, default=[0.85, 1.1], metavar=("LOW", "HIGH"),
+                   help="candidate latency window as factors of the target (default 0.85 1.1)")
+    p.add_argument("--grid-step-hidden", type=int, default=16, help="hidden-size step of the search grid (default 16)")
+    p.add_argument("--grid-step-ffn", type=int, default=32, help="FFN-size step of the search grid (default 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device for the evaluator (default cpu)")
+    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue the search in --out; nothing is evaluated twice")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plot", action="store_true", help="do not draw pareto.png")
+    p.set_defaults(handler=_run_search)
+    stages = p.add_subparsers(dest="search_command", metavar="STAGE")
+    q = stages.add_parser("correlate", help="rank correlation of proxy vs fine-tuned fitness (needs fine-tuning)")
+    q.set_defaults(handler=_run_search_correlate)
+
+
+def _run_search_correlate(args: argparse.Namespace) -> int:
+    raise UserError("'search correlate' compares proxy and fine-tuned fitness, so it needs the finetune evaluator "
+                    "(the downstream fine-tuning stage), which is not built yet")
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from .search import SearchSettings
+    from .search_stage import run_search_stage
+
+    missing = [f"--{name}" for name in ("supernet", "predictor", "out") if getattr(args, name) is None]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}")
+    _quiet_transformers()
+    generations = args.generations if args.generations is not None else (1 if args.method == "fast" else 10)
+    settings = SearchSettings(method=args.method, generations=generations, generation_size=args.generation_size,
+                              explore_rate=args.explore_rate, window=tuple(args.window), seed=args.seed)
+    for name in ("grid_step_hidden", "grid_step_ffn"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
+    summary = run_search_stage(
+        supernet=args.supernet, predictor=args.predictor, speedups=args.speedup, target_ms=args.target_ms,
+        settings=settings, evaluator=args.evaluator, valid_corpus=args.valid_corpus, out=args.out,
+        resume=args.resume, grid_step_hidden=args.grid_step_hidden, grid_step_ffn=args.grid_step_ffn,
+        metric=args.metric, teacher=args.teacher, seq_len=args.seq_len, eval_batch_size=args.eval_batch_size,
+        eval_batches=args.eval_batches, cache_dir=args.cache_dir, device=args.device,
+        progress=not args.no_progress, plot=not args.no_plot, arguments=vars(args))
+    print(f"{'target':<10} {'window (ms)':<17} {'candidates':>10} {'best architecture':<24} {'latency':>9} {'fitness':>8}")
+    for row in summary["targets"]:
+        low, high = row["window_ms"]
+        best = row["best"]
+        print(f"{row['target']['name']:<10} {f'{low:.2f}..{high:.2f}':<17} {row['candidates']:>10} {best['arch']:<24} "
+              f"{best['latency_ms']:>7.2f}ms {best['fitness']:>8.4f}")
+    print(f"{summary['new_evaluations']} new evaluations ({summary['evaluations']} in total); results in {args.out}")
     return 0
 
 
 def _add_not_built(sub: argparse._SubParsersAction, name: str, what: str) -> None:
     p = sub.add_parser(name, help=f"{what} (not built yet)")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(handler=lambda args, _name=name, _what=what: _not_built(_name, _what))
 
 
@@ -266,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_space(sub)
     _add_init(sub)
     _add_extract(sub)
+    _add_pretrain(sub)
+    _add_latency(sub)
+    _add_search(sub)
     _add_finetune(sub)
     _add_evaluate(sub)
     for name, what in _NOT_BUILT.items():
@@ -275,7 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in _NOT_BUILT:  # unbuilt stages accept anything, then explain
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.handler(args) or 0)
     except UserError as err:

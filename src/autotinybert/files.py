@@ -57,7 +57,7 @@ def staged_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     An existing non-empty `out_dir` is an error unless `overwrite` is set; with `overwrite`, the
     old directory is replaced only after the new one is finished, so a failure loses nothing.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a directory; choose another path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:

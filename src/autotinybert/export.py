@@ -1,0 +1,301 @@
+"""Elastic -> static: turn one architecture of a SuperPLM into an ordinary Hugging Face model.
+
+* Stock ``BertForMaskedLM`` / ``BertModel`` (``model_type: "bert"``) whenever BERT can represent
+  the architecture (``qkv_size == hidden_size``, heads dividing it).
+* Otherwise the registered ``autotinybert`` type (`autotinybert.hf`); its two source files are
+  written next to the weights with an ``auto_map``, so
+  ``AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)`` works on machines that
+  never installed autotinybert (the official code needed a patched ``BertSelfAttention``).
+
+`verify_export` is the specification: sliced SuperPLM == extracted model == reloaded checkpoint
+== reloaded without autotinybert == ONNX Runtime, on random padded inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertModel, PreTrainedModel
+
+from . import hf
+from .errors import UserError
+from .modeling import SuperBertForPreTraining, SuperBertPreTrainedModel, load_supernet, load_tokenizer
+from .space import Arch, parameter_count
+
+ONNX_FILE = "model.onnx"
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
+
+
+def export_config(supernet: SuperBertPreTrainedModel, arch: Arch) -> BertConfig:
+    """The Hugging Face config of ``arch``: stock BERT when representable, else `AutoTinyBertConfig`."""
+    sc = supernet.config
+    fields = dict(
+        vocab_size=sc.vocab_size,
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        intermediate_size=arch.intermediate_size,
+        hidden_act=sc.hidden_act,
+        hidden_dropout_prob=sc.hidden_dropout_prob,
+        attention_probs_dropout_prob=sc.attention_probs_dropout_prob,
+        max_position_embeddings=sc.max_position_embeddings,
+        type_vocab_size=sc.type_vocab_size,
+        layer_norm_eps=sc.layer_norm_eps,
+        initializer_range=sc.initializer_range,
+        pad_token_id=sc.pad_token_id,
+    )
+    if arch.is_bert_compatible:
+        return BertConfig(**fields)
+    config = hf.AutoTinyBertConfig(qkv_size=arch.qkv_size, **fields)
+    config.auto_map = dict(hf.AUTO_MAP)
+    return config
+
+
+def extract(supernet: SuperBertPreTrainedModel, arch: Arch | str | None = None, *,
+            encoder_only: bool = False) -> PreTrainedModel:
+    """Copy ``arch``'s slice of ``supernet`` into a standalone transformers model (eval mode).
+
+    Returns ``BertForMaskedLM`` / ``AutoTinyBertForMaskedLM``, or the bare encoder
+    (``BertModel`` / ``AutoTinyBertModel``, pooler included) with ``encoder_only``.
+    """
+    if arch is None:
+        arch = supernet.arch
+    elif isinstance(arch, str):
+        arch = Arch.parse(arch)
+    supernet.config.search_space.check(arch)
+    if not encoder_only and not isinstance(supernet, SuperBertForPreTraining):
+        raise UserError("a bare SuperBertModel has no MLM head; extract with encoder_only=True")
+    config = export_config(supernet, arch)
+    stock = arch.is_bert_compatible
+    state = supernet.sliced_state_dict(arch)
+    if encoder_only:
+        model_class = BertModel if stock else hf.AutoTinyBertModel
+        state = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")}
+    else:
+        model_class = BertForMaskedLM if stock else hf.AutoTinyBertForMaskedLM
+        state = {k: v for k, v in state.items() if not k.startswith("bert.pooler.")}
+    model = model_class(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def save_export(model: PreTrainedModel, out_dir: str | Path, tokenizer=None) -> None:
+    """``save_pretrained`` plus, for the non-stock type, the modeling files named in ``auto_map``."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir))
+    if model.config.model_type == hf.AutoTinyBertConfig.model_type:
+        for source in hf.SOURCE_FILES:
+            shutil.copyfile(source, out_dir / source.name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+
+
+# --- ONNX ------------------------------------------------------------------------------------
+class _LogitsOnly(torch.nn.Module):
+    """ONNX wants tensors out: MLM logits, or the last hidden state of a bare encoder."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def export_onnx(model: PreTrainedModel, path: str | Path, opset: int = 17) -> Path:
+    """Write ``model`` as ONNX with dynamic batch and sequence axes (inputs: ids, mask, token types)."""
+    try:
+        import onnx  # noqa: F401  (the exporter needs it; fail early with the fix)
+    except ImportError:
+        raise UserError("ONNX export needs the onnx extra: pip install 'autotinybert[onnx]'") from None
+    path = Path(path)
+    example = random_inputs(model.config.vocab_size, batch=2, seq_len=16, seed=0)
+    wrapper = _LogitsOnly(model).eval()
+    # The tracer warns about Python-side shape checks in transformers' masking code; the
+    # exported graph is verified numerically instead (verify_export), on other shapes too.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*aten::index.*", category=UserWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)  # legacy exporter: see the dynamo note
+        torch.onnx.export(
+            wrapper,
+            (example["input_ids"], example["attention_mask"], example["token_type_ids"]),
+            str(path),
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            output_names=["output"],
+            dynamic_axes={name: {0: "batch", 1: "sequence"}
+                          for name in ("input_ids", "attention_mask", "token_type_ids", "output")},
+            opset_version=opset,
+            # The TorchScript exporter is deprecated but still shipped; it handles transformers'
+            # masking code with dynamic axes and is much faster than the dynamo exporter here.
+            dynamo=False,
+        )
+    return path
+
+
+def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor], threads: int | None = None) -> torch.Tensor:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("running ONNX needs the onnx extra: pip install 'autotinybert[onnx]'") from None
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {name: inputs[name].numpy() for name in ("input_ids", "attention_mask", "token_type_ids")}
+    return torch.from_numpy(session.run(None, feeds)[0])
+
+
+# --- verification ----------------------------------------------------------------------------------
+def random_inputs(vocab_size: int, batch: int = 3, seq_len: int = 19, seed: int = 0,
+                  type_vocab_size: int = 2) -> dict[str, torch.Tensor]:
+    """Random ids with ragged right padding and mixed token types (padding bugs show up)."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, vocab_size, (batch, seq_len), generator=gen)
+    lengths = torch.randint(max(1, seq_len // 2), seq_len + 1, (batch,), generator=gen)
+    lengths[0] = seq_len  # one full row
+    attention_mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+    input_ids = input_ids * attention_mask  # pad id 0
+    split = torch.randint(1, seq_len, (batch, 1), generator=gen)
+    token_type_ids = ((torch.arange(seq_len)[None, :] >= split).long() * attention_mask).clamp(max=type_vocab_size - 1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+
+
+def _model_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    if hasattr(out, "logits") and out.logits is not None:
+        return out.logits
+    return out.last_hidden_state
+
+
+def _supernet_reference(supernet: SuperBertPreTrainedModel, arch: Arch, inputs: dict[str, torch.Tensor],
+                        encoder_only: bool) -> torch.Tensor:
+    previous, was_training = supernet.arch, supernet.training
+    supernet.set_arch(arch)
+    supernet.eval()
+    try:
+        with torch.no_grad():
+            if encoder_only:
+                bert = supernet.bert if isinstance(supernet, SuperBertForPreTraining) else supernet
+                return bert(**inputs).last_hidden_state
+            return supernet(**inputs, masked_only=False).logits
+    finally:
+        supernet.set_arch(previous)
+        supernet.train(was_training)
+
+
+_ISOLATED_LOADER = r"""
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "autotinybert" or name.startswith("autotinybert."):
+            raise ImportError("autotinybert is deliberately unavailable in this process")
+sys.meta_path.insert(0, _Block())
+import torch, transformers
+from safetensors.torch import load_file, save_file
+model_dir, inputs_file, output_file, encoder_only = sys.argv[1:5]
+auto = transformers.AutoModel if encoder_only == "1" else transformers.AutoModelForMaskedLM
+model = auto.from_pretrained(model_dir, trust_remote_code=True).eval()
+assert not any(m.startswith("autotinybert") for m in sys.modules), "autotinybert was imported"
+with torch.no_grad():
+    out = model(**load_file(inputs_file))
+tensor = out.logits if encoder_only != "1" else out.last_hidden_state
+save_file({"output": tensor.contiguous()}, output_file)
+"""
+
+
+def run_isolated(model_dir: str | Path, inputs: dict[str, torch.Tensor], encoder_only: bool) -> torch.Tensor:
+    """Load ``model_dir`` in a fresh Python where importing autotinybert fails, and run ``inputs``."""
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs_file, output_file = Path(tmp) / "inputs.safetensors", Path(tmp) / "output.safetensors"
+        save_file({k: v.contiguous() for k, v in inputs.items()}, str(inputs_file))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(Path(tmp) / "modules"))
+        result = subprocess.run(
+            [sys.executable, "-c", _ISOLATED_LOADER, str(Path(model_dir).resolve()), str(inputs_file), str(output_file),
+             "1" if encoder_only else "0"],
+            capture_output=True, text=True, env=env, cwd=tmp, timeout=600,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"loading {model_dir} without autotinybert failed:\n{result.stderr[-3000:]}")
+        return load_file(str(output_file))["output"]
+
+
+def verify_export(supernet: SuperBertPreTrainedModel, arch: Arch | str, export_dir: str | Path | None = None, *,
+                  encoder_only: bool = False, onnx_path: str | Path | None = None, isolated: bool = True,
+                  batch: int = 3, seq_len: int = 19, seed: int = 0) -> dict[str, float]:
+    """Max |difference| between the sliced SuperPLM and every form of the exported model.
+
+    Keys: ``extracted`` (in memory), ``reloaded`` (``from_pretrained`` of ``export_dir``),
+    ``isolated`` (reloaded in a subprocess that cannot import autotinybert), ``onnx``.
+    """
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    arch = Arch.parse(arch) if isinstance(arch, str) else arch
+    seq_len = min(seq_len, supernet.config.max_position_embeddings)
+    inputs = random_inputs(supernet.config.vocab_size, batch, seq_len, seed, supernet.config.type_vocab_size)
+    reference = _supernet_reference(supernet, arch, inputs, encoder_only)
+
+    def diff(tensor: torch.Tensor) -> float:
+        return (tensor.float() - reference.float()).abs().max().item()
+
+    report = {"extracted": diff(_model_output(extract(supernet, arch, encoder_only=encoder_only), inputs))}
+    if export_dir is not None:
+        auto = AutoModel if encoder_only else AutoModelForMaskedLM
+        reloaded = auto.from_pretrained(str(export_dir), trust_remote_code=True).eval()
+        report["reloaded"] = diff(_model_output(reloaded, inputs))
+        if isolated:
+            report["isolated"] = diff(run_isolated(export_dir, inputs, encoder_only))
+    if onnx_path is not None:
+        report["onnx"] = diff(run_onnx(onnx_path, inputs))
+    return report
+
+
+# --- the `extract` command -----------------------------------------------------------------------
+def export_checkpoint(supernet_dir: str | Path, arch: str | Arch, out_dir: str | Path, *, encoder_only: bool = False,
+                      onnx: bool = False, verify: bool = True, overwrite: bool = False, tolerance: float = 1e-4,
+                      arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Extract ``arch`` from a SuperPLM directory into ``out_dir`` (written whole or not at all)."""
+    from .files import atomic_write_json, staged_directory, write_stage_config
+
+    arch = Arch.parse(arch) if isinstance(arch, str) else arch
+    supernet = load_supernet(supernet_dir)
+    supernet.config.search_space.check(arch)
+    tokenizer = load_tokenizer(supernet_dir) if any((Path(supernet_dir) / f).is_file() for f in TOKENIZER_FILES) else None
+    model = extract(supernet, arch, encoder_only=encoder_only)
+    summary: dict[str, Any] = {
+        "arch": str(arch),
+        "arch_fields": arch.to_dict(),
+        "model_type": model.config.model_type,
+        "model_class": type(model).__name__,
+        "parameters": parameter_count(arch, supernet.config.vocab_size, supernet.config.max_position_embeddings,
+                                      supernet.config.type_vocab_size, mlm_head=not encoder_only,
+                                      pooler=encoder_only),
+        "supernet": str(supernet_dir),
+        "tokenizer": tokenizer is not None,
+    }
+    with staged_directory(out_dir, overwrite) as tmp:
+        save_export(model, tmp, tokenizer)
+        onnx_path = export_onnx(model, tmp / ONNX_FILE) if onnx else None
+        if verify:
+            report = verify_export(supernet, arch, tmp, encoder_only=encoder_only, onnx_path=onnx_path)
+            summary["max_abs_diff"] = report
+            worst = max(report.values())
+            if not worst <= tolerance:  # also catches NaN
+                raise RuntimeError(f"exported model differs from the SuperPLM by {worst:.3g} (> {tolerance}): {report}")
+        if arguments is not None:
+            write_stage_config(tmp, arguments)
+        atomic_write_json(tmp / "results.json", summary)
+    return summary
+

@@ -1,0 +1,250 @@
+"""Latency measurement, FLOPs, profiling with resume, and the latency predictor (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from autotinybert import latency
+from autotinybert.cli import main
+from autotinybert.errors import UserError
+from autotinybert.latency import LatencyPredictor, LatencySettings
+from autotinybert.space import BERT_BASE, Arch, SearchSpace
+
+TINY = Arch(2, 36, 37, 3, 48)  # not BERT-compatible (qkv != hidden): the registered model type
+TINY_BERT = Arch(2, 48, 37, 3, 48)  # stock BertModel
+FAST = dict(seq_len=16, warmup=1, repeats=4, vocab_size=99)
+
+
+def test_measure_is_sane_and_respects_threads():
+    seen = []
+    previous = torch.get_num_threads()
+    wanted = 2 if previous == 1 else 1
+    result = latency.measure(TINY, LatencySettings(threads=wanted, **FAST), probe=lambda: seen.append(torch.get_num_threads()))
+    assert seen == [wanted]
+    assert torch.get_num_threads() == previous  # restored
+    stats = result["latency"]
+    assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"] <= stats["max_ms"]
+    assert stats["q1_ms"] <= stats["median_ms"] <= stats["q3_ms"] and stats["repeats"] == 4
+    assert result["parameters"] > 0 and result["flops"] == latency.flops(TINY, 1, 16)
+    fp = result["fingerprint"]
+    assert fp["threads"] == wanted and fp["seq_len"] == 16 and fp["engine"] == "torch" and fp["cpu_model"]
+    assert fp["versions"]["torch"] == torch.__version__
+
+
+def test_measure_onnxruntime():
+    pytest.importorskip("onnxruntime")
+    result = latency.measure(TINY_BERT, LatencySettings(engine="onnxruntime", **FAST))
+    assert result["latency"]["median_ms"] > 0
+    assert result["fingerprint"]["engine"] == "onnxruntime"
+
+
+def test_cpu_clock():
+    result = latency.measure(TINY, LatencySettings(clock="cpu", **FAST))
+    assert result["latency"]["median_ms"] > 0 and result["fingerprint"]["clock"] == "cpu"
+    with pytest.raises(UserError, match="--threads 1"):
+        LatencySettings(clock="cpu", threads=2)
+
+
+def test_timer_is_injectable():
+    ticks = iter(range(100))
+    result = latency.measure(TINY, LatencySettings(**FAST), timer=lambda: next(ticks) * 0.001)
+    assert result["latency"]["median_ms"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("arch", [TINY, TINY_BERT], ids=str)
+def test_flops_formula_matches_profiler(arch):
+    model = latency.build_model(arch, vocab_size=99, seq_len=16)
+    inputs = {"input_ids": torch.randint(1, 99, (2, 16), generator=torch.Generator().manual_seed(0)),
+              "attention_mask": torch.ones(2, 16, dtype=torch.long), "token_type_ids": torch.zeros(2, 16, dtype=torch.long)}
+    # Fused SDPA kernels are invisible to the counter on CPU; the explicit-matmul paths are counted.
+    kwargs = {"output_attentions": True}
+    if arch.is_bert_compatible:
+        model.set_attn_implementation("eager")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**inputs, **kwargs)
+    assert counter.get_total_flops() == latency.flops(arch, batch_size=2, seq_len=16)
+
+
+def test_flops_array_matches_scalar():
+    archs = [TINY, TINY_BERT, BERT_BASE, Arch(5, 564, 1054, 8, 512)]
+    np.testing.assert_allclose(latency.flops_array(latency.features_of(archs), 1, 128),
+                               [latency.flops(a, 1, 128) for a in archs])
+
+
+# --- predictor -----------------------------------------------------------------------------------
+def _synthetic_records(n: int, formula, seed: int = 0, fp: dict | None = None) -> list[dict]:
+    space = SearchSpace.paper("mlm")
+    fp = fp or latency.fingerprint(LatencySettings())
+    archs = latency.plan_architectures(space, n, seed)
+    records = [{"arch": str(BERT_BASE), "reference": True, "latency": {"median_ms": formula(BERT_BASE)},
+                "fingerprint": fp, "space": space.to_dict()}]
+    records += [{"arch": str(a), "reference": False, "latency": {"median_ms": formula(a)}, "fingerprint": fp,
+                 "space": space.to_dict()} for a in archs]
+    return records
+
+
+def _known(arch: Arch) -> float:
+    """A latency law in the spirit of a CPU: per-layer matmul cost plus fixed overhead."""
+    return 0.4 + arch.num_hidden_layers * (0.2 + latency.flops(Arch(1, arch.hidden_size, arch.intermediate_size,
+                                                                    arch.num_attention_heads, arch.qkv_size)) / 4e9)
+
+
+def test_predictor_recovers_known_formula():
+    predictor, report = latency.fit(_synthetic_records(200, _known), epochs=1500)
+    assert report["mlp"]["mape_pct"] < 3.0, report["mlp"]
+    assert report["mlp"]["spearman"] > 0.99
+    assert predictor.reference_ms == pytest.approx(_known(BERT_BASE))
+    assert predictor.target_ms(2.0) == pytest.approx(_known(BERT_BASE) / 2)
+
+
+def test_predictor_round_trips_through_file(tmp_path):
+    predictor, _ = latency.fit(_synthetic_records(40, _known), epochs=200)
+    path = tmp_path / "pred.json"
+    predictor.save(path)
+    assert "weight" in path.read_text()  # plain JSON, no pickle
+    loaded = LatencyPredictor.load(path)
+    x = latency.features_of(SearchSpace.paper("mlm").sample(random.Random(i)) for i in range(50))
+    np.testing.assert_array_equal(loaded.predict_features(x), predictor.predict_features(x))
+    arch = Arch(5, 564, 1054, 8, 512)
+    assert loaded.predict(arch) == predictor.predict(str(arch)) == loaded.predict_many([arch])[0]
+
+
+def test_fit_is_deterministic():
+    records = _synthetic_records(30, _known)
+    a, _ = latency.fit(records, epochs=100)
+    b, _ = latency.fit(records, epochs=100)
+    for wa, wb in zip(a.weights, b.weights):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_fingerprint_mismatch_warns(tmp_path):
+    fp = dict(latency.fingerprint(LatencySettings()), cpu_model="Some Other CPU 9000")
+    predictor, _ = latency.fit(_synthetic_records(20, _known, fp=fp), epochs=50)
+    predictor.save(tmp_path / "pred.json")
+    with pytest.warns(UserWarning, match="different device.*cpu_model"):
+        LatencyPredictor.load(tmp_path / "pred.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same machine loads silently
+        same, _ = latency.fit(_synthetic_records(20, _known), epochs=50)
+        same.check_fingerprint()
+
+
+def test_predictor_from_other_space_is_a_user_error(tmp_path):
+    predictor, _ = latency.fit(_synthetic_records(20, _known), epochs=50)
+    predictor.save(tmp_path / "pred.json")
+    with pytest.raises(UserError, match="fitted on space"):
+        LatencyPredictor.load(tmp_path / "pred.json", space=SearchSpace.paper("kd"))
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": "something-else"}', "[]",
+                                     '{"format": "autotinybert-latency-predictor", "version": 1, '
+                                     '"inputs": ["num_hidden_layers", "hidden_size", "intermediate_size", '
+                                     '"num_attention_heads", "qkv_size", "log_flops", "log_attention_flops_per_layer", "log_ffn_flops_per_layer"], "layers": [{"weight": [[1]], "bias": [0]}]}'])
+def test_corrupt_predictor_is_a_user_error(tmp_path, content):
+    path = tmp_path / "pred.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match="latency fit"):
+        LatencyPredictor.load(path)
+
+
+def test_predict_many_is_fast():
+    predictor, _ = latency.fit(_synthetic_records(20, _known), epochs=20)
+    assert latency.predictions_per_second(predictor, n=200_000) > 1e5
+
+
+# --- profiling ------------------------------------------------------------------------------------
+def test_plan_is_stratified_deterministic_and_prefix_stable():
+    space = SearchSpace.paper("mlm")
+    plan = latency.plan_architectures(space, 64, seed=3)
+    assert plan == latency.plan_architectures(space, 64, seed=3)
+    assert latency.plan_architectures(space, 30, seed=3) == plan[:30]
+    assert len(set(plan)) == 64 and all(space.contains(a) for a in plan)
+    assert {a.num_hidden_layers for a in plan} == set(range(1, 9))
+    assert min(a.hidden_size for a in plan) < 290 and max(a.hidden_size for a in plan) > 610
+
+
+def _fake_measure(calls):
+    def fake(arch, settings, **_):
+        calls.append(str(arch))
+        return {"arch": str(arch), "latency": latency.summarize([1.0, 2.0]), "parameters": 1, "flops": 1,
+                "fingerprint": latency.fingerprint(settings)}
+    return fake
+
+
+def test_profile_resume_measures_only_missing(tmp_path, monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(latency, "measure", _fake_measure(calls))
+    out = tmp_path / "p.jsonl"
+    records = latency.profile("paper-mlm", 5, out, seed=1, progress=False)
+    assert len(calls) == 6 and calls[0] == str(BERT_BASE) and records[0]["reference"]
+    calls.clear()
+    latency.profile("paper-mlm", 8, out, seed=1, resume=True, progress=False)
+    assert len(calls) == 3
+    calls.clear()
+    with open(out, "a") as handle:
+        handle.write('{"arch": "L1-H1')  # torn line from an interrupted append
+    records = latency.profile("paper-mlm", 8, out, seed=1, resume=True, progress=False)
+    assert calls == [] and len(records) == 9
+    assert len(latency.read_records(out)) == 9
+    with pytest.raises(UserError, match="--resume"):
+        latency.profile("paper-mlm", 8, out, seed=1, progress=False)
+    with pytest.raises(UserError, match="measured with"):
+        latency.profile("paper-mlm", 8, out, LatencySettings(threads=2), seed=1, resume=True, progress=False)
+    with pytest.raises(UserError, match="another search space"):
+        latency.profile("paper-kd", 8, out, seed=1, resume=True, progress=False)
+
+
+# --- command line ---------------------------------------------------------------------------------
+def _one_line_error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--engine", "tensorrt"], "unknown latency engine"),
+    (["--threads", "0"], "--threads must be"),
+    (["--seq-len", "-1"], "--seq-len must be"),
+    (["--clock", "sundial"], "unknown --clock"),
+])
+def test_cli_profile_bad_options(tmp_path, capsys, argv, message):
+    err = _one_line_error(capsys, ["latency", "profile", "--samples", "2", "--out", str(tmp_path / "p.jsonl"), *argv])
+    assert message in err
+
+
+def test_cli_predict_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    assert "corrupt" in _one_line_error(capsys, ["latency", "predict", "--predictor", str(bad), "--arch", str(TINY)])
+    predictor, _ = latency.fit(_synthetic_records(20, _known), epochs=20)
+    predictor.save(tmp_path / "pred.json")
+    err = _one_line_error(capsys, ["latency", "predict", "--predictor", str(tmp_path / "pred.json"),
+                                   "--arch", "L5-H564-F1054-A8-Q512", "--space", "paper-kd"])
+    assert "fitted on space" in err
+    assert main(["latency", "predict", "--predictor", str(tmp_path / "pred.json"), "--arch", "L5-H564-F1054-A8-Q512"]) == 0
+    assert "L5-H564-F1054-A8-Q512" in capsys.readouterr().out
+
+
+def test_cli_profile_fit_predict_check(tmp_path, capsys):
+    data, pred = tmp_path / "p.jsonl", tmp_path / "pred.json"
+    common = ["--seq-len", "16", "--repeats", "2", "--warmup", "0"]
+    space = tmp_path / "space.yaml"
+    space.write_text("mode: mlm\nlayers: [1, 2, 1]\nhidden: [32, 64, 16]\nffn: [32, 96, 32]\nheads: [1, 2, 1]\nhead_size: 16\n")
+    assert main(["latency", "profile", "--space", str(space), "--samples", "12", "--out", str(data), "--no-progress",
+                 *common]) == 0
+    assert len(data.read_text().splitlines()) == 13
+    assert (tmp_path / "p.jsonl.config.yaml").exists()
+    assert main(["latency", "fit", "--data", str(data), "--out", str(pred), "--epochs", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "MAPE" in out and "Spearman" in out and "baseline" in out
+    assert json.loads(pred.read_text())["fingerprint"]["seq_len"] == 16
+    assert main(["latency", "check", "--predictor", str(pred), "--arch", "L2-H48-F64-A2-Q32", "--repeats", "2"]) == 0
+    assert "L2-H48-F64-A2-Q32" in capsys.readouterr().out
