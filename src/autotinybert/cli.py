@@ -12,10 +12,7 @@ from pathlib import Path
 from .errors import UserError
 
 # Stages that later issues build; each says so clearly instead of failing obscurely.
-_NOT_BUILT = {
-    "develop": "the whole efficient-development pipeline",
-    "report": "HTML / markdown reports",
-}
+_NOT_BUILT: dict[str, str] = {}
 
 
 def _add_space(sub: argparse._SubParsersAction) -> None:
@@ -336,17 +333,67 @@ def _run_latency_check(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="a small end-to-end run on built-in defaults")
-    p.add_argument("--out", type=Path, default=Path("autotinybert-demo"), help="output directory (default ./autotinybert-demo)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in 'demo' config: no data files, offline, ~10 min on 2 CPUs")
+    p.add_argument("--out", type=Path, default=Path("autotinybert-demo"), help="run directory (default ./autotinybert-demo)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override an option of the demo config, e.g. --set pretrain.max_steps=50 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="delete a previous run in --out first (default: continue it)")
     p.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    args.config = "demo"
+    return _run_develop(args)
 
+
+def _add_develop(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("develop", help="the efficient development pipeline: pretrain, latency, search, extract, "
+                                       "further-train, fine-tune, report (resumable)")
+    p.add_argument("--config", required=True, help="demo, cpu-small, paper-mlm, paper-kd, or a YAML file")
+    p.add_argument("--out", type=Path, required=True, help="run directory; rerunning continues it")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config option, e.g. --set search.method=evolved (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="delete a previous run in --out first (default: continue it)")
+    p.set_defaults(handler=_run_develop)
+
+
+def _run_develop(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
+    from .develop import develop, final_models, load_config, write_resolved_config
+
+    config = load_config(args.config, args.set)
     _quiet_transformers()
-    run_demo(args.out, overwrite=args.overwrite)
+    if args.overwrite and args.out.is_dir():
+        shutil.rmtree(args.out)
+    started = time.perf_counter()
+    manifest = develop(config, args.out)
+    write_resolved_config(args.out, config)
+    report = manifest["stages"]["report"]["outputs"]
+    print(f"\ndone in {time.perf_counter() - started:.0f} s (all attempts: "
+          f"{sum(e.get('wall_seconds', 0) for e in manifest['stages'].values()):.0f} s)")
+    print(f"report:          {report['html']}\n                 {report['markdown']}")
+    for target, path in final_models(manifest).items():
+        print(f"model {target:>9}: {path}")
+    print("load a model with transformers.AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="HTML + markdown report and model cards of a develop / demo run")
+    p.add_argument("run_dir", type=Path, help="the --out directory of 'autotinybert develop' or 'demo'")
+    p.add_argument("--out", type=Path, help="report directory (default RUN_DIR/report)")
+    p.add_argument("--title", help="page title")
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    paths = build_report(args.run_dir, args.out, title=args.title)
+    cards = [p for k, p in paths.items() if k.startswith("card")]
+    print(f"report: {paths['html']}\n        {paths['markdown']}\nmodel cards: {len(cards)} (README.md in each exported model)")
     return 0
 
 
@@ -518,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search(sub)
     _add_finetune(sub)
     _add_evaluate(sub)
+    _add_develop(sub)
+    _add_report(sub)
     for name, what in _NOT_BUILT.items():
         _add_not_built(sub, name, what)
     return parser

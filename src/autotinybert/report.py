@@ -90,3 +90,419 @@ def plot_pareto(results_json: str | Path, out_png: str | Path, ylabel: str = "fi
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+# --- the `report` command: one run directory of `develop` -> HTML + markdown + model cards ----
+def _read_json(path: Path, default=None):
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path} is unreadable ({type(err).__name__}); rerun the stage that writes it") from None
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """Everything the report shows, read from the files of a `develop` run (no models loaded)."""
+    run_dir = Path(run_dir)
+    manifest = _read_json(run_dir / "manifest.json")
+    if manifest is None:
+        raise UserError(f"{run_dir} is not a develop run (no manifest.json); point at the --out of "
+                        "'autotinybert develop' or 'autotinybert demo'")
+    stages = manifest.get("stages", {})
+
+    def outputs(name: str) -> dict:
+        return (stages.get(name) or {}).get("outputs") or {}
+
+    supernet = outputs("pretrain").get("supernet")
+    search_results = outputs("search").get("results")
+    run = {"dir": run_dir, "manifest": manifest, "config": manifest.get("config", {}), "stages": stages,
+           "supernet": supernet,
+           "supernet_config": _read_json(Path(supernet) / "config.json", {}) if supernet else {},
+           "metrics_csv": Path(supernet) / "metrics.csv" if supernet else None,
+           "latency_fit": _read_json(Path(outputs("latency")["predictor"]).with_name("results.json"), None)
+           if outputs("latency").get("predictor") else None,
+           "search": _read_json(search_results, None) if search_results else None,
+           "search_state": _read_json(Path(search_results).with_name("state.json"), None) if search_results else None,
+           "models": _model_rows(outputs("extract"), outputs("further_train"), outputs("finetune"),
+                                 outputs("search"))}
+    return run
+
+
+def _model_rows(extract: dict, further: dict, finetune: dict, search: dict) -> list[dict]:
+    rows = []
+    best = {row["target"]: row for row in (_read_json(search["results"], {}) or {}).get("best", [])} \
+        if search.get("results") else {}
+    for target, model in (extract.get("models") or {}).items():
+        final = (further.get("models") or {}).get(target, model)
+        run_dir = (finetune.get("runs") or {}).get(target)
+        rows.append({
+            "target": target, "arch": model["arch"], "extracted": model["path"], "final": final["path"],
+            "further_run": final.get("run"),
+            "export": _read_json(Path(model["path"]) / "results.json", {}),
+            "latency": _read_json(Path(model["path"]) / "latency.json", {}),
+            "search": best.get(target, {}),
+            "finetune": _read_json(Path(run_dir) / "results.json", None) if run_dir else None,
+            "finetune_dir": run_dir,
+        })
+    return rows
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def pareto_figure(run: dict) -> bytes | None:
+    """Predicted latency vs proxy fitness of every evaluated architecture; the chosen ones starred."""
+    plt, search, state = _pyplot(), run["search"], run["search_state"]
+    if plt is None or not search or not state:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    points = state["evaluations"]
+    ax.scatter([p["latency_ms"] for p in points], [p["fitness"] for p in points], s=10, c="0.6",
+               label=f"evaluated ({len(points)})")
+    front = search["pareto_front"]
+    ax.step([p["latency_ms"] for p in front], [p["fitness"] for p in front], where="post", c="tab:red",
+            marker="o", markersize=3, label="Pareto front")
+    for i, target in enumerate(search["targets"]):
+        low, high = target["window_ms"]
+        ax.axvspan(low, high, alpha=0.08, color=f"C{i}")
+        best = target["best"]
+        ax.scatter([best["latency_ms"]], [best["fitness"]], marker="*", s=220, color=f"C{i}", edgecolor="black",
+                   zorder=3, label=f"chosen for {target['target']['name']}: {best['arch']}")
+    ax.set_xlabel("predicted latency (ms)")
+    ax.set_ylabel(f"proxy fitness ({search.get('metric', 'fitness')})")
+    ax.set_title("search: latency vs score (stars: the exported models)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def latency_figure(run: dict) -> bytes | None:
+    """Predicted vs measured latency: the predictor's held-out profile points and every exported model."""
+    plt = _pyplot()
+    models = [m for m in run["models"] if m["latency"]]
+    if plt is None or not models:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 5), dpi=110)
+    heldout = (run["latency_fit"] or {}).get("heldout")
+    values = [m["latency"]["latency"]["median_ms"] for m in models] + [m["latency"]["predicted_ms"] for m in models]
+    if heldout:
+        ax.scatter(heldout["measured_ms"], heldout["mlp_ms"], s=14, c="0.6", label="profile, held out")
+        values += heldout["measured_ms"] + heldout["mlp_ms"]
+    for i, m in enumerate(models):
+        ax.scatter([m["latency"]["latency"]["median_ms"]], [m["latency"]["predicted_ms"]], marker="*", s=220,
+                   color=f"C{i}", edgecolor="black", zorder=3, label=f"{m['target']}: {m['arch']}")
+    low, high = min(values) * 0.9, max(values) * 1.1
+    ax.plot([low, high], [low, high], "k--", lw=1, label="predicted = measured")
+    ax.set_xlabel("measured latency (ms, median)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title("latency predictor vs measurement")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def training_figure(run: dict) -> bytes | None:
+    """Pre-training loss and the validation panel's MLM accuracy against the step."""
+    plt, path = _pyplot(), run["metrics_csv"]
+    if plt is None or path is None or not Path(path).is_file():
+        return None
+    train = _train_loss(Path(path))
+    curves = read_validation_curves(path)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    if train:
+        left.plot(*zip(*train), lw=1)
+    for m in run["models"]:
+        further = Path(m["further_run"]) / "metrics.csv" if m.get("further_run") else None
+        if further is not None and further.is_file():
+            points = _train_loss(further)
+            if points:
+                left.plot(*zip(*points), lw=1, label=f"further training {m['target']}")
+    left.set_xlabel("step")
+    left.set_ylabel("training loss")
+    left.set_title("SuperPLM pre-training loss (random sub-model per step)")
+    left.grid(alpha=0.3)
+    if left.get_legend_handles_labels()[0]:
+        left.legend(fontsize=8)
+    for arch, points in sorted(curves.items()):
+        right.plot(*zip(*points), marker="o", markersize=3, label=arch)
+    right.set_xlabel("step")
+    right.set_ylabel("validation MLM accuracy")
+    right.set_title("validation panel")
+    right.grid(alpha=0.3)
+    if curves:
+        right.legend(fontsize=7)
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _train_loss(metrics_csv: Path) -> list[tuple[int, float]]:
+    with metrics_csv.open(newline="") as handle:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle) if r["split"] == "train" and r.get("loss")]
+
+
+# --- tables -----------------------------------------------------------------------------------
+def _space_rows(run: dict) -> list[list[str]]:
+    space = (run["supernet_config"] or {}).get("space") or {}
+    rows = []
+    for name, value in space.items():
+        if isinstance(value, dict):
+            rows.append([name, f"{value.get('min')} .. {value.get('max')}" + (f" step {value['step']}" if value.get("step") else "")])
+        else:
+            rows.append([name, str(value)])
+    return rows
+
+
+def _model_table(run: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["target", "architecture", "params (M)", "GFLOPs", "predicted ms", "measured ms", "error", "speedup vs BERT-base",
+              "proxy fitness", "model"]
+    rows = []
+    for m in run["models"]:
+        lat = m["latency"] or {}
+        measured = lat.get("latency", {}).get("median_ms")
+        predicted = lat.get("predicted_ms")
+        reference = lat.get("reference_ms")
+        rows.append([m["target"], m["arch"], _fmt(m["export"].get("parameters"), 1e-6, 2), _fmt(lat.get("flops"), 1e-9, 2),
+                     _fmt(predicted, 1, 2), _fmt(measured, 1, 2),
+                     f"{100 * (predicted - measured) / measured:+.1f}%" if predicted and measured else "-",
+                     f"{reference / measured:.1f}x" if reference and measured else "-",
+                     _fmt(m["search"].get("fitness"), 1, 4), str(m["final"])])
+    return header, rows
+
+
+def _fmt(value, scale: float, digits: int) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def _cost_table(run: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["stage", "status", "wall time", "CPU hours", "GPU hours", "attempts"]
+    rows, totals = [], [0.0, 0.0, 0.0]
+    for name, entry in run["stages"].items():
+        wall, cpu, gpu = entry.get("wall_seconds", 0.0), entry.get("cpu_hours", 0.0), entry.get("gpu_hours", 0.0)
+        totals = [totals[0] + wall, totals[1] + cpu, totals[2] + gpu]
+        rows.append([name, entry.get("status", "-"), _duration(wall), f"{cpu:.4f}", f"{gpu:.4f}", str(entry.get("attempts", 0))])
+    rows.append(["**total**", "", _duration(totals[0]), f"{totals[1]:.4f}", f"{totals[2]:.4f}", ""])
+    return header, rows
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _task_table(run: dict) -> str | None:
+    from .tasks.run import results_table
+
+    models = [m for m in run["models"] if m["finetune"] and m["finetune"].get("tasks")]
+    if not models:
+        return None
+    return results_table([m["finetune"] for m in models], names=[f"{m['target']} {m['arch']}" for m in models])
+
+
+def _fingerprint_line(latency: dict) -> str:
+    fp = latency.get("fingerprint") or {}
+    return (f"{fp.get('cpu_model', '?')} ({fp.get('logical_cpus', '?')} logical CPUs), {fp.get('engine', '?')} "
+            f"{fp.get('engine_version', '')}, {fp.get('threads', '?')} thread(s), batch {fp.get('batch_size', '?')}, "
+            f"sequence {fp.get('seq_len', '?')}, {fp.get('clock', 'wall')} clock")
+
+
+# --- markdown / HTML ---------------------------------------------------------------------------
+def _sections(run: dict) -> list[tuple[str, str, str | None]]:
+    """(title, markdown body, figure key) in page order."""
+    config = run["config"]
+    note = ""
+    if (run["stages"].get("data") or {}).get("outputs", {}).get("builtin_task"):
+        note = ("\n\nThe task column `SST-2` here is the built-in **VADER lexicon polarity** task (7,500 human-rated "
+                "English words and phrases from the vaderSentiment package, positive vs negative), stored in the SST-2 "
+                "layout; it is not the GLUE SST-2 data set.")
+    targets = ", ".join(m["target"] for m in run["models"]) or "-"
+    header, rows = _model_table(run)
+    cost_header, cost_rows = _cost_table(run)
+    task_table = _task_table(run)
+    search = run["search"] or {}
+    return [
+        ("Search space", _md_table(["dimension", "range"], _space_rows(run)) +
+         f"\n\nSuperPLM: `{run['supernet']}`; objective `{config.get('pretrain', {}).get('objective', '-')}`.", None),
+        ("Exported models", _md_table(header, rows) + f"\n\nTargets: {targets}. Latency measured on: "
+         f"{_fingerprint_line(run['models'][0]['latency']) if run['models'] and run['models'][0]['latency'] else '-'}.", None),
+        ("Pareto front: latency vs score",
+         f"Method `{search.get('method', '-')}`, evaluator `{search.get('evaluator', '-')}`, "
+         f"{search.get('evaluations', 0)} architectures evaluated.", "pareto"),
+        ("Predicted vs measured latency", _latency_text(run), "latency"),
+        ("Training curves", f"From `{run['metrics_csv']}`.", "training"),
+        ("Downstream tasks", (task_table or "No fine-tuning in this run (finetune.tasks is empty).") + note, None),
+        ("Cost of each stage", _md_table(cost_header, cost_rows) +
+         "\n\nCPU hours count this process and its children (user + system time); GPU hours are wall time × GPUs used.",
+         None),
+    ]
+
+
+def _latency_text(run: dict) -> str:
+    fit = run["latency_fit"] or {}
+    mlp = fit.get("mlp") or {}
+    if not mlp:
+        return "The latency predictor was reused; its held-out error is in its own file."
+    return (f"Predictor held-out error on {fit.get('n_heldout')} profiled architectures: MAPE {mlp.get('mape_pct', 0):.2f}%, "
+            f"RMSE {mlp.get('rmse_ms', 0):.2f} ms, Spearman {mlp.get('spearman', 0):.3f}.")
+
+
+def render_markdown(run: dict, title: str, figures: dict[str, str]) -> str:
+    parts = [f"# {title}", "", f"Run directory: `{run['dir']}`", ""]
+    for heading, body, figure in _sections(run):
+        parts += [f"## {heading}", "", body, ""]
+        if figure and figure in figures:
+            parts += [f"![{heading}]({figures[figure]})", ""]
+    return "\n".join(parts)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:left}th{background:#f0f0f0}img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6}")
+
+
+def render_html(run: dict, title: str, images: dict[str, bytes]) -> str:
+    import base64
+    import html
+
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>Run directory: <code>{html.escape(str(run['dir']))}</code></p>"]
+    for heading, text, figure in _sections(run):
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        body.append(_markdown_to_html(text))
+        if figure and images.get(figure):
+            data = base64.b64encode(images[figure]).decode("ascii")
+            body.append(f'<img alt="{html.escape(heading)}" src="data:image/png;base64,{data}">')
+        elif figure:
+            body.append("<p><em>(no plot: matplotlib is not installed or the data is missing)</em></p>")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _markdown_to_html(text: str) -> str:
+    """The small markdown subset the sections use: pipe tables, paragraphs, `code`, **bold**."""
+    import html
+    import re
+
+    def inline(s: str) -> str:
+        s = html.escape(s)
+        s = re.sub(r"`([^`]*)`", r"<code>\1</code>", s)
+        return re.sub(r"\*\*([^*]*)\*\*", r"<strong>\1</strong>", s)
+
+    out = []
+    for block in text.split("\n\n"):
+        lines = [line for line in block.splitlines() if line.strip()]
+        if lines and all(line.startswith("|") for line in lines):
+            cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines if not set(line) <= set("|-: ")]
+            head, *rows = cells
+            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>" +
+                       "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+        elif lines:
+            out.append(f"<p>{inline(' '.join(lines))}</p>")
+    return "\n".join(out)
+
+
+# --- model cards ---------------------------------------------------------------------------------
+def model_card(run: dict, model: dict) -> str:
+    """README.md for an exported checkpoint: what it is, how fast, how good, how it was made."""
+    export, lat, config = model["export"], model["latency"] or {}, run["config"]
+    fields = export.get("arch_fields") or {}
+    remote = export.get("model_type") == "autotinybert"
+    measured = lat.get("latency", {}).get("median_ms")
+    lines = [
+        "---", "library_name: transformers", "tags: [autotinybert, bert, tiny-bert]", "---", "",
+        f"# AutoTinyBERT {model['arch']} (target {model['target']})", "",
+        "A BERT-style encoder whose shape was chosen by AutoTinyBERT (Yin et al., ACL 2021) to meet a latency "
+        "budget, with weights inherited from a one-shot SuperPLM" +
+        (" and then further trained." if model.get("further_run") else "."), "",
+        "## Architecture", "",
+        _md_table(["field", "value"], [[k, str(v)] for k, v in fields.items()] +
+                  [["model_type", str(export.get("model_type"))], ["parameters", f"{export.get('parameters', 0):,}"],
+                   ["FLOPs (batch 1, seq 128)", f"{lat.get('flops', 0):,}"]]), "",
+        "## Latency", "",
+        f"Measured median {measured:.2f} ms (predicted {lat.get('predicted_ms', 0):.2f} ms)" if measured else "Not measured.",
+        f"on {_fingerprint_line(lat)}." if measured else "", "",
+        "## Scores", "", _card_scores(model, run), "",
+        "## How it was produced", "",
+        f"- SuperPLM `{run['supernet']}` (pre-training objective `{config.get('pretrain', {}).get('objective')}`, "
+        f"{config.get('pretrain', {}).get('max_steps')} steps{' — reused' if config.get('pretrain', {}).get('reuse') else ''}).",
+        f"- Search `{(run['search'] or {}).get('method')}` with the `{(run['search'] or {}).get('evaluator')}` evaluator "
+        f"for target {model['target']} ({model['search'].get('target_ms', 0):.2f} ms predicted budget).",
+        f"- Extracted by slicing (first rows/columns of every matrix, first layers) into `{model['extracted']}`.",
+        (f"- Further trained for {config.get('further_train', {}).get('max_steps')} steps "
+         f"({config.get('further_train', {}).get('objective')}) in `{model['further_run']}`."
+         if model.get("further_run") else "- No further training."),
+        f"- Pipeline: `autotinybert develop` run in `{run['dir']}` (config in its manifest.json).", "",
+        "## Use", "", "```python", "from transformers import AutoModelForMaskedLM, AutoTokenizer",
+        f"model = AutoModelForMaskedLM.from_pretrained(PATH{', trust_remote_code=True' if remote else ''})",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _card_scores(model: dict, run: dict) -> str:
+    rows = [["proxy fitness in the search", f"{model['search'].get('fitness', float('nan')):.4f}"]]
+    for task, record in ((model["finetune"] or {}).get("tasks") or {}).items():
+        rows.append([f"{task} dev (fine-tuned)", f"{record['score']:.2f}"])
+    builtin = (run["stages"].get("data") or {}).get("outputs", {}).get("builtin_task")
+    note = "\n\n(sst2 here is the built-in VADER lexicon polarity task, not GLUE SST-2.)" if builtin else ""
+    return _md_table(["score", "value"], rows) + note
+
+
+def write_model_cards(run: dict) -> list[Path]:
+    from .files import atomic_write_text
+
+    written = []
+    for model in run["models"]:
+        for directory in {model["extracted"], model["final"]}:
+            if Path(directory).is_dir():
+                atomic_write_text(Path(directory) / "README.md", model_card(run, model))
+                written.append(Path(directory) / "README.md")
+    return written
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None, title: str | None = None) -> dict[str, Path]:
+    """``out/index.html`` (self-contained: plots as base64 PNG), ``out/summary.md`` (+ PNG files),
+    and a README.md model card in every exported checkpoint. Reads files only."""
+    from .files import atomic_write_bytes, atomic_write_text
+
+    run = load_run(run_dir)
+    out = Path(out) if out else Path(run_dir) / "report"
+    title = title or f"AutoTinyBERT run {Path(run_dir).absolute().name}"
+    images = {name: figure(run) for name, figure in
+              (("pareto", pareto_figure), ("latency", latency_figure), ("training", training_figure))}
+    figures = {}
+    for name, png in images.items():
+        if png:
+            atomic_write_bytes(out / f"{name}.png", png)
+            figures[name] = f"{name}.png"
+    atomic_write_text(out / "summary.md", render_markdown(run, title, figures))
+    atomic_write_text(out / "index.html", render_html(run, title, images))
+    cards = write_model_cards(run)
+    return {"html": out / "index.html", "markdown": out / "summary.md", **{f"card{i}": p for i, p in enumerate(cards)}}

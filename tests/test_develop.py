@@ -1,0 +1,140 @@
+"""develop: every stage runs; an interrupted stage continues; a changed section reruns it and downstream."""
+
+import json
+
+import pytest
+
+from autotinybert import develop as develop_module
+from autotinybert import pretrain as pretrain_module
+from autotinybert.cli import main
+from autotinybert.develop import STAGES, develop, load_config, validate_config
+from autotinybert.errors import UserError
+from develop_fixtures import tiny_config, write_config
+
+
+def _attempts(out):
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {name: entry.get("attempts", 0) for name, entry in manifest["stages"].items()}
+
+
+def _quiet(_message):
+    pass
+
+
+def test_develop_resumes_an_interrupted_stage_and_reruns_only_what_changed(tmp_path, monkeypatch):
+    config = validate_config(tiny_config(tmp_path / "fixtures"))
+    out = tmp_path / "run"
+    real_save = pretrain_module.save_checkpoint
+
+    def save_then_die(out_dir, model, optimizer, scheduler, step, *rest):
+        real_save(out_dir, model, optimizer, scheduler, step, *rest)
+        if step == 4 and "pretrain" in str(out_dir) and "further" not in str(out_dir):
+            raise KeyboardInterrupt  # the process is killed right after the step-4 checkpoint
+
+    monkeypatch.setattr(pretrain_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        develop(config, out, log=_quiet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["data"]["status"] == "done"
+    assert manifest["stages"]["pretrain"]["status"] == "running"
+    monkeypatch.setattr(pretrain_module, "save_checkpoint", real_save)
+
+    manifest = develop(config, out, log=_quiet)  # continues: data is not redone, pretrain resumes at step 4
+    assert all(manifest["stages"][name]["status"] == "done" for name in STAGES)
+    assert _attempts(out) == {name: 2 if name == "pretrain" else 1 for name in STAGES}
+    assert json.loads((out / "pretrain" / "results.json").read_text())["resumed_from"] == 4
+    models = develop_module.final_models(manifest)
+    assert len(models) == 1 and all((tmp_path / p / "config.json").is_file() for p in models.values())
+    assert (out / "report" / "index.html").is_file()
+
+    calls = []
+    for name, function in list(develop_module._STAGE_FUNCTIONS.items()):
+        monkeypatch.setitem(develop_module._STAGE_FUNCTIONS, name,
+                            lambda run, d, r, _f=function, _n=name: calls.append(_n) or _f(run, d, r))
+    develop(config, out, log=_quiet)
+    assert calls == []  # nothing to do
+
+    config["finetune"]["max_steps"] = 4
+    develop(config, out, log=_quiet)
+    assert calls == ["finetune", "report"]
+
+    calls.clear()
+    config["search"]["generation_size"] = 4
+    develop(config, out, log=_quiet)
+    assert calls == ["search", "extract", "further_train", "finetune", "report"]
+    assert _attempts(out)["pretrain"] == 2 and _attempts(out)["latency"] == 1
+
+
+def test_develop_is_deterministic(tmp_path):
+    config = validate_config(tiny_config(tmp_path / "fixtures"))
+    config["further_train"]["max_steps"] = 0
+    config["finetune"]["tasks"] = []
+    first = develop(config, tmp_path / "a", log=_quiet)
+    config["latency"]["reuse"] = first["stages"]["latency"]["outputs"]["predictor"]  # timing is noise
+    second = develop(config, tmp_path / "b", log=_quiet)
+    config["latency"]["reuse"] = None
+    assert first["stages"]["pretrain"]["digest"] == second["stages"]["pretrain"]["digest"]
+    assert first["stages"]["search"]["outputs"]["best"] == second["stages"]["search"]["outputs"]["best"]
+
+
+def test_shipped_configs_load():
+    for name in develop_module.BUILTIN_CONFIGS:
+        config = load_config(name)
+        assert config["search"]["speedups"] or config["search"]["fractions_of_largest"]
+
+
+@pytest.mark.parametrize("change, fragments", [
+    ({"pretrain": {"max_stepz": 3}}, ["unknown option pretrain.max_stepz", "known:"]),
+    ({"pretrain": {"max_steps": "many"}}, ["pretrain.max_steps must be an integer"]),
+    ({"serch": {}}, ["unknown section 'serch'"]),
+    ({"search": {"speedups": [], "fractions_of_largest": [], "target_ms": []}}, ["at least one target"]),
+])
+def test_bad_configs_name_the_key(tmp_path, change, fragments):
+    config = tiny_config(tmp_path)
+    for section, values in change.items():
+        config.setdefault(section, {}).update(values)
+    with pytest.raises(UserError) as err:
+        validate_config(config)
+    assert all(f in str(err.value) for f in fragments), err.value
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    return code, *capsys.readouterr()
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    config["data"]["corpus"] = [str(tmp_path / "missing")]
+    path = write_config(tmp_path, config)
+    for argv in (["develop", "--config", str(path), "--out", str(tmp_path / "o")],
+                 ["develop", "--config", "nope", "--out", str(tmp_path / "o")],
+                 ["develop", "--config", "demo", "--set", "pretrain.lr=fast", "--out", str(tmp_path / "o")],
+                 ["demo", "--set", "nodot=1", "--out", str(tmp_path / "o")],
+                 ["report", str(tmp_path)]):
+        code, _, err = _cli(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    assert "data.corpus" in _cli(capsys, "develop", "--config", str(path), "--out", str(tmp_path / "o"))[2]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_a_smaller_budget(tmp_path, capsys):
+    small = ["pretrain.max_steps=3", "pretrain.batch_size=4", "pretrain.eval_every=3", "pretrain.save_every=3",
+             "pretrain.eval_batches=1", "latency.samples=7", "latency.repeats=1", "latency.warmup=0",
+             "latency.epochs=100", "search.generation_size=2", "search.eval_batches=1", "search.eval_batch_size=4",
+             "extract.latency_repeats=1", "further_train.max_steps=1", "further_train.batch_size=2",
+             "further_train.eval_batches=1", "finetune.max_steps=2", "finetune.max_eval_examples=40",
+             f"data.cache_dir={tmp_path / 'cache'}", "run.progress=false"]
+    argv = ["demo", "--out", str(tmp_path / "demo")] + [item for s in small for item in ("--set", s)]
+    code, out, err = _cli(capsys, *argv)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
+    assert all(manifest["stages"][name]["status"] == "done" for name in STAGES)
+    models = develop_module.final_models(manifest)
+    assert len(models) == 2
+    for path in models.values():
+        assert (tmp_path / "demo" / path / "config.json").is_file() and (tmp_path / "demo" / path / "README.md").is_file()
+    assert (tmp_path / "demo" / "report" / "index.html").is_file() and "report:" in out
+    finetune = manifest["stages"]["finetune"]["outputs"]["runs"]
+    assert all(json.loads((tmp_path / "demo" / d / "results.json").read_text())["tasks"]["sst2"]["dev_examples"]
+               for d in finetune.values())
