@@ -127,9 +127,9 @@ def test_init_rejects_contradicting_vocabulary(capsys, tmp_path, minilm_dir):
     assert not (tmp_path / "s").exists()
 
 
-def test_unbuilt_stages_say_so(capsys):
-    code, _, err = _run(capsys, "develop", "--config", "x.yaml")
-    _assert_user_error(code, err, "not built")
+def test_develop_with_a_missing_config_says_so(capsys):
+    code, _, err = _run(capsys, "develop", "--config", "x.yaml", "--out", "unused")
+    _assert_user_error(code, err, "x.yaml", "demo, cpu-small")
 
 
 def test_the_real_console_script_exits_non_zero_without_traceback(tmp_path):
@@ -138,13 +138,3 @@ def test_the_real_console_script_exits_non_zero_without_traceback(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
-
-
-def test_demo_runs_offline_and_says_where_things_are(capsys, tmp_path):
-    out_dir = tmp_path / "demo"
-    code, out, err = _run(capsys, "demo", "--out", str(out_dir))
-    assert code == 0, err
-    results = json.loads((out_dir / "results.json").read_text())
-    assert {row["model_type"] for row in results["models"]} == {"bert", "autotinybert"}
-    assert all(max(row["max_abs_diff"].values()) < 1e-5 for row in results["models"])
-    assert str(out_dir / "models") in out

@@ -80,14 +80,14 @@ def test_develop_is_deterministic(tmp_path):
 def test_shipped_configs_load():
     for name in develop_module.BUILTIN_CONFIGS:
         config = load_config(name)
-        assert config["search"]["speedups"] or config["search"]["fractions_of_largest"]
+        assert config["search"]["speedups"] or config["search"]["range_fractions"]
 
 
 @pytest.mark.parametrize("change, fragments", [
     ({"pretrain": {"max_stepz": 3}}, ["unknown option pretrain.max_stepz", "known:"]),
     ({"pretrain": {"max_steps": "many"}}, ["pretrain.max_steps must be an integer"]),
     ({"serch": {}}, ["unknown section 'serch'"]),
-    ({"search": {"speedups": [], "fractions_of_largest": [], "target_ms": []}}, ["at least one target"]),
+    ({"search": {"speedups": [], "range_fractions": [], "target_ms": []}}, ["at least one target"]),
 ])
 def test_bad_configs_name_the_key(tmp_path, change, fragments):
     config = tiny_config(tmp_path)
@@ -121,7 +121,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
 def test_demo_end_to_end_on_a_smaller_budget(tmp_path, capsys):
     small = ["pretrain.max_steps=3", "pretrain.batch_size=4", "pretrain.eval_every=3", "pretrain.save_every=3",
              "pretrain.eval_batches=1", "latency.samples=7", "latency.repeats=1", "latency.warmup=0",
-             "latency.epochs=100", "search.generation_size=2", "search.eval_batches=1", "search.eval_batch_size=4",
+             "latency.epochs=600", "search.generation_size=2", "search.eval_batches=1", "search.eval_batch_size=4",
              "extract.latency_repeats=1", "further_train.max_steps=1", "further_train.batch_size=2",
              "further_train.eval_batches=1", "finetune.max_steps=2", "finetune.max_eval_examples=40",
              f"data.cache_dir={tmp_path / 'cache'}", "run.progress=false"]

@@ -58,7 +58,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "latency": {"reuse": ((str, type(None)), None), "engine": (str, "torch"), "samples": (int, 40),
                 "threads": (int, 1), "warmup": (int, 3), "repeats": (int, 20), "clock": (str, "wall"),
                 "hidden": (int, 64), "epochs": (int, 3000), "holdout": (float, 0.2)},
-    "search": {"speedups": (list, []), "target_ms": (list, []), "fractions_of_largest": (list, []),
+    "search": {"speedups": (list, []), "target_ms": (list, []), "range_fractions": (list, []),
                "method": (str, "fast"), "generations": ((int, type(None)), None), "generation_size": (int, 25),
                "explore_rate": (float, 0.5), "window": (list, [0.85, 1.1]), "grid_step_hidden": (int, 16),
                "grid_step_ffn": (int, 32), "metric": (str, "mlm_accuracy"), "teacher": ((str, type(None)), None),
@@ -151,13 +151,16 @@ def _typed(key: str, value: Any, kind: Any, source: str) -> Any:
 
 def _check_values(config: dict, source: str) -> None:
     search = config["search"]
-    if not (search["speedups"] or search["target_ms"] or search["fractions_of_largest"]):
+    if not (search["speedups"] or search["target_ms"] or search["range_fractions"]):
         raise UserError(f"{source}: give at least one target in search.speedups, search.target_ms or "
-                        "search.fractions_of_largest")
-    for key in ("speedups", "target_ms", "fractions_of_largest"):
+                        "search.range_fractions")
+    for key in ("speedups", "target_ms", "range_fractions"):
         for value in search[key]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise UserError(f"{source}: search.{key} must list positive numbers; got {value!r}")
+            if key == "range_fractions" and value > 1:
+                raise UserError(f"{source}: search.range_fractions must lie in (0, 1] (0: the fastest architecture, "
+                                f"1: the slowest); got {value!r}")
     if len(search["window"]) != 2:
         raise UserError(f"{source}: search.window must be [LOW, HIGH], e.g. [0.85, 1.1]")
     if config["extract"]["onnx"] not in (True, False, "auto"):
@@ -441,10 +444,11 @@ def _stage_latency(run: Run, out: Path, resume: bool) -> dict:
 
 # --- stage: search ----------------------------------------------------------------------------
 def search_targets_ms(search: dict, predictor, space) -> list[float]:
-    """``target_ms`` plus each ``fractions_of_largest`` × predicted latency of the largest arch
-    (a budget that means the same on every machine, for demos and CI)."""
-    largest = predictor.predict(space.largest())
-    return [float(ms) for ms in search["target_ms"]] + [round(f * largest, 3) for f in search["fractions_of_largest"]]
+    """``target_ms`` plus one target per ``range_fractions`` entry f: the latency f of the way from
+    the space's fastest architecture to its slowest, as predicted (0: smallest, 1: largest). Such
+    targets mean the same on every machine and always fall inside the space (demos, CI)."""
+    low, high = predictor.predict(space.smallest()), predictor.predict(space.largest())
+    return [float(ms) for ms in search["target_ms"]] + [round(low + f * (high - low), 3) for f in search["range_fractions"]]
 
 
 def _stage_search(run: Run, out: Path, resume: bool) -> dict:

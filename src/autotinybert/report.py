@@ -302,6 +302,8 @@ def _cost_table(run: dict) -> tuple[list[str], list[list[str]]]:
     header = ["stage", "status", "wall time", "CPU hours", "GPU hours", "attempts"]
     rows, totals = [], [0.0, 0.0, 0.0]
     for name, entry in run["stages"].items():
+        if name == "report" and entry.get("status") != "done":
+            continue  # this very stage, while it writes the page
         wall, cpu, gpu = entry.get("wall_seconds", 0.0), entry.get("cpu_hours", 0.0), entry.get("gpu_hours", 0.0)
         totals = [totals[0] + wall, totals[1] + cpu, totals[2] + gpu]
         rows.append([name, entry.get("status", "-"), _duration(wall), f"{cpu:.4f}", f"{gpu:.4f}", str(entry.get("attempts", 0))])
