@@ -138,3 +138,58 @@ def test_demo_end_to_end_on_a_smaller_budget(tmp_path, capsys):
     finetune = manifest["stages"]["finetune"]["outputs"]["runs"]
     assert all(json.loads((tmp_path / "demo" / d / "results.json").read_text())["tasks"]["sst2"]["dev_examples"]
                for d in finetune.values())
+
+
+def test_torchrun_command_line_reproduces_the_settings(tmp_path):
+    """Multi-process stages relaunch `autotinybert pretrain`; its arguments must mean the same settings."""
+    from dataclasses import asdict
+
+    from autotinybert.cli import build_parser
+    from autotinybert.develop import Run, _pretrain_settings, pretrain_arguments
+
+    config = validate_config(tiny_config(tmp_path))
+    config["pretrain"]["limits"] = {"layers": 2, "hidden": 32}
+    run = Run(tmp_path / "run", config)
+    run.outputs["data"] = {"corpus": config["data"]["corpus"], "valid_corpus": config["data"]["valid_corpus"]}
+    for settings in (_pretrain_settings(run, tmp_path / "p"),
+                     _pretrain_settings(run, tmp_path / "f", arch="L1-H16-F20-A1-Q8", init=str(tmp_path), vocab_size=None)):
+        args = build_parser().parse_args(["pretrain", *pretrain_arguments(settings)])
+        parsed = {k: getattr(args, k) for k in asdict(settings) if hasattr(args, k)}
+        expected = {k: v for k, v in asdict(settings).items() if k in parsed}
+        assert parsed == expected
+        limits = {dim: getattr(args, f"max_{dim}") for dim in ("layers", "hidden", "ffn", "heads", "qkv")
+                  if getattr(args, f"max_{dim}") is not None}
+        assert limits == settings.space_limits
+
+
+def test_a_killed_develop_process_continues_where_it_stopped(tmp_path):
+    """SIGKILL the real command during pre-training; the same command then finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    config = tiny_config(tmp_path / "fixtures")
+    config["pretrain"].update(max_steps=300, save_every=5, eval_every=300, log_every=50)
+    config["finetune"]["tasks"] = []
+    path = write_config(tmp_path, config)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "autotinybert", "develop", "--config", str(path), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(develop_module.__file__).parents[1])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "pretrain" / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 120
+    while not checkpoint.is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.is_file(), "pre-training never wrote a checkpoint"
+    assert json.loads((out / "manifest.json").read_text())["stages"]["pretrain"]["status"] == "running"
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "data: done already" in finished.stdout and "pretrain: continuing" in finished.stdout
+    assert json.loads((out / "pretrain" / "results.json").read_text())["resumed_from"] > 0
+    assert _attempts(out)["data"] == 1

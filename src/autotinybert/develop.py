@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -287,9 +286,13 @@ def _run_stage(run: Run, name: str, number: int) -> None:
 
 
 def _gpus(run: Run, name: str) -> int:
-    if not run.config["run"]["device"].startswith("cuda"):
-        return 0
-    return run.config["pretrain"]["nproc_per_node"] if name in ("pretrain", "further_train") else 1
+    """GPUs a stage occupies: pre-training picks CUDA by itself when present (one per process); the
+    search evaluator uses run.device; fine-tuning, latency and extraction run on the CPU."""
+    if name in ("pretrain", "further_train"):
+        import torch
+
+        return run.config["pretrain"]["nproc_per_node"] if torch.cuda.is_available() else 0
+    return 1 if name == "search" and run.config["run"]["device"].startswith("cuda") else 0
 
 
 _UPSTREAM = {"data": (), "pretrain": ("data",), "latency": (), "search": ("data", "pretrain", "latency"),
@@ -618,6 +621,3 @@ def write_resolved_config(out: Path, config: dict) -> None:
 
     atomic_write_text(Path(out) / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
-
-def environment_note() -> dict:
-    return {"python": sys.version.split()[0], "pid": os.getpid()}
