@@ -46,6 +46,7 @@ def test_develop_resumes_an_interrupted_stage_and_reruns_only_what_changed(tmp_p
     models = develop_module.final_models(manifest)
     assert len(models) == 1 and all((tmp_path / p / "config.json").is_file() for p in models.values())
     assert (out / "report" / "index.html").is_file()
+    assert not list(out.rglob("checkpoint"))  # finished stages drop their optimizer states
 
     calls = []
     for name, function in list(develop_module._STAGE_FUNCTIONS.items()):

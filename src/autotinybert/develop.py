@@ -43,7 +43,8 @@ BUILTIN_CONFIGS = ("demo", "cpu-small", "paper-mlm", "paper-kd")
 # Every option, its type and default; the shipped YAML files document each one in comments.
 _ANY_LIST = list
 SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
-    "run": {"seed": (int, 0), "threads": ((int, type(None)), 1), "device": (str, "cpu"), "progress": (bool, True)},
+    "run": {"seed": (int, 0), "threads": ((int, type(None)), 1), "device": (str, "cpu"), "progress": (bool, True),
+            "keep_checkpoints": (bool, False)},
     "data": {"corpus": (list, [builtin_data.CORPUS]), "valid_corpus": ((list, type(None)), None),
              "tasks_dir": ((str, type(None)), builtin_data.TASK), "cache_dir": ((str, type(None)), None)},
     "pretrain": {"reuse": ((str, type(None)), None), "space": (str, "paper-mlm"), "limits": (dict, {}),
@@ -279,10 +280,20 @@ def _run_stage(run: Run, name: str, number: int) -> None:
             outputs = stage(run, run.stage_dir(name), resume)
     finally:
         run.save_manifest()  # an interrupted attempt still counts its cost
+    if not run.config["run"]["keep_checkpoints"]:
+        _drop_checkpoints(run.stage_dir(name))
     entry.update(status="done", outputs=outputs, digest=_hash([input_hash, outputs.pop("_digest", "")]),
                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     run.outputs[name], run.digests[name] = outputs, entry["digest"]
     run.save_manifest()
+
+
+def _drop_checkpoints(stage_dir: Path) -> None:
+    """Optimizer states of a finished stage are never read again (a changed stage starts over)."""
+    if stage_dir.is_dir():
+        for checkpoint in sorted(stage_dir.rglob("checkpoint")):
+            if checkpoint.is_dir():
+                shutil.rmtree(checkpoint)
 
 
 def _gpus(run: Run, name: str) -> int:
@@ -308,7 +319,7 @@ def _extra_inputs(run: Run, name: str) -> Any:
     if name == "data":
         return {"python": sys.version.split()[0]}  # the built-in corpus is this Python's docstrings
     if name in ("pretrain", "search", "further_train"):
-        return {"run": {k: v for k, v in run.config["run"].items() if k != "progress"}}
+        return {"run": {k: v for k, v in run.config["run"].items() if k not in ("progress", "keep_checkpoints")}}
     return None
 
 
