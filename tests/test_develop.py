@@ -37,6 +37,10 @@ def test_develop_resumes_an_interrupted_stage_and_reruns_only_what_changed(tmp_p
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["data"]["status"] == "done"
     assert manifest["stages"]["pretrain"]["status"] == "running"
+    from autotinybert.report import build_report
+
+    build_report(out, tmp_path / "partial-report")  # a report of an unfinished run works too
+    assert "Cost of each stage" in (tmp_path / "partial-report" / "index.html").read_text()
     monkeypatch.setattr(pretrain_module, "save_checkpoint", real_save)
 
     manifest = develop(config, out, log=_quiet)  # continues: data is not redone, pretrain resumes at step 4

@@ -43,10 +43,11 @@ def test_report_is_self_contained_html_with_plots_and_tables(finished_run, capsy
 def test_every_exported_checkpoint_has_a_model_card(finished_run):
     manifest = json.loads((finished_run / "manifest.json").read_text())
     extracted = manifest["stages"]["extract"]["outputs"]["models"]
-    for path in [*final_models(manifest).values(), *(m["path"] for m in extracted.values())]:
+    for path, final in [*((p, True) for p in final_models(manifest).values()),
+                        *((m["path"], False) for m in extracted.values())]:
         card = (finished_run / path / "README.md").read_text()
         for fragment in ("## Architecture", "parameters", "FLOPs", "Measured median", "logical CPUs",
-                         "## Scores", "sst2 dev", "## How it was produced"):
+                         "## Scores", "## How it was produced", "sst2 dev" if final else "further-trained version"):
             assert fragment in card, (fragment, card)
 
 

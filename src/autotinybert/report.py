@@ -431,9 +431,13 @@ def _markdown_to_html(text: str) -> str:
 
 
 # --- model cards ---------------------------------------------------------------------------------
-def model_card(run: dict, model: dict) -> str:
-    """README.md for an exported checkpoint: what it is, how fast, how good, how it was made."""
+def model_card(run: dict, model: dict, inherited_only: bool = False) -> str:
+    """README.md for an exported checkpoint: what it is, how fast, how good, how it was made.
+
+    ``inherited_only``: the card of the extracted checkpoint when a further-trained one exists
+    (its weights are the SuperPLM's slice; the fine-tuned scores belong to the other one)."""
     export, lat, config = model["export"], model["latency"] or {}, run["config"]
+    trained = bool(model.get("further_run")) and not inherited_only
     fields = export.get("arch_fields") or {}
     remote = export.get("model_type") == "autotinybert"
     measured = lat.get("latency", {}).get("median_ms")
@@ -442,7 +446,7 @@ def model_card(run: dict, model: dict) -> str:
         f"# AutoTinyBERT {model['arch']} (target {model['target']})", "",
         "A BERT-style encoder whose shape was chosen by AutoTinyBERT (Yin et al., ACL 2021) to meet a latency "
         "budget, with weights inherited from a one-shot SuperPLM" +
-        (" and then further trained." if model.get("further_run") else "."), "",
+        (" and then further trained." if trained else " (no further training)."), "",
         "## Architecture", "",
         _md_table(["field", "value"], [[k, str(v)] for k, v in fields.items()] +
                   [["model_type", str(export.get("model_type"))], ["parameters", f"{export.get('parameters', 0):,}"],
@@ -450,7 +454,7 @@ def model_card(run: dict, model: dict) -> str:
         "## Latency", "",
         f"Measured median {measured:.2f} ms (predicted {lat.get('predicted_ms', 0):.2f} ms)" if measured else "Not measured.",
         f"on {_fingerprint_line(lat)}." if measured else "", "",
-        "## Scores", "", _card_scores(model, run), "",
+        "## Scores", "", _card_scores(model, run, inherited_only), "",
         "## How it was produced", "",
         f"- SuperPLM `{run['supernet']}` (pre-training objective `{config.get('pretrain', {}).get('objective')}`, "
         f"{config.get('pretrain', {}).get('max_steps')} steps{' — reused' if config.get('pretrain', {}).get('reuse') else ''}).",
@@ -459,7 +463,7 @@ def model_card(run: dict, model: dict) -> str:
         f"- Extracted by slicing (first rows/columns of every matrix, first layers) into `{model['extracted']}`.",
         (f"- Further trained for {config.get('further_train', {}).get('max_steps')} steps "
          f"({config.get('further_train', {}).get('objective')}) in `{model['further_run']}`."
-         if model.get("further_run") else "- No further training."),
+         if trained else f"- Not further trained here{'; the further-trained version is ' + chr(96) + str(model['final']) + chr(96) if inherited_only else ''}."),
         f"- Pipeline: `autotinybert develop` run in `{run['dir']}` (config in its manifest.json).", "",
         "## Use", "", "```python", "from transformers import AutoModelForMaskedLM, AutoTokenizer",
         f"model = AutoModelForMaskedLM.from_pretrained(PATH{', trust_remote_code=True' if remote else ''})",
@@ -468,8 +472,11 @@ def model_card(run: dict, model: dict) -> str:
     return "\n".join(lines)
 
 
-def _card_scores(model: dict, run: dict) -> str:
+def _card_scores(model: dict, run: dict, inherited_only: bool = False) -> str:
     rows = [["proxy fitness in the search", f"{model['search'].get('fitness', float('nan')):.4f}"]]
+    if inherited_only:
+        return _md_table(["score", "value"], rows) + (f"\n\nFine-tuned scores are those of the further-trained "
+                                                       f"version, `{model['final']}`.")
     for task, record in ((model["finetune"] or {}).get("tasks") or {}).items():
         rows.append([f"{task} dev (fine-tuned)", f"{record['score']:.2f}"])
     builtin = (run["stages"].get("data") or {}).get("outputs", {}).get("builtin_task")
@@ -482,9 +489,12 @@ def write_model_cards(run: dict) -> list[Path]:
 
     written = []
     for model in run["models"]:
-        for directory in {model["extracted"], model["final"]}:
+        cards = {model["final"]: model_card(run, model)}
+        if model["extracted"] != model["final"]:
+            cards[model["extracted"]] = model_card(run, model, inherited_only=True)
+        for directory, card in cards.items():
             if Path(directory).is_dir():
-                atomic_write_text(Path(directory) / "README.md", model_card(run, model))
+                atomic_write_text(Path(directory) / "README.md", card)
                 written.append(Path(directory) / "README.md")
     return written
 
