@@ -55,7 +55,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
                  "weight_decay": (float, 0.01), "warmup_ratio": (float, 0.1), "max_grad_norm": (float, 1.0),
                  "bf16": (bool, False), "log_every": (int, 10), "eval_every": (int, 200), "eval_batches": (int, 4),
                  "save_every": (int, 200), "nproc_per_node": (int, 1), "torchrun_args": (list, [])},
-    "latency": {"reuse": ((str, type(None)), None), "engine": (str, "torch"), "samples": (int, 40),
+    "latency": {"reuse": ((str, type(None)), None), "engine": (str, "torch"), "seq_len": (int, 128), "samples": (int, 40),
                 "threads": (int, 1), "warmup": (int, 3), "repeats": (int, 20), "clock": (str, "wall"),
                 "hidden": (int, 64), "epochs": (int, 3000), "holdout": (float, 0.2)},
     "search": {"speedups": (list, []), "target_ms": (list, []), "range_fractions": (list, []),
@@ -349,6 +349,9 @@ def _stage_data(run: Run, out: Path, resume: bool) -> dict:
         for path in paths:
             if not path.startswith("hf:") and not Path(path).exists():
                 raise UserError(f"data.{key}: {path} does not exist; fix the path (or use {builtin_data.CORPUS})")
+    if not valid:
+        raise UserError("data.valid_corpus: give held-out text files (validation, and the search's proxy evaluator "
+                        "scores architectures on them)")
     tasks_dir = data["tasks_dir"]
     if tasks_dir == builtin_data.TASK:
         tasks_dir = str(builtin_data.write_vader_task(out / "tasks"))
@@ -442,7 +445,7 @@ def _stage_latency(run: Run, out: Path, resume: bool) -> dict:
         return {"predictor": str(Path(lat["reuse"]).absolute()), "reused": True,
                 "reference_ms": predictor.reference_ms, "_digest": _file_hash([Path(lat["reuse"])])}
     settings = LatencySettings(engine=lat["engine"], threads=lat["threads"], warmup=lat["warmup"],
-                               repeats=lat["repeats"], clock=lat["clock"], seq_len=run.config["pretrain"]["seq_len"])
+                               repeats=lat["repeats"], clock=lat["clock"], seq_len=lat["seq_len"])
     data = out / "profile.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     profile(_space(run.config["pretrain"]), lat["samples"], data, settings, seed=run.config["run"]["seed"],
