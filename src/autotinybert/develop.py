@@ -14,6 +14,9 @@ of the upstream outputs it reads), the digest of what it produced, its status an
   fine-tuning per task; extraction per target);
 * changed inputs                   → the stage directory is removed and the stage runs again;
   a stage's digest includes its input hash, so everything downstream reruns too.
+
+Layout note: the last stage calls `report` (below this module in DESIGN's layout) through a
+lazy import; `report` itself never imports `develop` and only reads the files written here.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ BUILTIN_CONFIGS = ("demo", "cpu-small", "paper-mlm", "paper-kd")
 
 # --- configuration ---------------------------------------------------------------------------
 # Every option, its type and default; the shipped YAML files document each one in comments.
-_ANY_LIST = list
 SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "run": {"seed": (int, 0), "threads": ((int, type(None)), 1), "device": (str, "cpu"), "progress": (bool, True),
             "keep_checkpoints": (bool, False)},
