@@ -49,7 +49,8 @@ def test_develop_resumes_an_interrupted_stage_and_reruns_only_what_changed(tmp_p
     assert json.loads((out / "pretrain" / "results.json").read_text())["resumed_from"] == 4
     models = develop_module.final_models(manifest)
     assert len(models) == 1 and all((tmp_path / p / "config.json").is_file() for p in models.values())
-    assert (out / "report" / "index.html").is_file()
+    assert (out / "report" / "index.html").is_file() and (out / "config.yaml").is_file()
+    assert json.loads((out / "results.json").read_text())["models"] == models
     assert not list(out.rglob("checkpoint"))  # finished stages drop their optimizer states
 
     calls = []

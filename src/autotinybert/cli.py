@@ -361,7 +361,7 @@ def _run_develop(args: argparse.Namespace) -> int:
     import shutil
     import time
 
-    from .develop import develop, final_models, load_config, write_resolved_config
+    from .develop import develop, final_models, load_config
 
     config = load_config(args.config, args.set)
     _quiet_transformers()
@@ -369,7 +369,6 @@ def _run_develop(args: argparse.Namespace) -> int:
         shutil.rmtree(args.out)
     started = time.perf_counter()
     manifest = develop(config, args.out)
-    write_resolved_config(args.out, config)
     report = manifest["stages"]["report"]["outputs"]
     print(f"\ndone in {time.perf_counter() - started:.0f} s (all attempts: "
           f"{sum(e.get('wall_seconds', 0) for e in manifest['stages'].values()):.0f} s)")

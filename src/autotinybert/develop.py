@@ -249,13 +249,24 @@ def develop(config: dict[str, dict[str, Any]], out: str | Path, *, log: Callable
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, config, read_manifest(out), log=log)
     run.manifest["config"] = config
+    write_resolved_config(out, config)
     threads = config["run"]["threads"]
     with torch_threads(threads) if threads else contextlib.nullcontext():
         for number, name in enumerate(STAGES, 1):
             _run_stage(run, name, number)
     run.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     run.save_manifest()
+    atomic_write_json(out / "results.json", summary(run.manifest))
     return run.manifest
+
+
+def summary(manifest: dict) -> dict:
+    """``RUN/results.json``: the delivered models, the report, and what each stage cost."""
+    stages = manifest["stages"]
+    return {"models": final_models(manifest), "report": stages["report"]["outputs"],
+            "best": stages["search"]["outputs"]["best"],
+            "cost": {name: {k: e.get(k) for k in ("wall_seconds", "cpu_hours", "gpu_hours", "attempts")}
+                     for name, e in stages.items()}}
 
 
 def _run_stage(run: Run, name: str, number: int) -> None:
