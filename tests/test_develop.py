@@ -117,9 +117,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
                  ["develop", "--config", "nope", "--out", str(tmp_path / "o")],
                  ["develop", "--config", "demo", "--set", "pretrain.lr=fast", "--out", str(tmp_path / "o")],
                  ["demo", "--set", "nodot=1", "--out", str(tmp_path / "o")],
-                 ["report", str(tmp_path)]):
+                 ["report", str(tmp_path)],
+                 ["develop", "--config", "demo", "--out", str(tmp_path)],  # not empty, not a run: never cleared
+                 ["demo", "--overwrite", "--out", str(tmp_path)]):
         code, _, err = _cli(capsys, *argv)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    assert (tmp_path / "config.yaml").is_file()
     assert "data.corpus" in _cli(capsys, "develop", "--config", str(path), "--out", str(tmp_path / "o"))[2]
 
 

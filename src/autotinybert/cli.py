@@ -358,15 +358,14 @@ def _add_develop(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_develop(args: argparse.Namespace) -> int:
-    import shutil
     import time
 
-    from .develop import develop, final_models, load_config
+    from .develop import develop, final_models, load_config, remove_run
 
     config = load_config(args.config, args.set)
     _quiet_transformers()
-    if args.overwrite and args.out.is_dir():
-        shutil.rmtree(args.out)
+    if args.overwrite:
+        remove_run(args.out)
     started = time.perf_counter()
     manifest = develop(config, args.out)
     report = manifest["stages"]["report"]["outputs"]

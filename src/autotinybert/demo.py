@@ -8,16 +8,15 @@ search, short further training and fine-tuning: about 10 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from .develop import develop, load_config
+from .develop import develop, load_config, remove_run
 
 
 def run_demo(out_dir: str | Path, overrides: list[str] | None = None, overwrite: bool = False) -> dict:
     """Run (or continue) the demo in ``out_dir``; returns the run's manifest."""
     config = load_config("demo", overrides)
     out_dir = Path(out_dir)
-    if overwrite and out_dir.is_dir():
-        shutil.rmtree(out_dir)
+    if overwrite:
+        remove_run(out_dir)
     return develop(config, out_dir)

@@ -246,6 +246,9 @@ def develop(config: dict[str, dict[str, Any]], out: str | Path, *, log: Callable
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise UserError(f"--out {out} is not empty and holds no develop run (no {MANIFEST}); choose a new or empty "
+                        "directory (a rerun deletes the stage folders it redoes)")
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, config, read_manifest(out), log=log)
     run.manifest["config"] = config
@@ -636,6 +639,16 @@ _STAGE_FUNCTIONS: dict[str, Callable[[Run, Path, bool], dict]] = {
     "extract": _stage_extract, "further_train": _stage_further_train, "finetune": _stage_finetune,
     "report": _stage_report,
 }
+
+
+def remove_run(out: Path) -> None:
+    """Delete a previous run (``--overwrite``), refusing directories that are not runs."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not (out / MANIFEST).is_file():
+        raise UserError(f"--overwrite: {out} holds no develop run (no {MANIFEST}); not deleting it")
+    shutil.rmtree(out)
 
 
 def final_models(manifest: dict) -> dict[str, str]:
