@@ -28,7 +28,7 @@ def test_report_is_self_contained_html_with_plots_and_tables(finished_run, capsy
     shutil.rmtree(finished_run / "report")
     assert main(["report", str(finished_run)]) == 0
     html = (finished_run / "report" / "index.html").read_text()
-    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', html)) == 3
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', html)) == 4
     # No external assets: every src/href is inline data.
     assert not re.search(r'(src|href)="(?!data:)', html)
     assert "<link" not in html and "<script" not in html
@@ -37,7 +37,7 @@ def test_report_is_self_contained_html_with_plots_and_tables(finished_run, capsy
         assert heading in html
     summary = (finished_run / "report" / "summary.md").read_text()
     assert "| data |" in summary and "SST-2" in summary and "CPU hours" in summary
-    assert all((finished_run / "report" / f"{name}.png").is_file() for name in ("pareto", "latency", "training"))
+    assert all((finished_run / "report" / f"{name}.png").is_file() for name in ("pareto", "latency", "training", "downstream"))
 
 
 def test_every_exported_checkpoint_has_a_model_card(finished_run):

@@ -225,6 +225,34 @@ def latency_figure(run: dict) -> bytes | None:
     return png
 
 
+def downstream_figure(run: dict) -> bytes | None:
+    """Measured latency vs the fine-tuned score (mean over the run's tasks) of every exported model."""
+    plt = _pyplot()
+    points = [(m, m["latency"]["latency"]["median_ms"], _mean_score(m["finetune"])) for m in run["models"]
+              if m["latency"] and m["finetune"] and m["finetune"].get("tasks")]
+    if plt is None or not points:
+        return None
+    tasks = ", ".join(sorted(points[0][0]["finetune"]["tasks"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for i, (m, ms, score) in enumerate(points):
+        ax.scatter([ms], [score], marker="*", s=220, color=f"C{i}", edgecolor="black", zorder=3,
+                   label=f"{m['target']}: {m['arch']}")
+    ax.set_xlabel("measured latency (ms, median)")
+    ax.set_ylabel(f"fine-tuned dev score (mean of {tasks})")
+    ax.set_title("exported models: latency vs downstream score")
+    ax.margins(0.2)  # a handful of points: keep the stars off the frame
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _mean_score(results: dict) -> float:
+    scores = [record["score"] for record in results["tasks"].values()]
+    return sum(scores) / len(scores)
+
+
 def training_figure(run: dict) -> bytes | None:
     """Pre-training loss and the validation panel's MLM accuracy against the step."""
     plt, path = _pyplot(), run["metrics_csv"]
@@ -360,7 +388,8 @@ def _sections(run: dict) -> list[tuple[str, str, str | None]]:
          f"{search.get('evaluations', 0)} architectures evaluated.", "pareto"),
         ("Predicted vs measured latency", _latency_text(run), "latency"),
         ("Training curves", f"From `{run['metrics_csv']}`.", "training"),
-        ("Downstream tasks", (task_table or "No fine-tuning in this run (finetune.tasks is empty).") + note, None),
+        ("Downstream tasks", (task_table or "No fine-tuning in this run (finetune.tasks is empty).") + note,
+         "downstream"),
         ("Cost of each stage", _md_table(cost_header, cost_rows) +
          "\n\nCPU hours count this process and its children (user + system time); GPU hours are wall time × GPUs used.",
          None),
@@ -401,7 +430,7 @@ def render_html(run: dict, title: str, images: dict[str, bytes]) -> str:
         if figure and images.get(figure):
             data = base64.b64encode(images[figure]).decode("ascii")
             body.append(f'<img alt="{html.escape(heading)}" src="data:image/png;base64,{data}">')
-        elif figure:
+        elif figure and figure != "downstream":
             body.append("<p><em>(no plot: matplotlib is not installed or the data is missing)</em></p>")
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
@@ -508,7 +537,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, title: str 
     out = Path(out) if out else Path(run_dir) / "report"
     title = title or f"AutoTinyBERT run {Path(run_dir).absolute().name}"
     images = {name: figure(run) for name, figure in
-              (("pareto", pareto_figure), ("latency", latency_figure), ("training", training_figure))}
+              (("pareto", pareto_figure), ("latency", latency_figure), ("training", training_figure),
+               ("downstream", downstream_figure))}
     figures = {}
     for name, png in images.items():
         if png:
