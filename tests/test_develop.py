@@ -70,6 +70,14 @@ def test_develop_resumes_an_interrupted_stage_and_reruns_only_what_changed(tmp_p
     assert calls == ["search", "extract", "further_train", "finetune", "report"]
     assert _attempts(out)["pretrain"] == 2 and _attempts(out)["latency"] == 1
 
+    import shutil
+
+    calls.clear()
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)  # a run copied elsewhere continues from its own files
+    manifest = develop(config, moved, log=_quiet)
+    assert calls == [] and all(p.startswith(str(moved)) for p in develop_module.final_models(manifest).values())
+
 
 def test_develop_is_deterministic(tmp_path):
     config = validate_config(tiny_config(tmp_path / "fixtures"))

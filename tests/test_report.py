@@ -51,6 +51,17 @@ def test_every_exported_checkpoint_has_a_model_card(finished_run):
             assert fragment in card, (fragment, card)
 
 
+def test_a_moved_run_still_reports(finished_run, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(finished_run, moved)
+    from autotinybert.report import build_report
+
+    build_report(moved)
+    summary = (moved / "report" / "summary.md").read_text()
+    assert str(moved) in summary and str(finished_run) not in summary
+    assert summary.count("![") == 4
+
+
 def test_report_reads_files_only(finished_run, monkeypatch):
     import torch
 

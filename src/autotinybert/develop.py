@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from . import builtin_data
 from .errors import UserError
-from .files import atomic_write_json, atomic_write_text
+from .files import atomic_write_json, atomic_write_text, relocate
 
 STAGES = ("data", "pretrain", "latency", "search", "extract", "further_train", "finetune", "report")
 MANIFEST = "manifest.json"
@@ -250,8 +250,10 @@ def develop(config: dict[str, dict[str, Any]], out: str | Path, *, log: Callable
         raise UserError(f"--out {out} is not empty and holds no develop run (no {MANIFEST}); choose a new or empty "
                         "directory (a rerun deletes the stage folders it redoes)")
     out.mkdir(parents=True, exist_ok=True)
-    run = Run(out, config, read_manifest(out), log=log)
-    run.manifest["config"] = config
+    manifest = read_manifest(out)
+    manifest["stages"] = relocate(manifest.get("stages", {}), manifest.get("run_dir"), out)  # a moved run
+    run = Run(out, config, manifest, log=log)
+    run.manifest.update(run_dir=str(out), config=config)
     write_resolved_config(out, config)
     threads = config["run"]["threads"]
     with torch_threads(threads) if threads else contextlib.nullcontext():

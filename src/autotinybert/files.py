@@ -77,3 +77,18 @@ def staged_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
+
+
+def relocate(value: Any, old_root: str | None, new_root: str | Path) -> Any:
+    """``value`` (nested dicts/lists of strings) with paths under ``old_root`` moved to ``new_root``:
+    a run directory copied or moved elsewhere keeps working from its recorded paths."""
+    new_root = str(new_root)
+    if not old_root or old_root == new_root:
+        return value
+    if isinstance(value, dict):
+        return {k: relocate(v, old_root, new_root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocate(v, old_root, new_root) for v in value]
+    if isinstance(value, str) and (value == old_root or value.startswith(old_root + os.sep)):
+        return new_root + value[len(old_root):]
+    return value

@@ -111,7 +111,10 @@ def load_run(run_dir: str | Path) -> dict:
     if manifest is None:
         raise UserError(f"{run_dir} is not a develop run (no manifest.json); point at the --out of "
                         "'autotinybert develop' or 'autotinybert demo'")
-    stages = manifest.get("stages", {})
+    from .files import relocate
+
+    # Recorded paths are absolute; a run copied elsewhere (e.g. from a cluster) is read where it is now.
+    stages = relocate(manifest.get("stages", {}), manifest.get("run_dir"), str(run_dir.absolute()))
 
     def outputs(name: str) -> dict:
         return (stages.get(name) or {}).get("outputs") or {}
