@@ -101,6 +101,8 @@ def test_shipped_configs_load():
     ({"pretrain": {"max_stepz": 3}}, ["unknown option pretrain.max_stepz", "known:"]),
     ({"pretrain": {"max_steps": "many"}}, ["pretrain.max_steps must be an integer"]),
     ({"serch": {}}, ["unknown section 'serch'"]),
+    ({"search": {"window": ["low", 1.1]}}, ["search.window must be [LOW, HIGH]"]),
+    ({"search": {"range_fractions": [1.5]}}, ["search.range_fractions must lie in (0, 1]"]),
     ({"search": {"speedups": [], "range_fractions": [], "target_ms": []}}, ["at least one target"]),
 ])
 def test_bad_configs_name_the_key(tmp_path, change, fragments):

@@ -163,7 +163,8 @@ def _check_values(config: dict, source: str) -> None:
             if key == "range_fractions" and value > 1:
                 raise UserError(f"{source}: search.range_fractions must lie in (0, 1] (0: the fastest architecture, "
                                 f"1: the slowest); got {value!r}")
-    if len(search["window"]) != 2:
+    if len(search["window"]) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             for v in search["window"]):
         raise UserError(f"{source}: search.window must be [LOW, HIGH], e.g. [0.85, 1.1]")
     if config["extract"]["onnx"] not in (True, False, "auto"):
         raise UserError(f"{source}: extract.onnx must be true, false or auto")
