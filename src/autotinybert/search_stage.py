@@ -52,6 +52,8 @@ def run_search_stage(*, supernet: Path, predictor: Path, speedups: list[float], 
         raise UserError(f"unknown evaluator {evaluator!r}: use {' or '.join(EVALUATORS)}")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    if evaluator == "finetune" and not (finetune or {}).get("tasks"):
+        raise UserError("--evaluator finetune needs at least one --task (e.g. --task sst2)")
     latency = LatencyPredictor.load(predictor)
     targets = make_targets(speedups, target_ms, latency.reference_ms)
     # Candidates first (cheap, numpy): an infeasible target fails before any model is loaded.
