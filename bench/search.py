@@ -57,7 +57,12 @@ def main() -> None:
     p.add_argument("--ft-lr", type=float, default=1e-3)
     p.add_argument("--ft-max-train-examples", type=int, default=4000)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     predictor = LatencyPredictor.load(args.predictor, check_fingerprint=False)
     fitness = ProxyEvaluator(args.supernet, args.valid_corpus, metric=args.metric, batches=args.eval_batches,
