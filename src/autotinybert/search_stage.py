@@ -69,12 +69,15 @@ def run_search_stage(*, supernet: Path, predictor: Path, speedups: list[float], 
     else:
         options = dict(supernet=supernet, device=device, **(finetune or {}))
     with open_evaluator(evaluator, options, workers) as fitness:
-        return _search_with(fitness, space, targets, candidates, latency, settings, out, state_path, resume,
-                            metric if evaluator == "proxy" else "finetune score", progress, plot, arguments)
+        return _search_with(fitness, space=space, targets=targets, candidates=candidates, latency=latency,
+                            settings=settings, out=out, resume=resume, progress=progress, plot=plot,
+                            metric=metric if evaluator == "proxy" else "finetune score", arguments=arguments)
 
 
-def _search_with(fitness, space, targets, candidates, latency, settings, out, state_path, resume, metric,
-                 progress, plot, arguments) -> dict:
+def _search_with(fitness, *, space, targets, candidates, latency, settings, out: Path, resume: bool, metric: str,
+                 progress: bool, plot: bool, arguments) -> dict:
+    """Run the search with a ready evaluator and write every output file."""
+    state_path = out / "state.json"
     out.mkdir(parents=True, exist_ok=True)
     if arguments is not None:
         write_stage_config(out, arguments)
@@ -118,24 +121,23 @@ def _search_with(fitness, space, targets, candidates, latency, settings, out, st
 EVALUATORS = ("proxy", "finetune")
 
 
-def build_evaluator(kind: str, options: dict[str, Any]):
-    """A fitness function ``Arch -> float`` with a ``key`` naming its settings."""
+def _evaluator_class(kind: str):
     from .evaluators import FinetuneEvaluator, ProxyEvaluator
 
-    return (ProxyEvaluator if kind == "proxy" else FinetuneEvaluator)(**options)
+    return ProxyEvaluator if kind == "proxy" else FinetuneEvaluator
 
 
 @contextlib.contextmanager
 def open_evaluator(kind: str, options: dict[str, Any], workers: int = 1) -> Iterator[Any]:
-    """The evaluator, wrapped in a `WorkerPool` of ``workers`` processes when more than one."""
-    from .evaluators import FinetuneEvaluator, ProxyEvaluator, WorkerPool
+    """The ``kind`` evaluator built from ``options`` (a fitness ``Arch -> float`` with a ``key``),
+    wrapped in a `WorkerPool` of ``workers`` processes when more than one."""
+    from .evaluators import WorkerPool
 
-    evaluator = build_evaluator(kind, options)  # in this process first: bad options fail here, once
+    evaluator = _evaluator_class(kind)(**options)  # in this process first: bad options fail here, once
     if workers == 1:
         yield evaluator
         return
-    factory = ProxyEvaluator if kind == "proxy" else FinetuneEvaluator
-    with WorkerPool(evaluator, factory, options, workers) as pool:
+    with WorkerPool(evaluator, _evaluator_class(kind), options, workers) as pool:
         yield pool
 
 
