@@ -4,9 +4,14 @@ For each target: the exhaustive best of the window (every candidate evaluated on
 random / fast / evolved at equal budgets over several seeds, answered from the same fitness
 cache (so the comparison costs nothing beyond the exhaustive pass). Also evaluations/second.
 
+With ``--correlate-task``, the trust check too: `autotinybert search correlate` on a sample of
+the targets' candidates — proxy fitness vs fine-tuned dev score, Spearman — resumable in
+``<out>.correlate/``.
+
     PYTHONPATH=src python bench/search.py --supernet /work/runs/mlm --predictor pred.json \
         --valid-corpus /work/shared/data/corpus/valid --cache-dir /work/runs/cache \
-        --target-ms 20 40 80 --out docs/search-bench.json
+        --target-ms 20 40 80 --out docs/search-bench.json \
+        --correlate-task sst2 --data-dir ../shared/data/glue
 """
 
 from __future__ import annotations
@@ -45,7 +50,19 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--metric", default="mlm_loss", help="proxy fitness (default mlm_loss: continuous, so few ties)")
     p.add_argument("--out", required=True)
+    p.add_argument("--correlate-task", action="append", default=[], help="also: proxy vs fine-tuned Spearman on this task")
+    p.add_argument("--data-dir", help="glue_data/ for --correlate-task")
+    p.add_argument("--correlate-samples", type=int, default=12)
+    p.add_argument("--ft-epochs", type=float, default=3.0)
+    p.add_argument("--ft-lr", type=float, default=1e-3)
+    p.add_argument("--ft-max-train-examples", type=int, default=4000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     predictor = LatencyPredictor.load(args.predictor, check_fingerprint=False)
     fitness = ProxyEvaluator(args.supernet, args.valid_corpus, metric=args.metric, batches=args.eval_batches,
@@ -94,8 +111,32 @@ def main() -> None:
                "seconds": round(seconds, 1),
                "seconds_per_evaluation": (round(statistics.mean(fitness.seconds), 4) if fitness.seconds else None), "seeds": args.seeds,
                "eval_batches": args.eval_batches, "evaluator": fitness.key}
+    if args.correlate_task:
+        summary["correlate"] = correlate(args)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "targets"}))
+
+
+def correlate(args: argparse.Namespace) -> dict:
+    """Proxy vs fine-tuned fitness on a sample of every target's candidates (Spearman, Kendall)."""
+    from autotinybert.search_stage import run_correlate
+    from autotinybert.tasks.finetune import FinetuneSettings
+
+    out = Path(args.out).with_suffix(".correlate")
+    settings = FinetuneSettings(epochs=args.ft_epochs, learning_rate=args.ft_lr,
+                                max_train_examples=args.ft_max_train_examples, group_by_length=True)
+    start = time.perf_counter()
+    result = run_correlate(
+        supernet=Path(args.supernet), out=out, samples=args.correlate_samples, seed=0,
+        proxy=dict(valid_corpus=args.valid_corpus, metric=args.metric, batches=args.eval_batches,
+                   cache_dir=args.cache_dir),
+        finetune=dict(tasks=args.correlate_task, data_dir=args.data_dir, settings=settings),
+        predictor=Path(args.predictor), target_ms=args.target_ms, workers=args.workers, resume=out.is_dir())
+    finetune_seconds = [r["seconds"] for r in json.loads((out / "finetune-state.json").read_text())["evaluations"]]
+    return {**result, "tasks": args.correlate_task, "finetune_settings": {
+        "epochs": args.ft_epochs, "lr": args.ft_lr, "max_train_examples": args.ft_max_train_examples},
+        "seconds": round(time.perf_counter() - start, 1),
+        "finetune_seconds_per_evaluation": round(statistics.mean(finetune_seconds), 1)}
 
 
 if __name__ == "__main__":

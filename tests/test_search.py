@@ -285,7 +285,9 @@ def tiny_files(tmp_path_factory):
 @pytest.mark.parametrize("extra, fragment", [
     (["--target-ms", "1e-6"], "nearest feasible latency"),
     (["--target-ms", "1", "--method", "genetic"], "unknown search method"),
-    (["--target-ms", "1", "--evaluator", "finetune"], "use --evaluator proxy"),  # not wired to tasks/ yet
+    (["--target-ms", "1", "--evaluator", "finetune"], "at least one --task"),
+    (["--target-ms", "1", "--evaluator", "oracle"], "unknown evaluator"),
+    (["--target-ms", "1", "--workers", "0"], "--workers must be at least 1"),
     ([], "at least one target"),
     (["--target-ms", "1", "--window", "1.2", "0.9"], "--window LOW HIGH"),
     (["--target-ms", "1", "--generations", "0"], "--generations must be a positive integer"),
@@ -301,11 +303,12 @@ def test_cli_search_bad_input_is_one_line(tmp_path, capsys, tiny_files, extra, f
     assert fragment in err, err
 
 
-def test_cli_search_correlate_explains(capsys):
+def test_cli_search_correlate_names_missing_options(capsys):
     from autotinybert.cli import main
 
     assert main(["search", "correlate"]) == 2
-    assert "needs the finetune evaluator" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing --supernet, --out" in err and len(err.strip().splitlines()) == 1
 
 
 def test_resume_with_another_evaluator_is_refused(tmp_path):

@@ -467,42 +467,119 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 def _add_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="search architectures of a SuperPLM under latency targets")
     # Options are checked in the handler (not required=True) so that 'search correlate' parses too.
-    p.add_argument("--supernet", type=Path, help="SuperPLM checkpoint directory (pretrain / init output)")
+    _add_evaluator_options(p)
     p.add_argument("--predictor", type=Path, help="latency predictor file ('latency fit' output)")
-    p.add_argument("--speedup", type=float, action="append", default=[],
-                   help="target: this many times faster than BERT-base on the predictor's device (repeatable)")
-    p.add_argument("--target-ms", type=float, action="append", default=[], help="target latency in ms (repeatable)")
+    _add_target_options(p)
     p.add_argument("--method", default="evolved", help="random, fast or evolved (default evolved)")
-    p.add_argument("--evaluator", default="proxy", help="proxy (inherited weights, held-out MLM) or finetune")
-    p.add_argument("--metric", default="mlm_accuracy", help="proxy fitness: mlm_accuracy, mlm_loss or kd_loss")
-    p.add_argument("--teacher", help="teacher checkpoint for --metric kd_loss")
-    p.add_argument("--valid-corpus", nargs="+", help="held-out text for the proxy evaluator")
-    p.add_argument("--cache-dir", help="tokenised-corpus cache (default ~/.cache/autotinybert/data)")
-    p.add_argument("--seq-len", type=int, help="sequence length (default: the SuperPLM's pre-training one, else 128)")
-    p.add_argument("--eval-batch-size", type=int, default=32, help="proxy batch size (default 32)")
-    p.add_argument("--eval-batches", type=int, default=8, help="fixed held-out batches per architecture (default 8)")
+    p.add_argument("--evaluator", default="proxy",
+                   help="proxy (inherited weights, held-out MLM; seconds) or finetune (fine-tuned dev score; minutes)")
     p.add_argument("--generations", type=int, help="generations (default 10; fast: 1)")
     p.add_argument("--generation-size", type=int, default=25, help="architectures per generation (default 25)")
     p.add_argument("--explore-rate", type=float, default=0.5, help="evolved: chance a child is a fresh random one (0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue the search in --out; nothing is evaluated twice")
+    p.add_argument("--no-plot", action="store_true", help="do not draw pareto.png")
+    p.set_defaults(handler=_run_search)
+    stages = p.add_subparsers(dest="search_command", metavar="STAGE")
+    q = stages.add_parser("correlate", help="Spearman correlation of proxy vs fine-tuned fitness on sampled architectures")
+    _add_evaluator_options(q)
+    q.add_argument("--samples", type=int, default=12, help="architectures to score with both evaluators (default 12)")
+    q.add_argument("--predictor", type=Path, help="sample inside these targets' latency windows (with --speedup/--target-ms)")
+    _add_target_options(q)
+    q.add_argument("--seed", type=int, default=0, help="seed of the sample and of the proxy batches")
+    q.add_argument("--out", type=Path, help="output directory (correlate.json, evaluation states)")
+    q.add_argument("--resume", action="store_true", help="continue in --out; nothing is evaluated twice")
+    q.set_defaults(handler=_run_search_correlate)
+
+
+def _add_target_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speedup", type=float, action="append", default=[],
+                   help="target: this many times faster than BERT-base on the predictor's device (repeatable)")
+    p.add_argument("--target-ms", type=float, action="append", default=[], help="target latency in ms (repeatable)")
     p.add_argument("--window", type=float, nargs=2, default=[0.85, 1.1], metavar=("LOW", "HIGH"),
                    help="candidate latency window as factors of the target (default 0.85 1.1)")
     p.add_argument("--grid-step-hidden", type=int, default=16, help="hidden-size step of the search grid (default 16)")
     p.add_argument("--grid-step-ffn", type=int, default=32, help="FFN-size step of the search grid (default 32)")
-    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_evaluator_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--supernet", type=Path, help="SuperPLM checkpoint directory (pretrain / init output)")
     p.add_argument("--device", default="cpu", help="torch device for the evaluator (default cpu)")
-    p.add_argument("--out", type=Path, help="output directory")
-    p.add_argument("--resume", action="store_true", help="continue the search in --out; nothing is evaluated twice")
+    p.add_argument("--workers", type=int, default=1,
+                   help="evaluate each generation in this many processes (default 1; cores are split between them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-plot", action="store_true", help="do not draw pareto.png")
-    p.set_defaults(handler=_run_search)
-    stages = p.add_subparsers(dest="search_command", metavar="STAGE")
-    q = stages.add_parser("correlate", help="rank correlation of proxy vs fine-tuned fitness (needs fine-tuning)")
-    q.set_defaults(handler=_run_search_correlate)
+    proxy = p.add_argument_group("proxy evaluator")
+    proxy.add_argument("--metric", default="mlm_accuracy", help="proxy fitness: mlm_accuracy, mlm_loss or kd_loss")
+    proxy.add_argument("--teacher", help="teacher checkpoint for --metric kd_loss")
+    proxy.add_argument("--valid-corpus", nargs="+", help="held-out text for the proxy evaluator")
+    proxy.add_argument("--cache-dir", help="tokenised-corpus cache (default ~/.cache/autotinybert/data)")
+    proxy.add_argument("--seq-len", type=int, help="sequence length (default: the SuperPLM's pre-training one, else 128)")
+    proxy.add_argument("--eval-batch-size", type=int, default=32, help="proxy batch size (default 32)")
+    proxy.add_argument("--eval-batches", type=int, default=8, help="fixed held-out batches per architecture (default 8)")
+    ft = p.add_argument_group("finetune evaluator (each candidate is fine-tuned in memory; fitness = mean dev score)")
+    ft.add_argument("--task", action="append", default=[], metavar="TASK",
+                    help="GLUE / SQuAD task to fine-tune on (repeatable; the paper: mnli and squad)")
+    ft.add_argument("--data-dir", type=Path, help="glue_data/ (classic layout) or the folder of the SQuAD JSON files")
+    ft.add_argument("--hub", action="store_true", help="read the task data from the Hugging Face hub (needs internet)")
+    ft.add_argument("--train-file", type=Path, help="SQuAD training JSON file")
+    ft.add_argument("--dev-file", type=Path, help="SQuAD dev JSON file")
+    ft.add_argument("--ft-epochs", type=float, default=2.0, help="fine-tuning epochs per candidate (default 2)")
+    ft.add_argument("--ft-max-steps", type=int, help="fine-tuning steps per candidate (overrides --ft-epochs)")
+    ft.add_argument("--ft-lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    ft.add_argument("--ft-batch-size", type=int, default=32, help="batch size (default 32)")
+    ft.add_argument("--ft-max-train-examples", type=int, default=5000,
+                    help="train on a seeded subset of this many examples (default 5000)")
+    ft.add_argument("--ft-max-eval-examples", type=int, help="score on a seeded subset of each dev set (default: all)")
+    ft.add_argument("--ft-max-seq-length", type=int, help="tokens per input (default 128 for GLUE, 384 for SQuAD)")
+    ft.add_argument("--ft-seed", type=int, default=42, help="seed of the head, shuffling and dropout (default 42)")
+
+
+def _finetune_evaluator_options(args: argparse.Namespace) -> dict:
+    """`FinetuneEvaluator` keyword arguments (checked when the evaluator is built)."""
+    from .tasks.finetune import FinetuneSettings
+
+    settings = FinetuneSettings(epochs=args.ft_epochs, max_steps=args.ft_max_steps, learning_rate=args.ft_lr,
+                                batch_size=args.ft_batch_size, max_train_examples=args.ft_max_train_examples,
+                                max_eval_examples=args.ft_max_eval_examples, max_seq_length=args.ft_max_seq_length,
+                                seed=args.ft_seed, group_by_length=True)
+    return dict(tasks=args.task, data_dir=args.data_dir, hub=args.hub, train_file=args.train_file,
+                dev_file=args.dev_file, settings=settings)
+
+
+def _check_grid_steps(args: argparse.Namespace) -> None:
+    for name in ("grid_step_hidden", "grid_step_ffn"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
 
 
 def _run_search_correlate(args: argparse.Namespace) -> int:
-    raise UserError("'search correlate' compares proxy and fine-tuned fitness, so it needs the finetune evaluator "
-                    "(the downstream fine-tuning stage), which is not built yet")
+    from .search_stage import run_correlate
+
+    missing = [f"--{name}" for name in ("supernet", "out") if getattr(args, name) is None]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}")
+    _quiet_transformers()
+    _check_grid_steps(args)
+    proxy = dict(valid_corpus=args.valid_corpus or [], metric=args.metric, teacher=args.teacher, seq_len=args.seq_len,
+                 batch_size=args.eval_batch_size, batches=args.eval_batches, cache_dir=args.cache_dir, device=args.device)
+    summary = run_correlate(
+        supernet=args.supernet, out=args.out, samples=args.samples, seed=args.seed, proxy=proxy,
+        finetune={**_finetune_evaluator_options(args), "device": args.device}, predictor=args.predictor,
+        speedups=args.speedup, target_ms=args.target_ms, window=tuple(args.window),
+        grid_step_hidden=args.grid_step_hidden, grid_step_ffn=args.grid_step_ffn, workers=args.workers,
+        resume=args.resume, progress=not args.no_progress, arguments=vars(args))
+    print(f"{'architecture':<24} {'latency':>9} {'proxy':>8} {'finetune':>9}")
+    for row in summary["rows"]:
+        ms = f"{row['latency_ms']:.2f}ms" if row["latency_ms"] is not None else "-"
+        print(f"{row['arch']:<24} {ms:>9} {row['proxy']:>8.4f} {row['finetune']:>9.2f}")
+
+    def shown(value):
+        return "undefined (a constant fitness)" if value is None else f"{value:+.3f}"
+
+    print(f"Spearman {shown(summary['spearman'])} (p {summary['spearman_p'] if summary['spearman_p'] is None else round(summary['spearman_p'], 4)}), "
+          f"Kendall {shown(summary['kendall'])} over {summary['samples']} architectures; results in {args.out / 'correlate.json'}")
+    return 0
 
 
 def _run_search(args: argparse.Namespace) -> int:
@@ -516,16 +593,15 @@ def _run_search(args: argparse.Namespace) -> int:
     generations = args.generations if args.generations is not None else (1 if args.method == "fast" else 10)
     settings = SearchSettings(method=args.method, generations=generations, generation_size=args.generation_size,
                               explore_rate=args.explore_rate, window=tuple(args.window), seed=args.seed)
-    for name in ("grid_step_hidden", "grid_step_ffn"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
+    _check_grid_steps(args)
     summary = run_search_stage(
         supernet=args.supernet, predictor=args.predictor, speedups=args.speedup, target_ms=args.target_ms,
         settings=settings, evaluator=args.evaluator, valid_corpus=args.valid_corpus, out=args.out,
         resume=args.resume, grid_step_hidden=args.grid_step_hidden, grid_step_ffn=args.grid_step_ffn,
         metric=args.metric, teacher=args.teacher, seq_len=args.seq_len, eval_batch_size=args.eval_batch_size,
         eval_batches=args.eval_batches, cache_dir=args.cache_dir, device=args.device,
-        progress=not args.no_progress, plot=not args.no_plot, arguments=vars(args))
+        progress=not args.no_progress, plot=not args.no_plot, arguments=vars(args),
+        finetune=_finetune_evaluator_options(args) if args.evaluator == "finetune" else None, workers=args.workers)
     print(f"{'target':<10} {'window (ms)':<17} {'candidates':>10} {'best architecture':<24} {'latency':>9} {'fitness':>8}")
     for row in summary["targets"]:
         low, high = row["window_ms"]

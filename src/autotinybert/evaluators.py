@@ -1,16 +1,29 @@
 """Fitness functions for the search: the only part of it that touches models.
 
-``proxy``: the architecture keeps the weights it inherits from the SuperPLM (no training) and
-is scored on fixed masked held-out batches — validation MLM accuracy, −MLM loss, or −KD loss
-against a teacher. The paper's fitness is fine-tuned MNLI/SQuAD; that evaluator needs the
-downstream fine-tuning stage (`autotinybert.tasks`).
+Both evaluators score an architecture with the weights it inherits from the SuperPLM (no
+further pre-training):
+
+``proxy``: scored on fixed masked held-out batches — validation MLM accuracy, −MLM loss, or
+−KD loss against a teacher. Seconds per candidate.
+
+``finetune``: the paper's fitness (§3.3: MNLI-m accuracy and SQuAD1.1 F1). The inherited
+sub-model is fine-tuned in memory on each task within a step/example budget and scored on the
+dev set; fitness is the mean main score (0–100). Minutes per candidate on a CPU.
+
+`WorkerPool` runs either in several processes; each process builds its own evaluator and
+every evaluation is a deterministic function of the architecture, so the search's result does
+not depend on the number of workers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 from .errors import UserError
 from .space import Arch
@@ -100,10 +113,115 @@ class ProxyEvaluator:
         return row["mlm_accuracy"] if self.metric == "mlm_accuracy" else -row[self.metric]
 
 
-def finetune_evaluator(*_args, **_kwargs):
+class FinetuneEvaluator:
+    """Fitness = mean dev score of the inherited sub-model fine-tuned on `tasks` (in memory)."""
+
+    def __init__(self, supernet: str | Path, tasks: list[str], data_dir: str | Path | None, *,
+                 settings: Any = None, hub: bool = False, train_file: str | Path | None = None,
+                 dev_file: str | Path | None = None, device: str = "cpu") -> None:
+        import torch
+
+        from .modeling import load_supernet, load_tokenizer
+        from .tasks.finetune import FinetuneSettings, load_task_data, resolve_task
+        from .tasks.run import data_source
+
+        if not tasks:
+            raise UserError("--evaluator finetune needs at least one --task (e.g. --task sst2)")
+        # One bar for the whole search, not a bar and log lines per candidate.
+        self.settings = replace(settings or FinetuneSettings(), progress=False, log_evaluations=False)
+        self.settings.validate()
+        source = data_source(Path(data_dir) if data_dir else None, hub, files_given=bool(train_file and dev_file))
+        self.tasks = [resolve_task(name) for name in tasks]
+        self.data = [load_task_data(task, source, test=False, train_file=train_file, dev_file=dev_file,
+                                    settings=self.settings) for task in self.tasks]
+        supernet = Path(supernet)
+        self.model = load_supernet(supernet)
+        self.space = self.model.config.search_space
+        self.tokenizer = load_tokenizer(supernet)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.key = self._key(supernet, source)
+        self.seconds: list[float] = []
+        self.last_scores: dict[str, float] = {}
+
+    def _key(self, supernet: Path, source: Path | None) -> str:
+        settings = {k: v for k, v in asdict(self.settings).items()
+                    if k not in ("progress", "log_evaluations")}
+        sizes = [f"{task.name}:{len(data.train.examples)}/{sum(len(s.examples) for s in data.dev.values())}"
+                 for task, data in zip(self.tasks, self.data)]
+        digest = hashlib.sha256(json.dumps([settings, sizes, str(source)], sort_keys=True).encode()).hexdigest()[:12]
+        return (f"finetune:{'+'.join(t.name for t in self.tasks)}:supernet={file_digest(supernet / 'model.safetensors')}"
+                f":settings={digest}")
+
+    def __call__(self, arch: Arch) -> float:
+        from .export import extract
+        from .tasks.finetune import finetune_encoder
+
+        self.space.check(arch)
+        start = time.perf_counter()
+        encoder = extract(self.model, arch, encoder_only=True).to(self.device)
+        self.last_scores = {task.name: finetune_encoder(encoder, self.tokenizer, task, data, self.settings).score
+                            for task, data in zip(self.tasks, self.data)}
+        self.seconds.append(time.perf_counter() - start)
+        return sum(self.last_scores.values()) / len(self.last_scores)
+
+
+# --- several processes ---------------------------------------------------------------------------
+_worker_evaluator = None
+
+
+def _start_worker(factory, kwargs: dict, threads: int) -> None:
+    import torch
+
+    global _worker_evaluator
+    torch.set_num_threads(threads)
     try:
-        import autotinybert.tasks  # noqa: F401  (issue 5: downstream fine-tuning)
+        import transformers
+
+        transformers.logging.set_verbosity_error()
     except ImportError:
-        raise UserError("--evaluator finetune needs the downstream fine-tuning stage, not built yet; "
-                        "use --evaluator proxy") from None
-    raise UserError("--evaluator finetune is not wired to autotinybert.tasks yet; use --evaluator proxy")
+        pass
+    _worker_evaluator = factory(**kwargs)
+
+
+def _evaluate_in_worker(arch: str) -> tuple[float, float]:
+    start = time.perf_counter()
+    value = _worker_evaluator(Arch.parse(arch))
+    return float(value), time.perf_counter() - start
+
+
+class WorkerPool:
+    """`evaluator` (built in this process: key, checks, single calls) plus `workers` processes,
+    each holding `factory(**kwargs)`, for `imap` over a batch of architectures.
+
+    Use as a context manager so the processes end with the search, also on errors.
+    """
+
+    def __init__(self, evaluator, factory, kwargs: dict, workers: int, threads: int | None = None) -> None:
+        import multiprocessing
+
+        if workers < 2:
+            raise ValueError("a WorkerPool needs at least 2 workers")
+        self.evaluator, self.key = evaluator, evaluator.key
+        # Split the cores between the workers; several threads per small model scale badly anyway.
+        threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        # spawn: a fork of a process that has used torch's thread pool can hang.
+        context = multiprocessing.get_context("spawn")
+        self.pool = context.Pool(workers, initializer=_start_worker, initargs=(factory, kwargs, threads))
+
+    def __call__(self, arch: Arch) -> float:
+        return self.evaluator(arch)
+
+    def imap(self, archs: Iterable[Arch]) -> Iterator[tuple[float, float]]:
+        """(fitness, seconds) per architecture, in order, as each finishes."""
+        yield from self.pool.imap(_evaluate_in_worker, [str(arch) for arch in archs])
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, kind, *_rest) -> None:
+        if kind is None:
+            self.pool.close()
+        else:
+            self.pool.terminate()
+        self.pool.join()

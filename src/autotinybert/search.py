@@ -23,6 +23,11 @@ Evaluations go through a cache keyed by (architecture, evaluator key): several t
 it, and ``resume`` fills it from ``state.json``. Resuming re-runs the deterministic algorithm
 from the start; the cache answers every evaluation done before, so the result is exactly the
 uninterrupted one and nothing is evaluated twice.
+
+A generation's members are chosen before any of them is evaluated (within a generation no
+choice depends on a sibling's fitness), then evaluated as one batch. A fitness function that
+also has ``imap(archs)`` (e.g. `autotinybert.evaluators.WorkerPool`) evaluates the batch in
+several processes; the result is the same as one at a time.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import dataclasses
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +50,7 @@ METHODS = ("random", "fast", "evolved")
 STATE_FORMAT = "autotinybert-search-state"
 STATE_VERSION = 1
 
-Fitness = Callable[[Arch], float]
+Fitness = Callable[[Arch], float]  # optionally with imap(archs) -> iterator of (fitness, seconds), in order
 Latency = Callable[[np.ndarray], np.ndarray]
 
 
@@ -236,23 +241,43 @@ class Evaluations:
             self.records.append(record)
             self.cache[(record["arch"], record["evaluator"])] = float(record["fitness"])
 
-    def get(self, arch: Arch, latency_ms: float, target: str, generation: int) -> tuple[float, bool]:
-        """(fitness, whether it was evaluated now)."""
-        key = (str(arch), self.evaluator_key)
-        if key in self.cache:
-            return self.cache[key], False
-        start = time.perf_counter()
-        value = float(self.fitness(arch))
+    def get_many(self, archs: Sequence[tuple[Arch, float]], target: str, generation: int) -> Iterator[tuple[float, bool]]:
+        """(fitness, whether it was evaluated now) of each (architecture, latency), in order.
+
+        Missing ones are evaluated as one batch (in parallel when the fitness has ``imap``);
+        each result is recorded and saved, and yielded, as soon as it and those before it are in.
+        """
+        missing = list(dict.fromkeys(str(arch) for arch, _ in archs if (str(arch), self.evaluator_key) not in self.cache))
+        results = self._evaluate([Arch.parse(name) for name in missing])
+        fresh = set(missing)
+        for arch, latency_ms in archs:
+            name = str(arch)
+            if (name, self.evaluator_key) not in self.cache:
+                value, seconds = next(results)
+                self._record(name, value, seconds, latency_ms, target, generation)
+            yield self.cache[(name, self.evaluator_key)], name in fresh
+
+    def _evaluate(self, archs: list[Arch]) -> Iterable[tuple[float, float]]:
+        imap = getattr(self.fitness, "imap", None)
+        if imap is not None and len(archs) > 1:
+            yield from imap(archs)
+            return
+        for arch in archs:
+            start = time.perf_counter()
+            value = self.fitness(arch)
+            yield value, time.perf_counter() - start
+
+    def _record(self, arch: str, value: float, seconds: float, latency_ms: float, target: str, generation: int) -> None:
+        value = float(value)
         if not np.isfinite(value):
             raise UserError(f"the evaluator returned a non-finite fitness {value} for {arch}")
-        self.cache[key] = value
+        self.cache[(arch, self.evaluator_key)] = value
         self.new += 1
         self.records.append({
-            "arch": str(arch), "evaluator": self.evaluator_key, "fitness": value, "latency_ms": latency_ms,
-            "target": target, "generation": generation, "seconds": round(time.perf_counter() - start, 4),
+            "arch": arch, "evaluator": self.evaluator_key, "fitness": value, "latency_ms": latency_ms,
+            "target": target, "generation": generation, "seconds": round(seconds, 4),
         })
         self.save()
-        return value, True
 
     def save(self) -> None:
         if self.state_path is not None:
@@ -285,17 +310,23 @@ class _Run:
         rest = [i for i in every if i not in self.seen]
         return self.rng.choice(rest) if rest else None
 
-    def visit(self, i: int, generation: int) -> dict:
+    def visit_all(self, chosen: list[int], generation: int) -> None:
+        """Evaluate a generation's chosen candidates (already marked seen) and record the visits."""
+        archs = [(arch_of(self.cands.features[i]), float(self.cands.latency_ms[i])) for i in chosen]
+        for (arch, ms), (fitness, evaluated) in zip(archs, self.evals.get_many(archs, self.cands.target.name, generation)):
+            record = {"arch": str(arch), "fitness": fitness, "latency_ms": ms, "generation": generation,
+                      "evaluated": evaluated}
+            self.visits.append(record)
+            if self.on_visit:
+                self.on_visit(record)
+
+    def choose(self, i: int | None, chosen: list[int]) -> bool:
+        """Add candidate ``i`` to this generation; False when there was none to add."""
+        if i is None:
+            return False
         self.seen.add(i)
-        arch = arch_of(self.cands.features[i])
-        ms = float(self.cands.latency_ms[i])
-        fitness, evaluated = self.evals.get(arch, ms, self.cands.target.name, generation)
-        record = {"arch": str(arch), "fitness": fitness, "latency_ms": ms, "generation": generation,
-                  "evaluated": evaluated}
-        self.visits.append(record)
-        if self.on_visit:
-            self.on_visit(record)
-        return record
+        chosen.append(i)
+        return True
 
     def mutant(self, parent: str) -> int | None:
         """A mutated parent that is new and in the window, or None after ``max_tries`` draws."""
@@ -311,25 +342,27 @@ class _Run:
         """random / fast: generations × generation_size distinct draws, in generation-sized chunks."""
         s = self.settings
         for generation in range(s.generations):
-            for _ in range(s.generation_size):
-                i = self.random_index(pool)
-                if i is None:
-                    return  # every candidate visited
-                self.visit(i, generation)
+            chosen: list[int] = []
+            while len(chosen) < s.generation_size and self.choose(self.random_index(pool), chosen):
+                pass
+            self.visit_all(chosen, generation)
+            if len(chosen) < s.generation_size:
+                return  # every candidate visited
 
     def evolved(self) -> None:
         s = self.settings
-        for _ in range(s.generation_size):
-            i = self.random_index()
-            if i is None:
-                return
-            self.visit(i, 0)
+        chosen: list[int] = []
+        while len(chosen) < s.generation_size and self.choose(self.random_index(), chosen):
+            pass
+        self.visit_all(chosen, 0)
+        if len(chosen) < s.generation_size:
+            return
         for generation in range(1, s.generations):
             population = sorted(self.visits, key=lambda v: (-v["fitness"], v["arch"]))[:s.generation_size]
             lowest = min(v["fitness"] for v in population)
             weights = [v["fitness"] - lowest for v in population]
-            children = 0
-            while children < s.generation_size:
+            chosen = []
+            while len(chosen) < s.generation_size:
                 i = None
                 if self.rng.random() >= s.explore_rate:
                     # Roulette; all-equal fitness gives zero weights, so choose uniformly then.
@@ -338,10 +371,11 @@ class _Run:
                     i = self.mutant(parent["arch"])
                 if i is None:  # explore, or the parent's neighbourhood is used up
                     i = self.random_index()
-                if i is None:
-                    return  # the whole window has been visited
-                self.visit(i, generation)
-                children += 1
+                if not self.choose(i, chosen):
+                    break  # the whole window has been visited
+            self.visit_all(chosen, generation)
+            if len(chosen) < s.generation_size:
+                return
 
 
 @dataclass

@@ -6,9 +6,10 @@ after each), ``results.json``, ``best.json`` and ``pareto.png``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import UserError
 from .files import write_stage_config
@@ -29,7 +30,15 @@ def run_search_stage(*, supernet: Path, predictor: Path, speedups: list[float], 
                      metric: str = "mlm_accuracy", teacher: str | None = None, seq_len: int | None = None,
                      eval_batch_size: int = 32, eval_batches: int = 8, cache_dir: str | None = None,
                      device: str = "cpu", progress: bool = True, plot: bool = True,
-                     arguments: dict[str, Any] | None = None) -> dict:
+                     arguments: dict[str, Any] | None = None, finetune: dict[str, Any] | None = None,
+                     workers: int = 1) -> dict:
+    """Search ``supernet`` for each target; see the module docstring for the files written.
+
+    ``evaluator`` is ``proxy`` (options: metric, teacher, seq_len, eval_batch_size, eval_batches,
+    cache_dir) or ``finetune`` (``finetune``: `FinetuneEvaluator` keyword arguments — tasks,
+    data_dir, settings, hub, train_file, dev_file). ``workers`` > 1 evaluates each generation in
+    that many processes.
+    """
     from .latency import LatencyPredictor
 
     out = Path(out)
@@ -39,12 +48,12 @@ def run_search_stage(*, supernet: Path, predictor: Path, speedups: list[float], 
     if resume and not state_path.is_file():
         raise UserError(f"--resume: {state_path} does not exist; run without --resume first")
     # Options first, then files, then the cheap numpy candidates, then the models.
-    if evaluator == "finetune":
-        from .evaluators import finetune_evaluator
-
-        finetune_evaluator()
-    if evaluator != "proxy":
-        raise UserError(f"unknown evaluator {evaluator!r}: use proxy (or finetune once fine-tuning is built)")
+    if evaluator not in EVALUATORS:
+        raise UserError(f"unknown evaluator {evaluator!r}: use {' or '.join(EVALUATORS)}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if evaluator == "finetune" and not (finetune or {}).get("tasks"):
+        raise UserError("--evaluator finetune needs at least one --task (e.g. --task sst2)")
     latency = LatencyPredictor.load(predictor)
     targets = make_targets(speedups, target_ms, latency.reference_ms)
     # Candidates first (cheap, numpy): an infeasible target fails before any model is loaded.
@@ -53,11 +62,22 @@ def run_search_stage(*, supernet: Path, predictor: Path, speedups: list[float], 
         print(f"warning: the latency predictor was fitted on space {latency.space}; parts of the SuperPLM's "
               "space are extrapolated")
     candidates = find_candidates(space, latency.predict_features, targets, settings.window)
-    from .evaluators import ProxyEvaluator
+    if evaluator == "proxy":
+        options = dict(supernet=supernet, valid_corpus=valid_corpus or [], metric=metric, teacher=teacher,
+                       seq_len=seq_len, batch_size=eval_batch_size, batches=eval_batches, seed=settings.seed,
+                       cache_dir=cache_dir, device=device)
+    else:
+        options = dict(supernet=supernet, device=device, **(finetune or {}))
+    with open_evaluator(evaluator, options, workers) as fitness:
+        return _search_with(fitness, space=space, targets=targets, candidates=candidates, latency=latency,
+                            settings=settings, out=out, resume=resume, progress=progress, plot=plot,
+                            metric=metric if evaluator == "proxy" else "finetune score", arguments=arguments)
 
-    fitness = ProxyEvaluator(supernet, valid_corpus or [], metric=metric, teacher=teacher, seq_len=seq_len,
-                             batch_size=eval_batch_size, batches=eval_batches, seed=settings.seed,
-                             cache_dir=cache_dir, device=device)
+
+def _search_with(fitness, *, space, targets, candidates, latency, settings, out: Path, resume: bool, metric: str,
+                 progress: bool, plot: bool, arguments) -> dict:
+    """Run the search with a ready evaluator and write every output file."""
+    state_path = out / "state.json"
     out.mkdir(parents=True, exist_ok=True)
     if arguments is not None:
         write_stage_config(out, arguments)
@@ -92,10 +112,33 @@ def run_search_stage(*, supernet: Path, predictor: Path, speedups: list[float], 
             from .report import plot_pareto
 
             plot_pareto(out / "results.json", out / "pareto.png",
-                        ylabel=metric if metric == "mlm_accuracy" else f"-{metric}")
+                        ylabel=metric if metric in ("mlm_accuracy", "finetune score") else f"-{metric}")
         except UserError as err:  # no matplotlib: the results stand without the picture
             print(f"warning: {err}")
     return summary
+
+
+EVALUATORS = ("proxy", "finetune")
+
+
+def _evaluator_class(kind: str):
+    from .evaluators import FinetuneEvaluator, ProxyEvaluator
+
+    return ProxyEvaluator if kind == "proxy" else FinetuneEvaluator
+
+
+@contextlib.contextmanager
+def open_evaluator(kind: str, options: dict[str, Any], workers: int = 1) -> Iterator[Any]:
+    """The ``kind`` evaluator built from ``options`` (a fitness ``Arch -> float`` with a ``key``),
+    wrapped in a `WorkerPool` of ``workers`` processes when more than one."""
+    from .evaluators import WorkerPool
+
+    evaluator = _evaluator_class(kind)(**options)  # in this process first: bad options fail here, once
+    if workers == 1:
+        yield evaluator
+        return
+    with WorkerPool(evaluator, _evaluator_class(kind), options, workers) as pool:
+        yield pool
 
 
 def _supernet_space(supernet: Path) -> SearchSpace:
@@ -109,3 +152,129 @@ def _supernet_space(supernet: Path) -> SearchSpace:
         raise UserError(f"--supernet {supernet} is not a SuperPLM checkpoint directory (no config.json)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"{config} is not a SuperPLM config ({type(err).__name__}: {err})") from None
+
+
+# --- trust check: does the proxy rank architectures like fine-tuning does? ------------------------
+CORRELATE_FORMAT = "autotinybert-correlate-state"
+
+
+def run_correlate(*, supernet: Path, out: Path, samples: int, seed: int, proxy: dict[str, Any],
+                  finetune: dict[str, Any], predictor: Path | None = None, speedups: list[float] = (),
+                  target_ms: list[float] = (), window: tuple[float, float] = (0.85, 1.1),
+                  grid_step_hidden: int | None = 16, grid_step_ffn: int | None = 32, workers: int = 1,
+                  resume: bool = False, progress: bool = True, arguments: dict[str, Any] | None = None) -> dict:
+    """Score ``samples`` architectures with both evaluators and report their rank correlation.
+
+    The sample is drawn from the search grid, or from the candidates of the given latency
+    targets when a predictor is given (the ranking the search needs is the one inside a window).
+    Both evaluations are cached in ``out`` and resumable, like a search's.
+    """
+    out = Path(out)
+    if samples < 3:
+        raise UserError(f"--samples must be at least 3 for a rank correlation, got {samples}")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty; pass --resume to continue there or choose another path")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    archs = _correlate_sample(supernet, samples, seed, predictor, speedups, target_ms, window,
+                              grid_step_hidden, grid_step_ffn)
+    out.mkdir(parents=True, exist_ok=True)
+    if arguments is not None:
+        write_stage_config(out, arguments)
+    scores = {}
+    with contextlib.ExitStack() as stack:  # both built first: bad options of either fail before any work
+        evaluators = {"proxy": stack.enter_context(open_evaluator("proxy", {**proxy, "supernet": supernet, "seed": seed})),
+                      "finetune": stack.enter_context(open_evaluator("finetune", {**finetune, "supernet": supernet},
+                                                                     workers))}
+        for kind, fitness in evaluators.items():
+            scores[kind] = _evaluate_sample(fitness, archs, out / f"{kind}-state.json", resume, kind, progress)
+    summary = correlation_summary(archs, scores["proxy"], scores["finetune"])
+    from .files import atomic_write_json
+
+    atomic_write_json(out / "correlate.json", summary)
+    return summary
+
+
+def _correlate_sample(supernet, samples, seed, predictor, speedups, target_ms, window, hidden_step, ffn_step):
+    """(architecture, predicted ms or None) pairs: distinct, drawn with ``seed``."""
+    import random
+
+    space = search_grid(_supernet_space(supernet), hidden_step, ffn_step)
+    rng = random.Random(f"autotinybert-correlate:{seed}")
+    if predictor is None:
+        if speedups or target_ms:
+            raise UserError("--speedup / --target-ms need --predictor")
+        if space.size() < samples:
+            raise UserError(f"the search grid holds {space.size()} architectures, fewer than --samples {samples}")
+        chosen: dict[str, None] = {}
+        for _ in range(100 * samples):
+            chosen.setdefault(str(space.sample(rng)))
+            if len(chosen) == samples:
+                break
+        return [(arch, None) for arch in chosen]
+    from .latency import LatencyPredictor
+    from .search import arch_of
+
+    latency = LatencyPredictor.load(predictor)
+    targets = make_targets(speedups, target_ms, latency.reference_ms)
+    pool = [(str(arch_of(row)), float(ms)) for cands in find_candidates(space, latency.predict_features, targets, window)
+            for row, ms in zip(cands.features, cands.latency_ms)]
+    pool = list(dict(pool).items())  # one entry per architecture
+    if len(pool) < samples:
+        raise UserError(f"the targets' windows hold {len(pool)} architectures, fewer than --samples {samples}; "
+                        "lower --samples or widen --window")
+    return rng.sample(pool, samples)
+
+
+def _evaluate_sample(fitness, archs, state_path: Path, resume: bool, kind: str, progress: bool) -> list[float]:
+    from .search import Evaluations
+    from .space import Arch
+
+    header = {"format": CORRELATE_FORMAT, "evaluator": fitness.key, "archs": [a for a, _ in archs]}
+    evals = Evaluations(fitness, fitness.key, state_path, header)
+    if resume and state_path.is_file():
+        import json
+
+        try:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{state_path} is corrupt ({err}); remove it to evaluate again") from None
+        evals.load({"evaluations": [r for r in state.get("evaluations", []) if r.get("evaluator") == fitness.key]})
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(archs), desc=f"correlate: {kind}", unit="arch")
+    values = []
+    for fitness_value, _ in evals.get_many([(Arch.parse(a), ms) for a, ms in archs], "correlate", 0):
+        values.append(fitness_value)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    evals.save()
+    return values
+
+
+def correlation_summary(archs: list[tuple[str, float | None]], proxy: list[float], finetune: list[float]) -> dict:
+    """Spearman and Kendall rank correlations of the two fitness lists, with every row."""
+    import warnings
+
+    from scipy import stats
+
+    with warnings.catch_warnings():  # a constant input is reported as "undefined" below
+        warnings.simplefilter("ignore")
+        spearman = stats.spearmanr(proxy, finetune)
+        kendall = stats.kendalltau(proxy, finetune)
+
+    def finite(value) -> float | None:  # constant inputs give NaN: say "undefined", not NaN
+        value = float(value)
+        return value if value == value else None
+
+    return {
+        "samples": len(archs),
+        "spearman": finite(spearman.statistic), "spearman_p": finite(spearman.pvalue),
+        "kendall": finite(kendall.statistic), "kendall_p": finite(kendall.pvalue),
+        "rows": [{"arch": a, "latency_ms": ms, "proxy": p, "finetune": f}
+                 for (a, ms), p, f in zip(archs, proxy, finetune)],
+    }

@@ -64,6 +64,7 @@ class FinetuneSettings:
     kd_alpha: float = 0.5                    # weight of the teacher's soft targets
     kd_temperature: float = 2.0
     progress: bool = False
+    log_evaluations: bool = True             # a line per dev evaluation (off inside the search)
 
     def sequence_length(self, task: Task) -> int:
         return self.max_seq_length or (384 if isinstance(task, squad.SquadTask) else 128)
@@ -486,7 +487,8 @@ def _train_loop(model, tokenizer, task, data, settings, features, optimizer, tea
             score = main_score(task, scores)
             state.history.append({"step": state.step, "epoch": round(state.step / per_epoch, 3),
                                   "train_loss": running / counted, "score": score, "scores": scores})
-            bar.write(f"{task.name} step {state.step}/{total}: train loss {running / counted:.4f}, dev score {score:.2f}")
+            if settings.log_evaluations:
+                bar.write(f"{task.name} step {state.step}/{total}: train loss {running / counted:.4f}, dev score {score:.2f}")
             running, counted = 0.0, 0
             if state.best_score is None or score > state.best_score:
                 state.best_score, state.best_step, state.best_scores = score, state.step, scores

@@ -48,7 +48,7 @@ def resolve_tasks(names: Iterable[str]) -> list[Task]:
     return tasks
 
 
-def _data_source(data_dir: Path | None, hub: bool, files_given: bool = False) -> Path | None:
+def data_source(data_dir: Path | None, hub: bool, files_given: bool = False) -> Path | None:
     if hub and data_dir is not None:
         raise UserError("pass either --data-dir or --hub, not both")
     if not hub and data_dir is None and not files_given:
@@ -74,7 +74,7 @@ def run_finetune(*, model: Path, tasks: list[str], out: Path, settings: Finetune
     """Fine-tune `model` on each task; returns the run's results (also RUN/results.json)."""
     settings.validate()
     task_list = resolve_tasks(tasks)
-    data_dir = _data_source(data_dir, hub, files_given=bool(train_file and dev_file))
+    data_dir = data_source(data_dir, hub, files_given=bool(train_file and dev_file))
     if (train_file or dev_file) and not all(isinstance(t, squad.SquadTask) for t in task_list):
         raise UserError("--train-file / --dev-file name SQuAD JSON files; run GLUE tasks separately")
     # Load and check every task's data before training any: bad input fails in seconds, not hours.
@@ -232,7 +232,7 @@ def run_evaluate(*, model: Path, tasks: list[str], settings: FinetuneSettings, d
     """Score already fine-tuned models: `model` is one model directory or a finetune run
     (then `<run>/<task>/model` is used per task). Writes `out/results.json` when `out` is given."""
     task_list = resolve_tasks(tasks)
-    data_dir = _data_source(data_dir, hub, files_given=dev_file is not None)
+    data_dir = data_source(data_dir, hub, files_given=dev_file is not None)
     if out is None:
         return _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, None, test)
     with staged_directory(out, overwrite=overwrite) as work:  # appears complete or not at all
