@@ -70,6 +70,14 @@ def test_develop_resumes_an_interrupted_stage_and_reruns_only_what_changed(tmp_p
     assert calls == ["search", "extract", "further_train", "finetune", "report"]
     assert _attempts(out)["pretrain"] == 2 and _attempts(out)["latency"] == 1
 
+    calls.clear()
+    config["search"].update(evaluator="finetune", ft_max_train_examples=12)  # the paper's fitness, on finetune.tasks
+    develop(config, out, log=_quiet)
+    assert calls == ["search", "extract", "further_train", "finetune", "report"]
+    state = json.loads((out / "search" / "state.json").read_text())
+    assert state["evaluator"].startswith("finetune:sst2:") and len(state["evaluations"]) == 4
+    assert all(0.0 <= r["fitness"] <= 100.0 for r in state["evaluations"])
+
     import shutil
 
     calls.clear()

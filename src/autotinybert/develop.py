@@ -64,7 +64,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
                "method": (str, "fast"), "generations": ((int, type(None)), None), "generation_size": (int, 25),
                "explore_rate": (float, 0.5), "window": (list, [0.85, 1.1]), "grid_step_hidden": (int, 16),
                "grid_step_ffn": (int, 32), "metric": (str, "mlm_accuracy"), "teacher": ((str, type(None)), None),
-               "eval_batch_size": (int, 32), "eval_batches": (int, 8)},
+               "eval_batch_size": (int, 32), "eval_batches": (int, 8), "evaluator": (str, "proxy"),
+               "workers": (int, 1), "ft_epochs": (float, 1.0), "ft_lr": (float, 1e-4),
+               "ft_max_train_examples": ((int, type(None)), 2000)},
     "extract": {"onnx": ((bool, str), "auto"), "verify": (bool, True), "latency_repeats": (int, 20)},
     "further_train": {"max_steps": (int, 0), "objective": (str, "mlm"), "teacher": ((str, type(None)), None),
                       "batch_size": (int, 32), "grad_accum": (int, 1), "lr": (float, 1e-4),
@@ -163,6 +165,10 @@ def _check_values(config: dict, source: str) -> None:
             if key == "range_fractions" and value > 1:
                 raise UserError(f"{source}: search.range_fractions must lie in (0, 1] (0: the fastest architecture, "
                                 f"1: the slowest); got {value!r}")
+    if search["evaluator"] not in ("proxy", "finetune"):
+        raise UserError(f"{source}: search.evaluator must be proxy or finetune, not {search['evaluator']!r}")
+    if search["evaluator"] == "finetune" and not config["finetune"]["tasks"]:
+        raise UserError(f"{source}: search.evaluator finetune fine-tunes on finetune.tasks; list at least one task")
     if len(search["window"]) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                              for v in search["window"]):
         raise UserError(f"{source}: search.window must be [LOW, HIGH], e.g. [0.85, 1.1]")
@@ -504,7 +510,8 @@ def _stage_search(run: Run, out: Path, resume: bool) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     summary = run_search_stage(
         supernet=supernet, predictor=predictor_file, speedups=[float(x) for x in s["speedups"]], target_ms=target_ms,
-        settings=settings, evaluator="proxy", valid_corpus=run.outputs["data"]["valid_corpus"], out=out, resume=again,
+        settings=settings, evaluator=s["evaluator"], finetune=_search_finetune_options(run), workers=s["workers"],
+        valid_corpus=run.outputs["data"]["valid_corpus"], out=out, resume=again,
         grid_step_hidden=s["grid_step_hidden"], grid_step_ffn=s["grid_step_ffn"], metric=s["metric"],
         teacher=s["teacher"], seq_len=run.config["pretrain"]["seq_len"], eval_batch_size=s["eval_batch_size"],
         eval_batches=s["eval_batches"], cache_dir=run.config["data"]["cache_dir"], device=run.config["run"]["device"],
@@ -513,6 +520,20 @@ def _stage_search(run: Run, out: Path, resume: bool) -> dict:
     for row in summary["best"]:
         run.log(f"  {row['target']:>10}: {row['arch']} ({row['latency_ms']:.2f} ms predicted, fitness {row['fitness']:.4f})")
     return {"results": str(out / "results.json"), "best": best, "_digest": _hash(summary["best"])}
+
+
+def _search_finetune_options(run: Run) -> dict | None:
+    """The finetune evaluator's options: the finetune section's tasks and data, the search's budget."""
+    from .tasks.finetune import FinetuneSettings
+
+    s, f = run.config["search"], run.config["finetune"]
+    if s["evaluator"] != "finetune":
+        return None
+    settings = FinetuneSettings(epochs=s["ft_epochs"], learning_rate=s["ft_lr"], batch_size=f["batch_size"],
+                                eval_batch_size=f["eval_batch_size"], max_seq_length=f["max_seq_length"],
+                                max_train_examples=s["ft_max_train_examples"], max_eval_examples=f["max_eval_examples"],
+                                seed=f["seed"], group_by_length=True)
+    return {"tasks": f["tasks"], "data_dir": Path(run.outputs["data"]["tasks_dir"]), "settings": settings}
 
 
 # --- stage: extract ---------------------------------------------------------------------------
