@@ -574,11 +574,12 @@ def _run_search_correlate(args: argparse.Namespace) -> int:
         ms = f"{row['latency_ms']:.2f}ms" if row["latency_ms"] is not None else "-"
         print(f"{row['arch']:<24} {ms:>9} {row['proxy']:>8.4f} {row['finetune']:>9.2f}")
 
-    def shown(value):
-        return "undefined (a constant fitness)" if value is None else f"{value:+.3f}"
+    def shown(name: str) -> str:
+        value, p_value = summary[name], summary[f"{name}_p"]
+        return "undefined (a constant fitness)" if value is None else f"{value:+.3f} (p {p_value:.3f})"
 
-    print(f"Spearman {shown(summary['spearman'])} (p {summary['spearman_p'] if summary['spearman_p'] is None else round(summary['spearman_p'], 4)}), "
-          f"Kendall {shown(summary['kendall'])} over {summary['samples']} architectures; results in {args.out / 'correlate.json'}")
+    print(f"Spearman {shown('spearman')}, Kendall {shown('kendall')} over {summary['samples']} architectures; "
+          f"results in {args.out / 'correlate.json'}")
     return 0
 
 
