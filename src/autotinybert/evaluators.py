@@ -57,16 +57,24 @@ def _seq_len_of(supernet: Path) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
+def _load_supernet(supernet: Path, device: str):
+    """(SuperPLM on ``device``, its tokenizer, the torch device): what every evaluator starts from."""
+    import torch
+
+    from .modeling import load_supernet, load_tokenizer
+
+    model = load_supernet(supernet)
+    torch_device = torch.device(device)
+    return model.to(torch_device), load_tokenizer(supernet), torch_device
+
+
 class ProxyEvaluator:
     """Fitness = a validation metric of the inherited sub-model on fixed held-out batches."""
 
     def __init__(self, supernet: str | Path, valid_corpus: list[str], *, metric: str = "mlm_accuracy",
                  teacher: str | None = None, seq_len: int | None = None, batch_size: int = 32, batches: int = 8,
                  seed: int = 0, cache_dir: str | Path | None = None, device: str = "cpu") -> None:
-        import torch
-
         from .data import build_dataset
-        from .modeling import load_supernet, load_tokenizer
         from .pretrain import Teacher
 
         if metric not in METRICS:
@@ -78,11 +86,8 @@ class ProxyEvaluator:
         if batch_size < 1 or batches < 1:
             raise UserError("--eval-batch-size and --eval-batches must be positive")
         supernet = Path(supernet)
-        self.model = load_supernet(supernet)
+        self.model, self.tokenizer, self.device = _load_supernet(supernet, device)
         self.space = self.model.config.search_space
-        self.tokenizer = load_tokenizer(supernet)
-        self.device = torch.device(device)
-        self.model.to(self.device)
         self.seq_len = seq_len or _seq_len_of(supernet) or 128
         cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "autotinybert" / "data"
         # The held-out text is both "corpus" and validation here: only the valid split is used.
@@ -119,9 +124,6 @@ class FinetuneEvaluator:
     def __init__(self, supernet: str | Path, tasks: list[str], data_dir: str | Path | None, *,
                  settings: Any = None, hub: bool = False, train_file: str | Path | None = None,
                  dev_file: str | Path | None = None, device: str = "cpu") -> None:
-        import torch
-
-        from .modeling import load_supernet, load_tokenizer
         from .tasks.finetune import FinetuneSettings, load_task_data, resolve_task
         from .tasks.run import data_source
 
@@ -135,11 +137,8 @@ class FinetuneEvaluator:
         self.data = [load_task_data(task, source, test=False, train_file=train_file, dev_file=dev_file,
                                     settings=self.settings) for task in self.tasks]
         supernet = Path(supernet)
-        self.model = load_supernet(supernet)
+        self.model, self.tokenizer, self.device = _load_supernet(supernet, device)
         self.space = self.model.config.search_space
-        self.tokenizer = load_tokenizer(supernet)
-        self.device = torch.device(device)
-        self.model.to(self.device)
         self.key = self._key(supernet, source)
         self.seconds: list[float] = []
         self.last_scores: dict[str, float] = {}

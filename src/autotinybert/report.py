@@ -25,13 +25,7 @@ def read_validation_curves(metrics_csv: str | Path, column: str = "mlm_accuracy"
 def plot_validation_curves(metrics_csv: str | Path, out_png: str | Path, column: str = "mlm_accuracy",
                            title: str | None = None) -> Path:
     """One line per validation-panel architecture: ``column`` against the training step."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plots need the plots extra: pip install 'autotinybert[plots]'") from None
+    plt = _required_pyplot()
     curves = read_validation_curves(metrics_csv, column)
     if not curves:
         raise UserError(f"{metrics_csv} has no validation rows with {column}")
@@ -39,11 +33,8 @@ def plot_validation_curves(metrics_csv: str | Path, out_png: str | Path, column:
     for arch, points in sorted(curves.items()):
         steps, values = zip(*points)
         ax.plot(steps, values, marker="o", markersize=3, label=arch)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(column.replace("_", " "))
-    ax.set_title(title or f"validation {column.replace('_', ' ')} of the panel architectures")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, "training step", column.replace("_", " "),
+           title or f"validation {column.replace('_', ' ')} of the panel architectures")
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -57,13 +48,7 @@ def plot_pareto(results_json: str | Path, out_png: str | Path, ylabel: str = "fi
     target's window and best architecture (from a search ``results.json`` + ``state.json``)."""
     import json
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plots need the plots extra: pip install 'autotinybert[plots]'") from None
+    plt = _required_pyplot()
     results_json = Path(results_json)
     results = json.loads(results_json.read_text(encoding="utf-8"))
     state = json.loads((results_json.parent / "state.json").read_text(encoding="utf-8"))
@@ -153,6 +138,13 @@ def _model_rows(extract: dict, further: dict, finetune: dict, search: dict) -> l
     return rows
 
 
+def _required_pyplot():
+    plt = _pyplot()
+    if plt is None:
+        raise UserError("plots need the plots extra: pip install 'autotinybert[plots]'")
+    return plt
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -165,12 +157,25 @@ def _pyplot():
 
 
 def _png(fig) -> bytes:
+    """The figure as PNG bytes; the figure is closed (its memory freed)."""
     import io
+
+    import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png")
+    plt.close(fig)
     return buffer.getvalue()
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, title, a light grid and a small legend: the look of every report plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def pareto_figure(run: dict) -> bytes | None:
@@ -191,14 +196,9 @@ def pareto_figure(run: dict) -> bytes | None:
         best = target["best"]
         ax.scatter([best["latency_ms"]], [best["fitness"]], marker="*", s=220, color=f"C{i}", edgecolor="black",
                    zorder=3, label=f"chosen for {target['target']['name']}: {best['arch']}")
-    ax.set_xlabel("predicted latency (ms)")
-    ax.set_ylabel(f"proxy fitness ({search.get('metric', 'fitness')})")
-    ax.set_title("search: latency vs score (stars: the exported models)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    png = _png(fig)
-    plt.close(fig)
-    return png
+    _label(ax, "predicted latency (ms)", f"proxy fitness ({search.get('metric', 'fitness')})",
+           "search: latency vs score (stars: the exported models)")
+    return _png(fig)
 
 
 def latency_figure(run: dict) -> bytes | None:
@@ -218,14 +218,8 @@ def latency_figure(run: dict) -> bytes | None:
                    color=f"C{i}", edgecolor="black", zorder=3, label=f"{m['target']}: {m['arch']}")
     low, high = min(values) * 0.9, max(values) * 1.1
     ax.plot([low, high], [low, high], "k--", lw=1, label="predicted = measured")
-    ax.set_xlabel("measured latency (ms, median)")
-    ax.set_ylabel("predicted latency (ms)")
-    ax.set_title("latency predictor vs measurement")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    png = _png(fig)
-    plt.close(fig)
-    return png
+    _label(ax, "measured latency (ms, median)", "predicted latency (ms)", "latency predictor vs measurement")
+    return _png(fig)
 
 
 def downstream_figure(run: dict) -> bytes | None:
@@ -240,15 +234,10 @@ def downstream_figure(run: dict) -> bytes | None:
     for i, (m, ms, score) in enumerate(points):
         ax.scatter([ms], [score], marker="*", s=220, color=f"C{i}", edgecolor="black", zorder=3,
                    label=f"{m['target']}: {m['arch']}")
-    ax.set_xlabel("measured latency (ms, median)")
-    ax.set_ylabel(f"fine-tuned dev score (mean of {tasks})")
-    ax.set_title("exported models: latency vs downstream score")
     ax.margins(0.2)  # a handful of points: keep the stars off the frame
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    png = _png(fig)
-    plt.close(fig)
-    return png
+    _label(ax, "measured latency (ms, median)", f"fine-tuned dev score (mean of {tasks})",
+           "exported models: latency vs downstream score")
+    return _png(fig)
 
 
 def _mean_score(results: dict) -> float:
@@ -286,9 +275,7 @@ def training_figure(run: dict) -> bytes | None:
     right.grid(alpha=0.3)
     if curves:
         right.legend(fontsize=7)
-    png = _png(fig)
-    plt.close(fig)
-    return png
+    return _png(fig)
 
 
 def _train_loss(metrics_csv: Path) -> list[tuple[int, float]]:

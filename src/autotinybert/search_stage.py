@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import UserError
-from .files import write_stage_config
+from .files import atomic_write_json, write_stage_config
 from .search import (
     SearchSettings,
     find_candidates,
@@ -189,8 +189,6 @@ def run_correlate(*, supernet: Path, out: Path, samples: int, seed: int, proxy: 
         for kind, fitness in evaluators.items():
             scores[kind] = _evaluate_sample(fitness, archs, out / f"{kind}-state.json", resume, kind, progress)
     summary = correlation_summary(archs, scores["proxy"], scores["finetune"])
-    from .files import atomic_write_json
-
     atomic_write_json(out / "correlate.json", summary)
     return summary
 
