@@ -109,8 +109,12 @@ def test_shipped_configs_load():
     ({"pretrain": {"max_stepz": 3}}, ["unknown option pretrain.max_stepz", "known:"]),
     ({"pretrain": {"max_steps": "many"}}, ["pretrain.max_steps must be an integer"]),
     ({"serch": {}}, ["unknown section 'serch'"]),
-    ({"search": {"window": ["low", 1.1]}}, ["search.window must be [LOW, HIGH]"]),
-    ({"search": {"range_fractions": [1.5]}}, ["search.range_fractions must lie in (0, 1]"]),
+    ({"search": {"window": ["low", 1.1]}}, ["search.window must be a number"]),
+    ({"search": {"window": [1.2, 1.1]}}, ["LOW <= HIGH"]),
+    ({"search": {"range_fractions": [1.5]}}, ["search.range_fractions must be at most 1"]),
+    ({"pretrain": {"limits": {"layers": 2}}}, ["pretrain.max_layers"]),
+    ({"pretrain": {"objective": "kd"}}, ["pretrain", "needs --teacher"]),
+    ({"finetune": {"lr": 0}}, ["finetune.lr must be greater than 0"]),
     ({"search": {"speedups": [], "range_fractions": [], "target_ms": []}}, ["at least one target"]),
 ])
 def test_bad_configs_name_the_key(tmp_path, change, fragments):
@@ -172,21 +176,23 @@ def test_torchrun_command_line_reproduces_the_settings(tmp_path):
     from dataclasses import asdict
 
     from autotinybert.cli import build_parser
-    from autotinybert.develop import Run, _pretrain_settings, pretrain_arguments
+    from autotinybert.develop import Run, pretrain_arguments
+    from autotinybert.develop.stages import _pretrain_settings
 
     config = validate_config(tiny_config(tmp_path))
-    config["pretrain"]["limits"] = {"layers": 2, "hidden": 32}
+    config["pretrain"].update(max_layers=2, max_hidden=32)
     run = Run(tmp_path / "run", config)
     run.outputs["data"] = {"corpus": config["data"]["corpus"], "valid_corpus": config["data"]["valid_corpus"]}
     for settings in (_pretrain_settings(run, tmp_path / "p"),
-                     _pretrain_settings(run, tmp_path / "f", arch="L1-H16-F20-A1-Q8", init=str(tmp_path), vocab_size=None)):
+                     _pretrain_settings(run, tmp_path / "f", further=True, arch="L1-H16-F20-A1-Q8", init=str(tmp_path),
+                                        vocab_size=None, max_steps=7)):
         args = build_parser().parse_args(["pretrain", *pretrain_arguments(settings)])
         parsed = {k: getattr(args, k) for k in asdict(settings) if hasattr(args, k)}
         expected = {k: v for k, v in asdict(settings).items() if k in parsed}
         assert parsed == expected
         limits = {dim: getattr(args, f"max_{dim}") for dim in ("layers", "hidden", "ffn", "heads", "qkv")
                   if getattr(args, f"max_{dim}") is not None}
-        assert limits == settings.space_limits
+        assert limits == settings.space_limits == {"layers": 2, "hidden": 32}
 
 
 def test_a_killed_develop_process_continues_where_it_stopped(tmp_path):
@@ -204,7 +210,7 @@ def test_a_killed_develop_process_continues_where_it_stopped(tmp_path):
     path = write_config(tmp_path, config)
     out = tmp_path / "run"
     command = [sys.executable, "-m", "autotinybert", "develop", "--config", str(path), "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(Path(develop_module.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(develop_module.__file__).parents[2])}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = out / "pretrain" / "checkpoint" / "trainer_state.json"
     deadline = time.time() + 120

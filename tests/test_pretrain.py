@@ -160,7 +160,7 @@ def test_kd_pretraining_runs_and_rejects_teachers_that_do_not_fit(tmp_path, corp
     with pytest.raises(UserError, match="vocabulary"):
         pretrain(replace(settings, out=str(tmp_path / "r3"), tokenizer=None, vocab_size=120))
     with pytest.raises(UserError, match="mlm space"):
-        pretrain(replace(settings, out=str(tmp_path / "r4"), space="paper-mlm", space_limits={"layers": 1}))
+        pretrain(replace(settings, out=str(tmp_path / "r4"), space="paper-mlm", max_layers=1))
 
 
 def test_corrupt_checkpoint_on_resume_is_a_clear_error(tmp_path, corpus, space_file):

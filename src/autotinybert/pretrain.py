@@ -23,7 +23,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,62 +51,14 @@ from .modeling import (
     new_supernet,
     save_supernet,
 )
+from .settings import OBJECTIVES, SAMPLING_RULES, PretrainSettings  # noqa: F401 - re-exported
 from .space import RELEASED, Arch, Dim, SearchSpace
 
-SAMPLING_RULES = ("random", "per-worker", "sandwich")
-OBJECTIVES = ("mlm", "kd", "both")
 # Changing these between a run and its --resume would silently change what is trained.
-_RESUME_INVARIANT = ("corpus", "valid_corpus", "tokenizer", "vocab_size", "space", "space_limits", "objective",
+_RESUME_INVARIANT = ("corpus", "valid_corpus", "tokenizer", "vocab_size", "space", "max_layers", "max_hidden",
+                     "max_ffn", "max_heads", "max_qkv", "objective",
                      "teacher", "sampling", "samples_per_batch", "arch", "init", "batch_size", "grad_accum", "lr",
                      "weight_decay", "warmup_ratio", "max_grad_norm", "bf16", "seq_len", "seed")
-
-
-@dataclass
-class PretrainSettings:
-    out: str
-    corpus: list[str]
-    valid_corpus: list[str] | None = None
-    tokenizer: str | None = None
-    vocab_size: int | None = None
-    space: str = "paper-mlm"
-    space_limits: dict[str, int] = field(default_factory=dict)
-    objective: str = "mlm"
-    teacher: str | None = None
-    sampling: str = "random"
-    samples_per_batch: int = 1
-    arch: str | None = None
-    init: str | None = None
-    max_steps: int = 1000
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    bf16: bool = False
-    seq_len: int = 128
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int = 4
-    save_every: int = 200
-    cache_dir: str | None = None
-    text_column: str = "text"
-    progress: bool = True
-
-    def check(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise UserError(f"unknown --objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
-        if self.sampling not in SAMPLING_RULES:
-            raise UserError(f"unknown --sampling {self.sampling!r}; use one of {', '.join(SAMPLING_RULES)}")
-        if self.objective in ("kd", "both") and not self.teacher:
-            raise UserError(f"--objective {self.objective} needs --teacher DIR (a local BERT-family checkpoint)")
-        for name in ("max_steps", "batch_size", "grad_accum", "samples_per_batch", "seq_len", "log_every",
-                     "eval_every", "save_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if not self.lr > 0:
-            raise UserError("--lr must be positive")
 
 
 # --- distributed ------------------------------------------------------------------------------

@@ -44,9 +44,9 @@ import numpy as np
 
 from .errors import UserError
 from .files import atomic_write_json
-from .space import Arch, Dim, MutationRates, SearchSpace
+from .settings import METHODS, SearchSettings  # noqa: F401 - re-exported: the search's settings
+from .space import Arch, Dim, SearchSpace
 
-METHODS = ("random", "fast", "evolved")
 STATE_FORMAT = "autotinybert-search-state"
 STATE_VERSION = 1
 
@@ -92,40 +92,6 @@ def make_targets(speedups: Iterable[float] = (), target_ms: Iterable[float] = ()
     if len(set(names)) != len(names):
         raise UserError(f"targets repeat: {', '.join(names)}")
     return targets
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    method: str = "evolved"
-    generations: int = 10
-    generation_size: int = 25
-    explore_rate: float = 0.5
-    window: tuple[float, float] = (0.85, 1.1)
-    seed: int = 0
-    mutation: MutationRates = MutationRates()
-    # Draws per child before falling back (mutation -> fresh random; random -> scan of the rest).
-    max_tries: int = 100
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"unknown search method {self.method!r}: use one of {', '.join(METHODS)}")
-        for name in ("generations", "generation_size", "max_tries"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}")
-        if not 0.0 <= self.explore_rate <= 1.0:
-            raise UserError(f"--explore-rate must lie in [0, 1]; got {self.explore_rate}")
-        low, high = self.window
-        if not 0 < low <= high:
-            raise UserError(f"--window LOW HIGH needs 0 < LOW <= HIGH; got {low} {high}")
-
-    def key(self) -> dict:
-        """What must match for a resumed run to reproduce the first (generations may grow)."""
-        data = dataclasses.asdict(self)
-        data.pop("generations")
-        data["window"] = list(self.window)
-        data["mutation"] = {k: list(v) for k, v in data["mutation"].items()}
-        return data
 
 
 def search_grid(space: SearchSpace, hidden_step: int | None = 16, ffn_step: int | None = 32) -> SearchSpace:

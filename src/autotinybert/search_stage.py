@@ -8,70 +8,107 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import UserError
 from .files import atomic_write_json, write_stage_config
 from .search import (
-    SearchSettings,
     find_candidates,
     make_targets,
     search,
     search_grid,
     write_outputs,
 )
+from .settings import (
+    FinetuneBudget,
+    FinetuneSettings,
+    ProxyDataCommand,
+    ProxySettings,
+    SearchCommand,
+    SearchSettings,
+    TargetSettings,
+    TaskDataSettings,
+)
 from .space import SearchSpace
 
 
-def run_search_stage(*, supernet: Path, predictor: Path, speedups: list[float], target_ms: list[float],
-                     settings: SearchSettings, evaluator: str, valid_corpus: list[str] | None, out: Path,
-                     resume: bool = False, grid_step_hidden: int | None = 16, grid_step_ffn: int | None = 32,
-                     metric: str = "mlm_accuracy", teacher: str | None = None, seq_len: int | None = None,
-                     eval_batch_size: int = 32, eval_batches: int = 8, cache_dir: str | None = None,
-                     device: str = "cpu", progress: bool = True, plot: bool = True,
-                     arguments: dict[str, Any] | None = None, finetune: dict[str, Any] | None = None,
-                     workers: int = 1) -> dict:
-    """Search ``supernet`` for each target; see the module docstring for the files written.
+@dataclass
+class SearchJob:
+    """Everything a search (or `search correlate`) needs, as declared in `settings`."""
 
-    ``evaluator`` is ``proxy`` (options: metric, teacher, seq_len, eval_batch_size, eval_batches,
-    cache_dir) or ``finetune`` (``finetune``: `FinetuneEvaluator` keyword arguments — tasks,
-    data_dir, settings, hub, train_file, dev_file). ``workers`` > 1 evaluates each generation in
-    that many processes.
+    command: SearchCommand
+    targets: TargetSettings = field(default_factory=TargetSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    proxy_data: ProxyDataCommand = field(default_factory=ProxyDataCommand)
+    tasks: TaskDataSettings = field(default_factory=TaskDataSettings)
+    budget: FinetuneBudget = field(default_factory=FinetuneBudget)
+
+    def evaluator_options(self, kind: str) -> dict[str, Any]:
+        """Keyword arguments of the ``kind`` evaluator (`ProxyEvaluator` / `FinetuneEvaluator`)."""
+        supernet, device = self.command.supernet, self.command.device
+        if kind == "proxy":
+            p, data = self.proxy, self.proxy_data
+            return dict(supernet=supernet, valid_corpus=data.valid_corpus or [], metric=p.metric, teacher=p.teacher,
+                        seq_len=data.seq_len, batch_size=p.eval_batch_size, batches=p.eval_batches,
+                        seed=self.search.seed, cache_dir=data.cache_dir, device=device)
+        t = self.tasks
+        return dict(supernet=supernet, device=device, tasks=t.tasks, data_dir=t.data_dir, hub=t.hub,
+                    train_file=t.train_file, dev_file=t.dev_file, settings=budget_settings(self.budget))
+
+
+def budget_settings(budget: FinetuneBudget) -> FinetuneSettings:
+    """The fine-tuning settings of one candidate of the finetune evaluator."""
+    return FinetuneSettings(epochs=budget.epochs, max_steps=budget.max_steps, learning_rate=budget.lr,
+                            batch_size=budget.batch_size, max_train_examples=budget.max_train_examples,
+                            max_eval_examples=budget.max_eval_examples, max_seq_length=budget.max_seq_length,
+                            seed=budget.seed, group_by_length=True, progress=False)
+
+
+def _require(command: Any, *names: str) -> None:
+    missing = [f"--{name}" for name in names if getattr(command, name) is None]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}")
+
+
+def _check_out(out: Path, resume: bool, state_path: Path) -> None:
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty; pass --resume to continue there or choose another path")
+    if resume and not state_path.is_file():
+        raise UserError(f"--resume: {state_path} does not exist; run without --resume first")
+
+
+def run_search_stage(job: SearchJob, *, arguments: dict[str, Any] | None = None) -> dict:
+    """Search the SuperPLM for each target; see the module docstring for the files written.
+
+    ``job.command.evaluator`` is ``proxy`` (`ProxySettings`, `ProxyDataCommand`) or ``finetune``
+    (`TaskDataSettings`, `FinetuneBudget`); ``workers`` > 1 evaluates each generation in that many
+    processes.
     """
     from .latency import LatencyPredictor
 
-    out = Path(out)
-    state_path = out / "state.json"
-    if not resume and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out} is not empty; pass --resume to continue the search there or choose another path")
-    if resume and not state_path.is_file():
-        raise UserError(f"--resume: {state_path} does not exist; run without --resume first")
+    c = job.command
+    _require(c, "supernet", "predictor", "out")
+    out = Path(c.out)
+    _check_out(out, c.resume, out / "state.json")
     # Options first, then files, then the cheap numpy candidates, then the models.
-    if evaluator not in EVALUATORS:
-        raise UserError(f"unknown evaluator {evaluator!r}: use {' or '.join(EVALUATORS)}")
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    if evaluator == "finetune" and not (finetune or {}).get("tasks"):
+    if c.evaluator == "finetune" and not job.tasks.tasks:
         raise UserError("--evaluator finetune needs at least one --task (e.g. --task sst2)")
-    latency = LatencyPredictor.load(predictor)
-    targets = make_targets(speedups, target_ms, latency.reference_ms)
+    latency = LatencyPredictor.load(c.predictor)
+    targets = make_targets(job.targets.speedups, job.targets.target_ms, latency.reference_ms)
     # Candidates first (cheap, numpy): an infeasible target fails before any model is loaded.
-    space = search_grid(_supernet_space(supernet), grid_step_hidden, grid_step_ffn)
+    space = search_grid(_supernet_space(c.supernet), job.targets.grid_step_hidden, job.targets.grid_step_ffn)
     if not latency.covers(space.largest()) or not latency.covers(space.smallest()):
         print(f"warning: the latency predictor was fitted on space {latency.space}; parts of the SuperPLM's "
               "space are extrapolated")
-    candidates = find_candidates(space, latency.predict_features, targets, settings.window)
-    if evaluator == "proxy":
-        options = dict(supernet=supernet, valid_corpus=valid_corpus or [], metric=metric, teacher=teacher,
-                       seq_len=seq_len, batch_size=eval_batch_size, batches=eval_batches, seed=settings.seed,
-                       cache_dir=cache_dir, device=device)
-    else:
-        options = dict(supernet=supernet, device=device, **(finetune or {}))
-    with open_evaluator(evaluator, options, workers) as fitness:
+    candidates = find_candidates(space, latency.predict_features, targets, job.search.window)
+    with open_evaluator(c.evaluator, job.evaluator_options(c.evaluator), c.workers) as fitness:
         return _search_with(fitness, space=space, targets=targets, candidates=candidates, latency=latency,
-                            settings=settings, out=out, resume=resume, progress=progress, plot=plot,
-                            metric=metric if evaluator == "proxy" else "finetune score", arguments=arguments)
+                            settings=job.search, out=out, resume=c.resume, progress=c.progress, plot=c.plot,
+                            metric=job.proxy.metric if c.evaluator == "proxy" else "finetune score",
+                            arguments=arguments)
 
 
 def _search_with(fitness, *, space, targets, candidates, latency, settings, out: Path, resume: bool, metric: str,
@@ -118,9 +155,6 @@ def _search_with(fitness, *, space, targets, candidates, latency, settings, out:
     return summary
 
 
-EVALUATORS = ("proxy", "finetune")
-
-
 def _evaluator_class(kind: str):
     from .evaluators import FinetuneEvaluator, ProxyEvaluator
 
@@ -158,49 +192,45 @@ def _supernet_space(supernet: Path) -> SearchSpace:
 CORRELATE_FORMAT = "autotinybert-correlate-state"
 
 
-def run_correlate(*, supernet: Path, out: Path, samples: int, seed: int, proxy: dict[str, Any],
-                  finetune: dict[str, Any], predictor: Path | None = None, speedups: list[float] = (),
-                  target_ms: list[float] = (), window: tuple[float, float] = (0.85, 1.1),
-                  grid_step_hidden: int | None = 16, grid_step_ffn: int | None = 32, workers: int = 1,
-                  resume: bool = False, progress: bool = True, arguments: dict[str, Any] | None = None) -> dict:
+def run_correlate(job: SearchJob, samples: int, *, arguments: dict[str, Any] | None = None) -> dict:
     """Score ``samples`` architectures with both evaluators and report their rank correlation.
 
     The sample is drawn from the search grid, or from the candidates of the given latency
     targets when a predictor is given (the ranking the search needs is the one inside a window).
     Both evaluations are cached in ``out`` and resumable, like a search's.
     """
-    out = Path(out)
+    c = job.command
+    _require(c, "supernet", "out")
+    out = Path(c.out)
     if samples < 3:
         raise UserError(f"--samples must be at least 3 for a rank correlation, got {samples}")
-    if not resume and out.is_dir() and any(out.iterdir()):
+    if not c.resume and out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty; pass --resume to continue there or choose another path")
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    archs = _correlate_sample(supernet, samples, seed, predictor, speedups, target_ms, window,
-                              grid_step_hidden, grid_step_ffn)
+    archs = _correlate_sample(job, samples)
     out.mkdir(parents=True, exist_ok=True)
     if arguments is not None:
         write_stage_config(out, arguments)
     scores = {}
     with contextlib.ExitStack() as stack:  # both built first: bad options of either fail before any work
-        evaluators = {"proxy": stack.enter_context(open_evaluator("proxy", {**proxy, "supernet": supernet, "seed": seed})),
-                      "finetune": stack.enter_context(open_evaluator("finetune", {**finetune, "supernet": supernet},
-                                                                     workers))}
+        evaluators = {"proxy": stack.enter_context(open_evaluator("proxy", job.evaluator_options("proxy"))),
+                      "finetune": stack.enter_context(open_evaluator("finetune", job.evaluator_options("finetune"),
+                                                                     c.workers))}
         for kind, fitness in evaluators.items():
-            scores[kind] = _evaluate_sample(fitness, archs, out / f"{kind}-state.json", resume, kind, progress)
+            scores[kind] = _evaluate_sample(fitness, archs, out / f"{kind}-state.json", c.resume, kind, c.progress)
     summary = correlation_summary(archs, scores["proxy"], scores["finetune"])
     atomic_write_json(out / "correlate.json", summary)
     return summary
 
 
-def _correlate_sample(supernet, samples, seed, predictor, speedups, target_ms, window, hidden_step, ffn_step):
-    """(architecture, predicted ms or None) pairs: distinct, drawn with ``seed``."""
+def _correlate_sample(job: SearchJob, samples: int) -> list[tuple[str, float | None]]:
+    """(architecture, predicted ms or None) pairs: distinct, drawn with the search seed."""
     import random
 
-    space = search_grid(_supernet_space(supernet), hidden_step, ffn_step)
-    rng = random.Random(f"autotinybert-correlate:{seed}")
+    t, predictor = job.targets, job.command.predictor
+    space = search_grid(_supernet_space(job.command.supernet), t.grid_step_hidden, t.grid_step_ffn)
+    rng = random.Random(f"autotinybert-correlate:{job.search.seed}")
     if predictor is None:
-        if speedups or target_ms:
+        if t.speedups or t.target_ms:
             raise UserError("--speedup / --target-ms need --predictor")
         if space.size() < samples:
             raise UserError(f"the search grid holds {space.size()} architectures, fewer than --samples {samples}")
@@ -214,7 +244,8 @@ def _correlate_sample(supernet, samples, seed, predictor, speedups, target_ms, w
     from .search import arch_of
 
     latency = LatencyPredictor.load(predictor)
-    targets = make_targets(speedups, target_ms, latency.reference_ms)
+    targets = make_targets(t.speedups, t.target_ms, latency.reference_ms)
+    window = job.search.window
     pool = [(str(arch_of(row)), float(ms)) for cands in find_candidates(space, latency.predict_features, targets, window)
             for row, ms in zip(cands.features, cands.latency_ms)]
     pool = list(dict(pool).items())  # one entry per architecture

@@ -33,55 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..settings import FinetuneSettings  # noqa: F401 - re-exported: the fine-tuning settings
 from . import glue, metrics, squad
 
 Task = glue.GlueTask | squad.SquadTask
-
-
-@dataclass
-class FinetuneSettings:
-    """Optimisation and budget settings (defaults: BERT's GLUE recipe, 3 epochs, 10% warm-up)."""
-
-    epochs: float = 3.0
-    max_steps: int | None = None             # overrides epochs
-    learning_rate: float = 5e-5
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    max_seq_length: int | None = None        # None: 128 for GLUE, 384 for SQuAD
-    doc_stride: int = 128                    # SQuAD window overlap in tokens
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    max_train_examples: int | None = None    # seeded random subset (budgets)
-    max_eval_examples: int | None = None
-    subset_seed: int = 0                     # which subset; separate from the training seed
-    eval_every: int | None = None            # steps; None: at the end of each epoch
-    group_by_length: bool = False            # batch similar lengths together (less padding, faster)
-    n_best: int = 20                         # SQuAD post-processing
-    max_answer_length: int = 30
-    null_score_threshold: float = 0.0        # SQuAD v2.0
-    kd_alpha: float = 0.5                    # weight of the teacher's soft targets
-    kd_temperature: float = 2.0
-    progress: bool = False
-    log_evaluations: bool = True             # a line per dev evaluation (off inside the search)
-
-    def sequence_length(self, task: Task) -> int:
-        return self.max_seq_length or (384 if isinstance(task, squad.SquadTask) else 128)
-
-    def validate(self) -> None:
-        positive = {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size, "learning_rate": self.learning_rate}
-        for name, value in positive.items():
-            if not value > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.max_steps is None and not self.epochs > 0:
-            raise UserError(f"--epochs must be positive, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise UserError(f"--max-steps must be positive, got {self.max_steps}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise UserError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.kd_alpha <= 1 or self.kd_temperature <= 0:
-            raise UserError("--kd-alpha must be in [0, 1] and --kd-temperature positive")
 
 
 def resolve_task(name: str) -> Task:

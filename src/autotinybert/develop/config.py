@@ -1,0 +1,172 @@
+"""The ``develop`` config: one YAML mapping of sections, each derived from the stages' settings.
+
+A section lists options of one or more dataclasses of `settings` (`Part`): the options a stage's
+own command takes, minus those the pipeline provides itself (paths between stages, the run's
+seed), plus a few pipeline-only ones (``reuse``, ``nproc_per_node``, ...). Keys, types,
+defaults, docs and validation all come from those declarations; nothing is declared here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .. import settings as S
+from ..errors import UserError
+from ..options import Opt, build, check_mapping, options_of
+
+BUILTIN_CONFIGS = ("demo", "cpu-small", "paper-mlm", "paper-kd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """The options of ``cls`` a section takes (YAML keys = option names, with ``prefix``)."""
+
+    cls: type
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    prefix: str = ""
+
+    def options(self) -> list[Opt]:
+        return [dataclasses.replace(o, name=self.prefix + o.name)
+                for o in options_of(self.cls, include=self.include, exclude=self.exclude) if o.spec.cli]
+
+    def build(self, section: dict[str, Any], **fixed: Any) -> Any:
+        """An instance of ``cls`` from a validated section (plus pipeline-provided ``fixed`` fields)."""
+        mine = {o.name[len(self.prefix):]: section[o.name] for o in self.options()}
+        return build(self.cls, mine, **fixed)
+
+
+# Fields the pipeline fills in itself (paths between stages, the run's seed and progress).
+PRETRAIN_PROVIDED = ("out", "corpus", "valid_corpus", "cache_dir", "seed", "progress", "arch", "init")
+FURTHER_TRAIN = ("objective", "teacher", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
+                 "max_grad_norm", "bf16", "log_every", "eval_every", "eval_batches", "save_every")
+PRETRAIN = Part(S.PretrainSettings, exclude=PRETRAIN_PROVIDED)
+FURTHER = Part(S.PretrainSettings, include=FURTHER_TRAIN)
+SEARCH = Part(S.SearchSettings, exclude=("seed",))
+BUDGET = Part(S.FinetuneBudget, prefix="ft_")
+# No teacher in the pipeline's fine-tuning: its distillation options do not apply.
+FINETUNE = Part(S.FinetuneSettings, exclude=("progress", "kd_alpha", "kd_temperature"))
+# Placeholders for required fields when a section is checked before the pipeline knows them.
+_PLACEHOLDERS = {S.PretrainSettings: {"out": "<run>", "corpus": ["<data>"]}}
+
+SECTIONS: dict[str, tuple[Part, ...]] = {
+    "run": (Part(S.RunOptions),),
+    "data": (Part(S.DataOptions),),
+    "pretrain": (Part(S.PretrainStage), PRETRAIN),
+    "latency": (Part(S.LatencyStage), Part(S.LatencySettings), Part(S.ProfileSettings), Part(S.FitSettings)),
+    "search": (Part(S.SearchStage), Part(S.SearchCommand, include=("evaluator", "workers")),
+               Part(S.TargetSettings), SEARCH, Part(S.ProxySettings), BUDGET),
+    "extract": (Part(S.ExtractStage), Part(S.ExtractSettings, include=("verify",))),
+    "further_train": (Part(S.FurtherTrainStage), FURTHER),
+    "finetune": (Part(S.TaskDataSettings, include=("tasks",)), FINETUNE),
+    "report": (Part(S.ReportStage),),
+}
+# Keys of earlier versions, with the advice that replaces them.
+_RENAMED = {("pretrain", "limits"): "use pretrain.max_layers, max_hidden, max_ffn, max_heads, max_qkv"}
+
+
+def section_options(section: str) -> list[Opt]:
+    return [opt for part in SECTIONS[section] for opt in part.options()]
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A shipped config by name (``demo``) or a YAML file path."""
+    text = str(name_or_path)
+    if text in BUILTIN_CONFIGS:
+        return Path(str(resources.files("autotinybert") / "configs" / f"{text}.yaml"))
+    path = Path(text)
+    if not path.is_file():
+        raise UserError(f"--config {text}: no such file; give a YAML path or one of {', '.join(BUILTIN_CONFIGS)}")
+    return path
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Read, apply ``section.key=value`` overrides, fill defaults and validate."""
+    import yaml
+
+    path = config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)})")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return validate_config(raw, str(path))
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    import yaml
+
+    key, sep, value = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise UserError(f"--set {item!r}: write SECTION.KEY=VALUE, e.g. --set pretrain.max_steps=50")
+    if not isinstance(raw.get(section, {}), dict):
+        raise UserError(f"--set {item!r}: section {section!r} is not a mapping in the config")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise UserError(f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+    raw.setdefault(section, {})[name] = parsed
+
+
+def validate_config(raw: dict, source: str = "config") -> dict[str, dict[str, Any]]:
+    """Every section with every option (defaults filled in), or a `UserError` naming the key."""
+    for section in raw:
+        if section not in SECTIONS:
+            raise UserError(f"{source}: unknown section {section!r}; use {', '.join(SECTIONS)}")
+    config = {section: _validate_section(raw, section, source) for section in SECTIONS}
+    _check_across_sections(config, source)
+    return config
+
+
+def _validate_section(raw: dict, section: str, source: str) -> dict[str, Any]:
+    given = raw.get(section) or {}
+    if not isinstance(given, dict):
+        raise UserError(f"{source}: {section} must be a mapping of options, got {type(given).__name__}")
+    opts = section_options(section)
+    known = {o.name for o in opts}
+    for key in given:
+        if key not in known:
+            advice = _RENAMED.get((section, key), f"known: {', '.join(sorted(known))}")
+            raise UserError(f"{source}: unknown option {section}.{key}; {advice}")
+    values = check_mapping(opts, given, f"{source}: {section}")
+    for part in SECTIONS[section]:  # rules between options of one dataclass (e.g. kd needs a teacher)
+        placeholders = _PLACEHOLDERS.get(part.cls, {})
+        if all(f.name in placeholders for f in dataclasses.fields(part.cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
+            try:
+                part.build(values, **placeholders)
+            except UserError as err:
+                raise UserError(f"{source}: {section}: {err}") from None
+    return values
+
+
+def _check_across_sections(config: dict, source: str) -> None:
+    search = config["search"]
+    if not (search["speedups"] or search["target_ms"] or search["range_fractions"]):
+        raise UserError(f"{source}: give at least one target in search.speedups, search.target_ms or "
+                        "search.range_fractions")
+    if search["evaluator"] == "finetune" and not config["finetune"]["tasks"]:
+        raise UserError(f"{source}: search.evaluator finetune fine-tunes on finetune.tasks; list at least one task")
+    for key in ("corpus", "valid_corpus"):
+        for value in config["data"][key] or []:
+            if value.startswith("builtin:") and value != S.BUILTIN_CORPUS:
+                raise UserError(f"{source}: data.{key}: unknown built-in corpus {value!r}; use {S.BUILTIN_CORPUS}")
+    tasks_dir = config["data"]["tasks_dir"]
+    if tasks_dir and tasks_dir.startswith("builtin:") and tasks_dir != S.BUILTIN_TASK:
+        raise UserError(f"{source}: data.tasks_dir: unknown built-in task {tasks_dir!r}; use {S.BUILTIN_TASK}")
+
+
+def write_resolved_config(out: Path, config: dict) -> None:
+    import yaml
+
+    from ..files import atomic_write_text
+    from ..options import as_plain
+
+    atomic_write_text(Path(out) / "config.yaml", yaml.safe_dump(as_plain(config), sort_keys=False))

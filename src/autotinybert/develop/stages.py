@@ -1,0 +1,299 @@
+"""The eight stages of ``develop``: each reads the run's config and upstream outputs, writes its
+own directory, and returns its outputs (``_digest`` names what downstream stages depend on).
+
+Each calls the stage's own function in-process (multi-GPU pre-training launches ``torchrun``
+instead, see `_torchrun_pretrain`); settings objects are built from the config sections through
+the same declarations the command line uses (`config.Part`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import builtin_data
+from .. import settings as S
+from ..errors import UserError
+from ..files import atomic_write_json
+from ..options import build, to_arguments
+from .config import BUDGET, FINETUNE, FURTHER_TRAIN, PRETRAIN, SEARCH
+from .manifest import Run, file_hash, stable_hash
+
+
+def space_of(pretrain: dict):
+    """The SuperPLM's search space: the reused checkpoint's, or the configured space within its limits."""
+    from ..search_stage import _supernet_space
+    from ..space import SearchSpace
+
+    if pretrain["reuse"]:
+        return _supernet_space(Path(pretrain["reuse"]))
+    limits = {dim: pretrain[f"max_{dim}"] for dim in S.SPACE_DIMS if pretrain[f"max_{dim}"] is not None}
+    return SearchSpace.load(pretrain["space"]).with_limits(**limits)
+
+
+# --- stage: data ------------------------------------------------------------------------------
+def _stage_data(run: Run, out: Path, resume: bool) -> dict:
+    data = run.config["data"]
+    corpus, valid = list(data["corpus"]), data["valid_corpus"]
+    files: list[Path] = []
+    if builtin_data.CORPUS in corpus or valid == [builtin_data.CORPUS]:
+        train_file, valid_file = builtin_data.write_python_docs_corpus(out / "corpus")
+        files += [train_file, valid_file]
+        corpus = [str(train_file) if c == builtin_data.CORPUS else c for c in corpus]
+        valid = [str(valid_file)] if valid in (None, [builtin_data.CORPUS]) else valid
+    for key, paths in (("corpus", corpus), ("valid_corpus", valid or [])):
+        for path in paths:
+            if not path.startswith("hf:") and not Path(path).exists():
+                raise UserError(f"data.{key}: {path} does not exist; fix the path (or use {builtin_data.CORPUS})")
+    if not valid:
+        raise UserError("data.valid_corpus: give held-out text files (validation, and the search's proxy evaluator "
+                        "scores architectures on them)")
+    tasks_dir = data["tasks_dir"]
+    if tasks_dir == builtin_data.TASK:
+        tasks_dir = str(builtin_data.write_vader_task(out / "tasks"))
+        files += sorted((out / "tasks").rglob("*.tsv"))
+    elif run.config["finetune"]["tasks"] and (tasks_dir is None or not Path(tasks_dir).is_dir()):
+        raise UserError(f"data.tasks_dir: {tasks_dir} is not a directory; give the glue_data folder "
+                        f"(or {builtin_data.TASK}), or set finetune.tasks: []")
+    outputs = {"corpus": corpus, "valid_corpus": valid, "tasks_dir": tasks_dir,
+               "builtin_task": data["tasks_dir"] == builtin_data.TASK}
+    outputs["_digest"] = file_hash(files) if files else stable_hash(outputs)
+    return outputs
+
+
+# --- stage: pretrain ------------------------------------------------------------------------
+def _pretrain_settings(run: Run, out: Path, further: bool = False, **changes: Any):
+    """`PretrainSettings` from the ``pretrain`` section (with ``further``: the ``further_train``
+    section's training options on top), the data stage's corpus and the run's seed."""
+    data, values = run.outputs["data"], dict(run.config["pretrain"])
+    if further:
+        values.update({k: run.config["further_train"][k] for k in FURTHER_TRAIN})
+    return PRETRAIN.build(values, out=str(out), corpus=data["corpus"], valid_corpus=data["valid_corpus"],
+                          seed=run.config["run"]["seed"], cache_dir=run.config["data"]["cache_dir"],
+                          progress=run.config["run"]["progress"], **changes)
+
+
+def _stage_pretrain(run: Run, out: Path, resume: bool) -> dict:
+    from ..evaluators import file_digest
+    from ..pretrain import CHECKPOINT_DIR, pretrain
+
+    reuse = run.config["pretrain"]["reuse"]
+    if reuse:
+        if not (Path(reuse) / "model.safetensors").is_file():
+            raise UserError(f"pretrain.reuse: {reuse} is not a SuperPLM checkpoint (no model.safetensors)")
+        return {"supernet": str(Path(reuse).absolute()), "reused": True,
+                "_digest": file_digest(Path(reuse) / "model.safetensors")}
+    settings = _pretrain_settings(run, out)
+    again = (out / CHECKPOINT_DIR / "trainer_state.json").is_file()
+    if run.config["pretrain"]["nproc_per_node"] > 1:
+        _torchrun_pretrain(run, settings, again)
+        summary = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    else:
+        if not again:
+            shutil.rmtree(out, ignore_errors=True)
+        summary = pretrain(settings, resume=again)
+    return {"supernet": str(out), "steps": summary["steps"], "_digest": summary["weights_digest"]}
+
+
+def _torchrun_pretrain(run: Run, settings, resume: bool) -> None:
+    """Several processes cannot share this one: launch ``torchrun -m autotinybert pretrain``."""
+    p = run.config["pretrain"]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={p['nproc_per_node']}",
+               *map(str, p["torchrun_args"]), "-m", "autotinybert", "pretrain", *pretrain_arguments(settings)]
+    if resume:
+        command.append("--resume")
+    run.log("  " + " ".join(command))
+    code = subprocess.call(command)
+    if code != 0:
+        raise UserError(f"torchrun pretrain exited with code {code}; see its output above, fix it and rerun "
+                        "develop (it continues from the last checkpoint)")
+
+
+def pretrain_arguments(settings) -> list[str]:
+    """The `autotinybert pretrain` command line equivalent to ``settings`` (derived from its declaration)."""
+    return to_arguments(settings)
+
+
+# --- stage: latency ---------------------------------------------------------------------------
+def _stage_latency(run: Run, out: Path, resume: bool) -> dict:
+    from ..latency import LatencyPredictor, fit, profile
+
+    lat = run.config["latency"]
+    if lat["reuse"]:
+        predictor = LatencyPredictor.load(lat["reuse"])  # warns when fitted on another device
+        return {"predictor": str(Path(lat["reuse"]).absolute()), "reused": True,
+                "reference_ms": predictor.reference_ms, "_digest": file_hash([Path(lat["reuse"])])}
+    settings = build(S.LatencySettings, lat)
+    data = out / "profile.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    profile(space_of(run.config["pretrain"]), lat["samples"], data, settings, seed=run.config["run"]["seed"],
+            resume=data.is_file(), progress=run.config["run"]["progress"])
+    predictor, report = fit(data, holdout=lat["holdout"], seed=run.config["run"]["seed"], hidden=lat["hidden"],
+                            epochs=lat["epochs"])
+    predictor.save(out / "predictor.json")
+    atomic_write_json(out / "results.json", report)
+    run.log(f"  predictor: held-out MAPE {report['mlp']['mape_pct']:.1f}%, BERT-base {predictor.reference_ms:.1f} ms")
+    return {"predictor": str(out / "predictor.json"), "profile": str(data), "reference_ms": predictor.reference_ms,
+            "mape_pct": report["mlp"]["mape_pct"], "_digest": file_hash([out / "predictor.json"])}
+
+
+# --- stage: search ----------------------------------------------------------------------------
+def search_targets_ms(search: dict, predictor, space) -> list[float]:
+    """``target_ms`` plus one target per ``range_fractions`` entry f: the latency f of the way from
+    the space's fastest architecture to its slowest, as predicted (0: smallest, 1: largest). Such
+    targets mean the same on every machine and always fall inside the space (demos, CI)."""
+    low, high = predictor.predict(space.smallest()), predictor.predict(space.largest())
+    return [float(ms) for ms in search["target_ms"]] + [round(low + f * (high - low), 3) for f in search["range_fractions"]]
+
+
+def _stage_search(run: Run, out: Path, resume: bool) -> dict:
+    from ..latency import LatencyPredictor
+    from ..search_stage import SearchJob, _supernet_space, run_search_stage
+
+    s, data = run.config["search"], run.outputs["data"]
+    supernet, predictor_file = Path(run.outputs["pretrain"]["supernet"]), Path(run.outputs["latency"]["predictor"])
+    predictor = LatencyPredictor.load(predictor_file, check_fingerprint=False)
+    target_ms = search_targets_ms(s, predictor, _supernet_space(supernet))
+    again = (out / "state.json").is_file()
+    if not again:
+        shutil.rmtree(out, ignore_errors=True)
+    job = SearchJob(
+        command=S.SearchCommand(supernet=supernet, predictor=predictor_file, out=out, evaluator=s["evaluator"],
+                                device=run.config["run"]["device"], workers=s["workers"], resume=again,
+                                progress=run.config["run"]["progress"]),
+        targets=build(S.TargetSettings, {**s, "target_ms": target_ms}),
+        search=SEARCH.build(s, seed=run.config["run"]["seed"]), proxy=build(S.ProxySettings, s),
+        proxy_data=S.ProxyDataCommand(valid_corpus=data["valid_corpus"], cache_dir=run.config["data"]["cache_dir"],
+                                      seq_len=run.config["pretrain"]["seq_len"]),
+        tasks=S.TaskDataSettings(tasks=run.config["finetune"]["tasks"], data_dir=data["tasks_dir"]),
+        budget=BUDGET.build(s))
+    summary = run_search_stage(job, arguments={"develop": True, **s, "target_ms": target_ms})
+    best = {row["target"]: row["arch"] for row in summary["best"]}
+    for row in summary["best"]:
+        run.log(f"  {row['target']:>10}: {row['arch']} ({row['latency_ms']:.2f} ms predicted, fitness {row['fitness']:.4f})")
+    return {"results": str(out / "results.json"), "best": best, "_digest": stable_hash(summary["best"])}
+
+
+# --- stage: extract ---------------------------------------------------------------------------
+def _stage_extract(run: Run, out: Path, resume: bool) -> dict:
+    from ..export import export_checkpoint
+
+    e = run.config["extract"]
+    onnx = _onnx_available() if e["onnx"] == "auto" else e["onnx"]
+    models = {}
+    for target, arch in run.outputs["search"]["best"].items():
+        model_dir = out / _safe(target)
+        if not (model_dir / "results.json").is_file():
+            run.log(f"  {target}: extract {arch}" + (" (+ ONNX)" if onnx else ""))
+            export_checkpoint(run.outputs["pretrain"]["supernet"], arch, model_dir, onnx=onnx, verify=e["verify"],
+                              overwrite=True)
+        if not (model_dir / "latency.json").is_file():
+            atomic_write_json(model_dir / "latency.json", measure_exported(run, arch))
+        models[target] = {"arch": arch, "path": str(model_dir)}
+    return {"models": models, "_digest": file_hash([out / _safe(t) / "model.safetensors" for t in models])}
+
+
+def measure_exported(run: Run, arch: str) -> dict:
+    """Measured latency of an exported architecture, with the predictor's settings, next to its prediction."""
+    from ..latency import LatencyPredictor, _settings_of, measure
+
+    predictor = LatencyPredictor.load(run.outputs["latency"]["predictor"], check_fingerprint=False)
+    record = measure(arch, _settings_of(predictor.fingerprint, warmup=3, repeats=run.config["extract"]["latency_repeats"]))
+    record["predicted_ms"] = predictor.predict(arch)
+    record["reference_ms"] = predictor.reference_ms
+    return record
+
+
+def _safe(name: str) -> str:
+    return "target-" + "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+
+
+def _onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- stage: further_train ---------------------------------------------------------------------
+def _stage_further_train(run: Run, out: Path, resume: bool) -> dict:
+    from ..pretrain import CHECKPOINT_DIR, pretrain
+
+    f = run.config["further_train"]
+    extracted = run.outputs["extract"]["models"]
+    if f["max_steps"] == 0:  # the inherited weights are the final ones
+        return {"models": {t: {**m, "source": m["path"]} for t, m in extracted.items()}, "skipped": True,
+                "_digest": run.digests["extract"]}
+    models, digests = {}, []
+    for target, model in extracted.items():
+        target_dir = out / _safe(target)
+        if not (target_dir / "results.json").is_file():
+            run.log(f"  {target}: further-train {model['arch']} for {f['max_steps']} steps ({f['objective']})")
+            settings = _pretrain_settings(run, target_dir, further=True, arch=model["arch"],
+                                          init=model["path"], tokenizer=None, vocab_size=None,
+                                          max_steps=f["max_steps"])
+            again = (target_dir / CHECKPOINT_DIR / "trainer_state.json").is_file()
+            if run.config["pretrain"]["nproc_per_node"] > 1:
+                _torchrun_pretrain(run, settings, again)
+            else:
+                pretrain(settings, resume=again)
+        summary = json.loads((target_dir / "results.json").read_text(encoding="utf-8"))
+        models[target] = {"arch": model["arch"], "path": str(target_dir / "exported"), "source": model["path"],
+                          "run": str(target_dir)}
+        digests.append(summary["weights_digest"])
+    return {"models": models, "_digest": stable_hash(digests)}
+
+
+# --- stage: finetune ---------------------------------------------------------------------------
+def _stage_finetune(run: Run, out: Path, resume: bool) -> dict:
+    from ..tasks.run import run_finetune
+
+    f = run.config["finetune"]
+    if not f["tasks"]:
+        return {"runs": {}, "_digest": ""}
+    settings = FINETUNE.build(f, progress=run.config["run"]["progress"])
+    runs, digests = {}, []
+    for target, model in run.outputs["further_train"]["models"].items():
+        target_dir = out / _safe(target)
+        if not _finished(target_dir, f["tasks"]):
+            run.log(f"  {target}: fine-tune {model['arch']} on {', '.join(f['tasks'])}")
+            run_finetune(model=Path(model["path"]), tasks=f["tasks"], out=target_dir, settings=settings,
+                         data_dir=Path(run.outputs["data"]["tasks_dir"]), test=False,
+                         resume=(target_dir / "config.yaml").is_file(), arguments={"model": model["path"], **f})
+        results = json.loads((target_dir / "results.json").read_text(encoding="utf-8"))
+        runs[target] = str(target_dir)
+        digests.append({t: r["score"] for t, r in results["tasks"].items()})
+    return {"runs": runs, "_digest": stable_hash(digests)}
+
+
+def _finished(target_dir: Path, tasks: list[str]) -> bool:
+    from ..tasks.run import resolve_tasks
+
+    path = target_dir / "results.json"
+    if not path.is_file():
+        return False
+    done = json.loads(path.read_text(encoding="utf-8")).get("tasks", {})
+    return all(t.name in done for t in resolve_tasks(tasks))
+
+
+# --- stage: report -----------------------------------------------------------------------------
+def _stage_report(run: Run, out: Path, resume: bool) -> dict:
+    from ..report import build_report
+
+    run.save_manifest()  # the report reads the manifest's costs and outputs
+    paths = build_report(run.out, out, title=run.config["report"]["title"])
+    return {**{k: str(v) for k, v in paths.items()}, "_digest": ""}
+
+
+_STAGE_FUNCTIONS: dict[str, Callable[[Run, Path, bool], dict]] = {
+    "data": _stage_data, "pretrain": _stage_pretrain, "latency": _stage_latency, "search": _stage_search,
+    "extract": _stage_extract, "further_train": _stage_further_train, "finetune": _stage_finetune,
+    "report": _stage_report,
+}

@@ -1,0 +1,492 @@
+"""Every option of every stage, declared once (type, default, one-line doc, validation).
+
+The command line (`cli`), the ``develop`` config sections (`develop_config`) and the torchrun
+command line of multi-process pre-training are all derived from these dataclasses through
+`options`. This module imports no torch: building the parser stays fast.
+
+A stage's dataclass holds what the stage's function needs; command-only switches (``--out``,
+``--resume``, ``--overwrite``) sit in a small ``*Command`` dataclass beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+from .options import check_options, option
+from .space import MutationRates
+
+BUILTIN_CORPUS = "builtin:python-docs"      # see builtin_data
+BUILTIN_TASK = "builtin:vader-polarity"
+OBJECTIVES = ("mlm", "kd", "both")
+SAMPLING_RULES = ("random", "per-worker", "sandwich")
+ENGINES = ("torch", "onnxruntime")
+CLOCKS = ("wall", "cpu")
+METHODS = ("random", "fast", "evolved")
+METRICS = ("mlm_accuracy", "mlm_loss", "kd_loss")
+EVALUATORS = ("proxy", "finetune")
+SPACE_DIMS = ("layers", "hidden", "ffn", "heads", "qkv")
+
+
+class Options:
+    """Base of every settings dataclass: validates each declared option on construction."""
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+_OUT = "output directory (created; refused when non-empty unless --overwrite)"
+
+
+# --- space / init / extract ---------------------------------------------------------------------
+@dataclass
+class SpaceCommand(Options):
+    mode: str = option("mlm", "paper space to show", choices=("mlm", "kd"))
+    space: str | None = option(None, "a YAML/JSON space file instead of the paper space")
+    vocab_size: int = option(30522, "vocabulary for parameter counts", minimum=1)
+
+
+@dataclass
+class InitSettings(Options):
+    out: Path = option(doc=_OUT)
+    space: str = option("paper-mlm", "paper-mlm, paper-kd or a YAML/JSON space file")
+    tokenizer: Path | None = option(None, "a tokenizer/checkpoint directory whose vocabulary to use")
+    vocab_size: int | None = option(None, "vocabulary size when no --tokenizer is given", minimum=1)
+    teacher_hidden_size: int | None = option(None, "add a KD fit layer to this teacher width", minimum=1)
+    seed: int = option(0, "initialisation seed")
+    overwrite: bool = option(False, "replace a non-empty --out directory")
+
+
+@dataclass
+class ExtractSettings(Options):
+    supernet: Path = option(doc="SuperPLM checkpoint directory")
+    arch: str = option(doc="architecture, e.g. L5-H564-F1054-A8-Q512")
+    out: Path = option(doc=_OUT)
+    encoder_only: bool = option(False, "export the bare encoder (BertModel) without the MLM head")
+    onnx: bool = option(False, "also write model.onnx (needs the [onnx] extra)")
+    verify: bool = option(True, "check the exported files numerically against the sliced SuperPLM",
+                          negative="no-verify")
+    overwrite: bool = option(False, "replace a non-empty --out directory")
+
+
+# --- pre-training -------------------------------------------------------------------------------
+@dataclass
+class PretrainSettings(Options):
+    """One-shot SuperPLM pre-training, or further training of one ``arch`` (see `pretrain`)."""
+
+    out: str = option(doc="run directory; it is also a SuperPLM checkpoint")
+    corpus: list[str] = option(doc="text files / directories of .txt (one sentence per line, blank line between "
+                                   "documents) or hf:NAME[:CONFIG] (needs internet)", group="data")
+    valid_corpus: list[str] | None = option(None, "held-out text (default: every 50th document of --corpus)",
+                                            group="data")
+    text_column: str = option("text", "text column of an hf: corpus", group="data")
+    tokenizer: str | None = option(None, "checkpoint directory whose tokenizer to use (e.g. the teacher)", group="data")
+    vocab_size: int | None = option(None, "train a WordPiece vocabulary of this size on the corpus", minimum=1,
+                                    group="data")
+    seq_len: int = option(128, "packed sequence length", minimum=2, group="data")
+    cache_dir: str | None = option(None, "tokenised-corpus cache (default ~/.cache/autotinybert/data)", group="data")
+    space: str = option("paper-mlm", "paper-mlm, paper-kd or a YAML/JSON space file", group="model")
+    max_layers: int | None = option(None, "shrink the space's maximum layers (small machines)", minimum=1, group="model")
+    max_hidden: int | None = option(None, "shrink the space's maximum hidden size", minimum=1, group="model")
+    max_ffn: int | None = option(None, "shrink the space's maximum FFN size", minimum=1, group="model")
+    max_heads: int | None = option(None, "shrink the space's maximum heads", minimum=1, group="model")
+    max_qkv: int | None = option(None, "shrink the space's maximum q/k/v width", minimum=1, group="model")
+    objective: str = option("mlm", "mlm (AutoTinyBERT-MLM), kd (AutoTinyBERT-KD, needs --teacher) or both",
+                            choices=OBJECTIVES, group="model")
+    teacher: str | None = option(None, "local BERT-family checkpoint for --objective kd / both", group="model")
+    sampling: str = option("random", "random (one sub-model per step, the paper), per-worker or sandwich",
+                           choices=SAMPLING_RULES, group="model")
+    samples_per_batch: int = option(1, "sub-models per step, gradients summed", minimum=1, group="model")
+    arch: str | None = option(None, "train this one architecture (further training), e.g. L4-H312-F1200-A12-Q312",
+                              group="model")
+    init: str | None = option(None, "initial weights: a SuperPLM directory or an extracted checkpoint", group="model")
+    max_steps: int = option(1000, "optimiser steps", minimum=1, group="training")
+    batch_size: int = option(32, "sequences per worker per micro-batch", minimum=1, group="training")
+    grad_accum: int = option(1, "micro-batches per optimiser step", minimum=1, group="training")
+    lr: float = option(1e-4, "peak learning rate", above=0, group="training")
+    weight_decay: float = option(0.01, "AdamW weight decay", minimum=0, group="training")
+    warmup_ratio: float = option(0.1, "fraction of steps of linear warm-up", minimum=0, below=1, group="training")
+    max_grad_norm: float = option(1.0, "gradient clipping norm", above=0, group="training")
+    bf16: bool = option(False, "bfloat16 autocast (GPUs)", group="training")
+    seed: int = option(0, "seed of every random choice (architectures, batches, masks, dropout)", group="training")
+    log_every: int = option(10, "steps between training-loss rows in metrics.csv", minimum=1, group="training")
+    eval_every: int = option(200, "steps between validation-panel evaluations", minimum=1, group="training")
+    eval_batches: int = option(4, "validation batches per evaluation", minimum=1, group="training")
+    save_every: int = option(200, "steps between checkpoints (what --resume continues from)", minimum=1,
+                             group="training")
+    progress: bool = option(True, "progress bar")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check()
+
+    def check(self) -> None:
+        """Rules between options (each option's own range is checked by its declaration)."""
+        if self.objective in ("kd", "both") and not self.teacher:
+            raise UserError(f"--objective {self.objective} needs --teacher DIR (a local BERT-family checkpoint)")
+
+    @property
+    def space_limits(self) -> dict[str, int]:
+        """``{dim: maximum}`` of the --max-* options that were given."""
+        return {dim: getattr(self, f"max_{dim}") for dim in SPACE_DIMS if getattr(self, f"max_{dim}") is not None}
+
+
+@dataclass
+class PretrainCommand(Options):
+    resume: bool = option(False, "continue the run in --out from its last checkpoint")
+
+
+# --- latency ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LatencySettings(Options):
+    """How to time one architecture. Defaults are the paper's: CPU, 1 thread, batch 1, seq 128."""
+
+    engine: str = option("torch", "torch (eager) or onnxruntime (CPU): what you will deploy", choices=ENGINES)
+    batch_size: int = option(1, "batch size (1 in the paper)", minimum=1)
+    seq_len: int = option(128, "sequence length of the timed inputs (128 in the paper)", minimum=1)
+    threads: int = option(1, "intra-op threads (1 in the paper)", minimum=1)
+    warmup: int = option(3, "untimed runs first", minimum=0)
+    repeats: int = option(20, "timed runs; median and p90 reported", minimum=1)
+    vocab_size: int = option(30522, "vocabulary of the timed models", minimum=1, cli=False)
+    clock: str = option("wall", "wall (what users wait) or cpu (process CPU time: with --threads 1 it ignores time "
+                                "other processes take on a shared machine)", choices=CLOCKS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.clock == "cpu" and self.threads != 1:
+            raise UserError("--clock cpu sums CPU time over threads, which is latency only with --threads 1; "
+                            "use --clock wall for multi-threaded measurements")
+
+    def shape(self) -> dict[str, Any]:
+        return {"engine": self.engine, "batch_size": self.batch_size, "seq_len": self.seq_len, "threads": self.threads,
+                "clock": self.clock}
+
+    def timer(self) -> Callable[[], float]:
+        """Wall clock (what a user waits) or this process's CPU time.
+
+        With one thread the forward pass runs entirely on the calling thread, so process CPU
+        time equals wall time on an idle machine, but does not count time the scheduler gives
+        to other processes: on a shared machine it removes time-slicing noise (not cache or
+        memory-bandwidth contention).
+        """
+        return time.perf_counter if self.clock == "wall" else time.process_time
+
+
+@dataclass
+class ProfileSettings(Options):
+    samples: int = option(40, "architectures of the space to time (besides BERT-base, the speedup reference)",
+                          minimum=1)
+
+
+@dataclass
+class ProfileCommand(Options):
+    out: Path = option(doc="JSON-lines file, one measurement per line")
+    space: str = option("paper-mlm", "paper-mlm, paper-kd or a YAML/JSON space file")
+    seed: int = option(0, "seed of the planned list of architectures")
+    resume: bool = option(False, "measure only architectures missing from --out")
+    overwrite: bool = option(False, "discard an existing --out and start again")
+    progress: bool = option(True, "progress bar")
+
+
+@dataclass
+class FitSettings(Options):
+    holdout: float = option(0.2, "share of profiled architectures held out to report the predictor's error",
+                            above=0, below=1)
+    hidden: int = option(64, "hidden units of the predictor MLP", minimum=1)
+    epochs: int = option(3000, "full-batch Adam steps of the predictor", minimum=1)
+
+
+@dataclass
+class FitCommand(Options):
+    data: Path = option(doc="JSONL written by 'latency profile'")
+    out: Path = option(doc="predictor file (JSON)")
+    seed: int = option(0, "split and initialisation seed")
+
+
+@dataclass
+class PredictCommand(Options):
+    """`latency predict`, and `latency check` (which also measures)."""
+
+    predictor: Path = option(doc="file written by 'latency fit'")
+    archs: list[str] = option(doc="architecture, e.g. L5-H564-F1054-A8-Q512 (repeatable)", flag="arch", repeat=True)
+    space: str | None = option(None, "require the predictor to be fitted on this space (paper-mlm, paper-kd, a file)")
+
+
+# --- search ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SearchSettings(Options):
+    method: str = option("evolved", "random, fast (one generation under the paper's ratio rules) or evolved",
+                         choices=METHODS)
+    generations: int | None = option(None, "generations (default: 1 for fast, 10 otherwise)", minimum=1)
+    generation_size: int = option(25, "architectures per generation and target (the paper's 25)", minimum=1)
+    explore_rate: float = option(0.5, "evolved: chance a child is a fresh random architecture", minimum=0, maximum=1)
+    window: tuple[float, float] = option((0.85, 1.1), "candidates' latency window, as factors of the target",
+                                         above=0, metavar=("LOW", "HIGH"))
+    seed: int = option(0, "seed of the search")
+    mutation: MutationRates = MutationRates()
+    # Draws per child before falling back (mutation -> fresh random; random -> scan of the rest).
+    max_tries: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.generations is None:  # the one place this rule lives
+            object.__setattr__(self, "generations", 1 if self.method == "fast" else 10)
+        object.__setattr__(self, "window", tuple(self.window))
+        low, high = self.window
+        if not low <= high:
+            raise UserError(f"--window LOW HIGH needs LOW <= HIGH; got {low} {high}")
+        if not isinstance(self.max_tries, int) or self.max_tries < 1:
+            raise UserError(f"max_tries must be a positive integer; got {self.max_tries!r}")
+
+    def key(self) -> dict:
+        """What must match for a resumed run to reproduce the first (generations may grow)."""
+        data = dataclasses.asdict(self)
+        data.pop("generations")
+        data["window"] = list(self.window)
+        data["mutation"] = {k: list(v) for k, v in data["mutation"].items()}
+        return data
+
+
+@dataclass
+class TargetSettings(Options):
+    speedups: list[float] = option([], "target: this many times faster than BERT-base on the predictor's device "
+                                       "(repeatable)", flag="speedup", repeat=True, above=0)
+    target_ms: list[float] = option([], "target latency in ms (repeatable)", repeat=True, above=0)
+    grid_step_hidden: int = option(16, "hidden-size step of the search grid", minimum=1)
+    grid_step_ffn: int = option(32, "FFN-size step of the search grid", minimum=1)
+
+
+@dataclass
+class ProxySettings(Options):
+    """The proxy evaluator: the inherited sub-model's validation metric on fixed held-out batches."""
+
+    metric: str = option("mlm_accuracy", "proxy fitness: mlm_accuracy, mlm_loss or kd_loss", choices=METRICS,
+                         group="proxy evaluator")
+    teacher: str | None = option(None, "teacher checkpoint for --metric kd_loss", group="proxy evaluator")
+    eval_batch_size: int = option(32, "proxy evaluation batch size", minimum=1, group="proxy evaluator")
+    eval_batches: int = option(8, "fixed held-out batches per architecture", minimum=1, group="proxy evaluator")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.metric == "kd_loss" and not self.teacher:
+            raise UserError("--metric kd_loss needs --teacher (the checkpoint the SuperPLM was distilled from)")
+
+
+@dataclass
+class ProxyDataCommand(Options):
+    valid_corpus: list[str] | None = option(None, "held-out text for the proxy evaluator", group="proxy evaluator")
+    cache_dir: str | None = option(None, "tokenised-corpus cache (default ~/.cache/autotinybert/data)",
+                                   group="proxy evaluator")
+    seq_len: int | None = option(None, "sequence length (default: the SuperPLM's pre-training one, else 128)",
+                                 minimum=2, group="proxy evaluator")
+
+
+@dataclass
+class FinetuneBudget(Options):
+    """The finetune evaluator's budget per candidate (fitness = mean dev score); flags ``--ft-*``."""
+
+    epochs: float = option(2.0, "fine-tuning epochs per candidate", above=0)
+    max_steps: int | None = option(None, "fine-tuning steps per candidate (overrides epochs)", minimum=1)
+    lr: float = option(1e-4, "peak learning rate", above=0)
+    batch_size: int = option(32, "batch size", minimum=1)
+    max_train_examples: int | None = option(5000, "train on a seeded subset of this many examples per task",
+                                            minimum=1)
+    max_eval_examples: int | None = option(None, "score on a seeded subset of each dev set (default: all)",
+                                           minimum=1)
+    max_seq_length: int | None = option(None, "tokens per input (default 128 for GLUE, 384 for SQuAD)", minimum=8)
+    seed: int = option(42, "seed of the head, shuffling and dropout")
+
+
+@dataclass
+class SearchCommand(Options):
+    supernet: Path | None = option(None, "SuperPLM checkpoint directory (pretrain / init output)")
+    predictor: Path | None = option(None, "latency predictor file ('latency fit' output)")
+    out: Path | None = option(None, "output directory")
+    evaluator: str = option("proxy", "proxy (inherited weights, held-out MLM; seconds) or finetune (fine-tuned dev "
+                                     "score; minutes)", choices=EVALUATORS)
+    device: str = option("cpu", "torch device of the evaluator")
+    workers: int = option(1, "evaluate each generation in this many processes (cores are split between them)",
+                          minimum=1)
+    resume: bool = option(False, "continue the search in --out; nothing is evaluated twice")
+    plot: bool = option(True, "draw pareto.png")
+    progress: bool = option(True, "progress bar")
+
+
+@dataclass
+class CorrelateCommand(Options):
+    """`search correlate` besides the search command's options (its --predictor is optional here:
+    with it, architectures are sampled inside the targets' latency windows)."""
+
+    samples: int = option(12, "architectures to score with both evaluators", minimum=2)
+
+
+# --- fine-tuning and evaluation ----------------------------------------------------------------
+@dataclass
+class TaskDataSettings(Options):
+    """Where the GLUE / SQuAD data comes from."""
+
+    tasks: list[str] = option([], "cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, squad, squad_v2 "
+                                  "(repeat for several)", flag="task", repeat=True, metavar="TASK")
+    data_dir: Path | None = option(None, "glue_data/ (with <TASK>/train.tsv, dev.tsv) or its parent; for SQuAD, "
+                                         "the folder of the JSON files")
+    hub: bool = option(False, "read the data from the Hugging Face hub instead (needs [hub] and internet)")
+    train_file: Path | None = option(None, "SQuAD training JSON file (overrides --data-dir)")
+    dev_file: Path | None = option(None, "SQuAD dev JSON file (overrides --data-dir)")
+
+
+@dataclass
+class FinetuneSettings(Options):
+    """Optimisation and budget settings (defaults: BERT's GLUE recipe, 3 epochs, 10% warm-up)."""
+
+    epochs: float = option(3.0, "training epochs", above=0)
+    max_steps: int | None = option(None, "training steps (overrides --epochs)", minimum=1)
+    learning_rate: float = option(5e-5, "peak learning rate", name="lr", above=0)
+    batch_size: int = option(32, "training batch size", minimum=1)
+    eval_batch_size: int = option(64, "evaluation batch size", minimum=1)
+    max_seq_length: int | None = option(None, "tokens per input (default 128 for GLUE, 384 for SQuAD)", minimum=8)
+    doc_stride: int = option(128, "SQuAD: token overlap between context windows", minimum=1)
+    warmup_ratio: float = option(0.1, "fraction of steps of linear warm-up", minimum=0, below=1)
+    weight_decay: float = option(0.01, "AdamW weight decay", minimum=0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", above=0)
+    seed: int = option(42, "seed of the head init, shuffling and dropout")
+    max_train_examples: int | None = option(None, "train on a seeded random subset (budgets)", minimum=1)
+    max_eval_examples: int | None = option(None, "score a seeded random subset of each dev set", minimum=1)
+    subset_seed: int = option(0, "which seeded subset (separate from the training seed)", cli=False)
+    eval_every: int | None = option(None, "also evaluate every N steps (default: at each epoch end)", minimum=1)
+    group_by_length: bool = option(False, "batch inputs of similar length together (less padding: faster on a CPU)")
+    n_best: int = option(20, "SQuAD: span candidates per window", minimum=1, cli=False)
+    max_answer_length: int = option(30, "SQuAD: longest answer in tokens", minimum=1, cli=False)
+    null_score_threshold: float = option(0.0, "SQuAD v2.0: answer only when best span score + threshold >= null score")
+    kd_alpha: float = option(0.5, "weight of the teacher's soft targets (with --teacher)", minimum=0, maximum=1)
+    kd_temperature: float = option(2.0, "distillation temperature", above=0)
+    progress: bool = option(True, "progress bars")
+    log_evaluations: bool = option(True, "a line per dev evaluation (off inside the search)", cli=False)
+
+    def sequence_length(self, task: Any) -> int:
+        from .tasks import squad  # lazy: keeps this module free of the task code
+
+        return self.max_seq_length or (384 if isinstance(task, squad.SquadTask) else 128)
+
+    def validate(self) -> None:
+        """Kept for callers; every value is checked on construction."""
+        check_options(self)
+
+
+@dataclass(kw_only=True)
+class ModelCommand(Options):
+    """What `finetune` and `evaluate` share."""
+
+    tokenizer: Path | None = option(None, "tokenizer directory (default: the model's)")
+    test: bool = option(True, "write the GLUE submission files for test sets", negative="no-test-predictions")
+    threads: int | None = option(None, "CPU threads for torch (default: torch's; 1 is fastest on a busy machine)",
+                                 minimum=1)
+    overwrite: bool = option(False, "replace a non-empty --out directory")
+
+
+@dataclass(kw_only=True)
+class EvaluateCommand(ModelCommand):
+    model: Path | None = option(None, "a fine-tuned model directory, or a finetune --out run")
+    out: Path | None = option(None, "write results.json, config.yaml and predictions here")
+    table: list[Path] | None = option(None, "instead: print a markdown table of these finetune/evaluate runs' "
+                                            "results.json", metavar="RUN")
+
+
+@dataclass(kw_only=True)
+class FinetuneCommand(ModelCommand):
+    model: Path = option(doc="Hugging Face checkpoint directory (e.g. from extract)")
+    out: Path = option(doc="run directory (created)")
+    teacher: Path | None = option(None, "a model fine-tuned on the task (or a finetune run) to distil logits from")
+    resume: bool = option(False, "continue an interrupted run in --out")
+
+
+# --- develop / demo / report -------------------------------------------------------------------
+@dataclass
+class DevelopCommand(Options):
+    config: str = option(doc="demo, cpu-small, paper-mlm, paper-kd, or a YAML file")
+    out: Path = option(doc="run directory; rerunning continues it")
+    set: list[str] = option([], "override a config option, e.g. --set search.method=evolved (repeatable)",
+                            repeat=True, metavar="SECTION.KEY=VALUE")
+    overwrite: bool = option(False, "delete a previous run in --out first (default: continue it)")
+
+
+@dataclass
+class DemoCommand(Options):
+    out: Path = option(Path("autotinybert-demo"), "run directory")
+    set: list[str] = option([], "override an option of the demo config, e.g. --set pretrain.max_steps=50 "
+                                "(repeatable)", repeat=True, metavar="SECTION.KEY=VALUE")
+    overwrite: bool = option(False, "delete a previous run in --out first (default: continue it)")
+
+
+@dataclass
+class ReportCommand(Options):
+    run_dir: Path = option(doc="the --out directory of 'autotinybert develop' or 'demo'", positional=True)
+    out: Path | None = option(None, "report directory (default RUN_DIR/report)")
+    title: str | None = option(None, "page title (default: the run directory's name)")
+
+
+@dataclass
+class RunOptions(Options):
+    """develop's ``run`` section: what every stage shares."""
+
+    seed: int = option(0, "one seed for every stage: same config + same seed -> same result")
+    threads: int | None = option(1, "torch CPU threads while the pipeline runs (null: torch's default)", minimum=1)
+    device: str = option("cpu", "torch device of the search evaluator (cuda on a GPU machine)")
+    progress: bool = option(True, "progress bars")
+    keep_checkpoints: bool = option(False, "keep optimizer checkpoints of finished stages (false: delete them)")
+
+
+@dataclass
+class DataOptions(Options):
+    """develop's ``data`` section."""
+
+    corpus: list[str] = option([BUILTIN_CORPUS], "pre-training text: files or folders of .txt, hf:NAME[:CONFIG], "
+                                                 f"or {BUILTIN_CORPUS}")
+    valid_corpus: list[str] | None = option(None, "held-out text for validation and the proxy evaluator "
+                                                  f"(null with {BUILTIN_CORPUS}: every 20th module)")
+    tasks_dir: str | None = option(BUILTIN_TASK, f"fine-tuning data: a glue_data folder, or {BUILTIN_TASK}")
+    cache_dir: str | None = option(None, "tokenised-corpus and vocabulary cache (null: ~/.cache/autotinybert/data)")
+
+
+@dataclass
+class PretrainStage(Options):
+    """develop's ``pretrain`` options besides `PretrainSettings`."""
+
+    reuse: str | None = option(None, "an existing SuperPLM directory: skip pre-training and use it")
+    nproc_per_node: int = option(1, ">1: pre-training and further training run under torchrun with this many "
+                                    "processes", minimum=1)
+    torchrun_args: list[str] = option([], "extra torchrun arguments, e.g. [--nnodes=2, --node_rank=0]")
+
+
+@dataclass
+class LatencyStage(Options):
+    reuse: str | None = option(None, "a fitted predictor JSON ('latency fit' output): skip profiling")
+
+
+@dataclass
+class SearchStage(Options):
+    """develop's ``search`` options besides the search, target and evaluator settings."""
+
+    range_fractions: list[float] = option([], "targets f of the way from the space's fastest (0) to slowest (1) "
+                                              "architecture, as predicted (machine-independent)", above=0, maximum=1)
+
+
+@dataclass
+class ExtractStage(Options):
+    onnx: bool | str = option("auto", "also write model.onnx: true, false, or auto (when onnxruntime is installed)",
+                              choices=(True, False, "auto"))
+    latency_repeats: int = option(20, "timed runs when measuring each exported model (predicted vs measured)",
+                                  minimum=1)
+
+
+@dataclass
+class FurtherTrainStage(Options):
+    max_steps: int = option(0, "further-training steps per exported model; 0 skips the stage", minimum=0)
+
+
+@dataclass
+class ReportStage(Options):
+    title: str | None = option(None, "page title (null: the run directory's name)")
