@@ -180,7 +180,7 @@ def _fake_measure(calls):
 
 def test_profile_resume_measures_only_missing(tmp_path, monkeypatch):
     calls: list[str] = []
-    monkeypatch.setattr(latency, "measure", _fake_measure(calls))
+    monkeypatch.setattr(latency.profiling, "measure", _fake_measure(calls))
     out = tmp_path / "p.jsonl"
     records = latency.profile("paper-mlm", 5, out, seed=1, progress=False)
     assert len(calls) == 6 and calls[0] == str(BERT_BASE) and records[0]["reference"]
