@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 import random
@@ -16,6 +17,8 @@ from ..files import atomic_write_text
 from ..space import BERT_BASE, Arch, SearchSpace
 from .settings import LatencySettings
 from .timing import measure
+
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def plan_architectures(space: SearchSpace, samples: int, seed: int = 0, hidden_bins: int = 4) -> list[Arch]:
@@ -51,13 +54,17 @@ def plan_architectures(space: SearchSpace, samples: int, seed: int = 0, hidden_b
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a profile JSONL file; a torn last line (interrupted write) is dropped."""
+    """Records of a profile JSONL file, plain or gzip-compressed (as archived in docs/latency-bench/);
+    a torn last line (interrupted write) is dropped."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
+        if data[:2] == _GZIP_MAGIC:  # by content, not suffix: `profile` appends plain text whatever the name
+            data = gzip.decompress(data)
+        lines = data.decode("utf-8").splitlines()
     except FileNotFoundError:
         raise UserError(f"latency data {path} does not exist; run 'autotinybert latency profile' first") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except (OSError, EOFError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read latency data {path}: {err}") from None
     records = []
     for number, line in enumerate(lines, 1):
