@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,12 +97,30 @@ def _known(arch: Arch) -> float:
                                                                     arch.num_attention_heads, arch.qkv_size)) / 4e9)
 
 
-def test_predictor_recovers_known_formula():
-    predictor, report = latency.fit(_synthetic_records(200, _known), epochs=1500)
-    assert report["mlp"]["mape_pct"] < 3.0, report["mlp"]
-    assert report["mlp"]["spearman"] > 0.99
-    assert predictor.reference_ms == pytest.approx(_known(BERT_BASE))
-    assert predictor.target_ms(2.0) == pytest.approx(_known(BERT_BASE) / 2)
+RECORDED = Path(__file__).resolve().parent.parent / "docs" / "latency-bench"
+
+
+@pytest.mark.parametrize("engine, measured", [("torch", 400), ("onnxruntime", 325)])
+def test_predictor_fits_recorded_profiles(engine, measured):
+    """Held-out quality on real timings (paper MLM space, 1 thread, batch 1, seq 128; docs/latency.md).
+
+    With the default 3000 epochs the MLP reaches held-out MAPE 3.88 % (torch) / 2.91 % (ONNX
+    Runtime), Spearman 0.998 / 0.999; 1000 epochs give ~4.1 % / ~3.0 % in a second each. The bounds
+    leave margin for other torch builds yet fail when broken: rows shuffled against their latencies
+    give MAPE > 100 %, an under-trained MLP (lr 1e-4) 8-10 %.
+    """
+    path = RECORDED / f"latency-profile-{engine}.jsonl.gz"  # gzip JSONL as written by 'latency profile'
+    predictor, report = latency.fit(path, epochs=1000)
+    assert report["n_train"] + report["n_heldout"] == measured and report["n_heldout"] >= 60
+    mlp = report["mlp"]
+    assert mlp["mape_pct"] < 6.0, mlp
+    assert mlp["spearman"] > 0.995, mlp
+    reference = next(r for r in latency.read_records(path) if r["reference"])
+    assert predictor.reference_ms == reference["latency"]["median_ms"]
+    assert predictor.target_ms(4.0) == pytest.approx(predictor.reference_ms / 4)
+    # The held-out report describes the returned predictor, not a refit.
+    held = report["heldout"]
+    np.testing.assert_allclose(predictor.predict_many(Arch.parse(a) for a in held["arch"]), held["mlp_ms"])
 
 
 def test_predictor_round_trips_through_file(tmp_path):
@@ -154,11 +173,6 @@ def test_corrupt_predictor_is_a_user_error(tmp_path, content):
         LatencyPredictor.load(path)
 
 
-def test_predict_many_is_fast():
-    predictor, _ = latency.fit(_synthetic_records(20, _known), epochs=20)
-    assert latency.predictions_per_second(predictor, n=200_000) > 1e5
-
-
 # --- profiling ------------------------------------------------------------------------------------
 def test_plan_is_stratified_deterministic_and_prefix_stable():
     space = SearchSpace.paper("mlm")
@@ -180,7 +194,7 @@ def _fake_measure(calls):
 
 def test_profile_resume_measures_only_missing(tmp_path, monkeypatch):
     calls: list[str] = []
-    monkeypatch.setattr(latency, "measure", _fake_measure(calls))
+    monkeypatch.setattr(latency.profiling, "measure", _fake_measure(calls))
     out = tmp_path / "p.jsonl"
     records = latency.profile("paper-mlm", 5, out, seed=1, progress=False)
     assert len(calls) == 6 and calls[0] == str(BERT_BASE) and records[0]["reference"]

@@ -1,0 +1,155 @@
+"""The resumable ``latency profile`` stage: which architectures to time, and the JSONL records file."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from ..files import atomic_write_text
+from ..space import BERT_BASE, Arch, SearchSpace
+from .settings import LatencySettings
+from .timing import measure
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def plan_architectures(space: SearchSpace, samples: int, seed: int = 0, hidden_bins: int = 4) -> list[Arch]:
+    """``samples`` distinct architectures spread over ``space``, deterministic in ``seed``.
+
+    Stratified over (layers × hidden-size bins) so that small and large models are both covered:
+    strata are visited round-robin (in a shuffled order each round); inside a stratum the other
+    hyper-parameters are uniform on the grid.
+    """
+    if samples < 1:
+        raise UserError(f"--samples must be >= 1; got {samples}")
+    rng = random.Random(seed)
+    hidden = list(space.hidden.values())
+    bins = [chunk for chunk in np.array_split(np.asarray(hidden), min(hidden_bins, len(hidden))) if len(chunk)]
+    strata = [(layers, [int(h) for h in chunk]) for layers in space.layers.values() for chunk in bins]
+    planned: list[Arch] = []
+    seen: set[Arch] = set()
+    attempts = 0
+    order: list[int] = []
+    while len(planned) < samples:
+        attempts += 1
+        if attempts > 50 * samples + 1000:  # bounded: a tiny space cannot yield more distinct points
+            raise UserError(f"the space holds fewer than {samples} distinct architectures; lower --samples")
+        if not order:
+            order = list(range(len(strata)))
+            rng.shuffle(order)
+        layers, hidden_choices = strata[order.pop()]
+        arch = dataclasses.replace(space.sample(rng), num_hidden_layers=layers, hidden_size=rng.choice(hidden_choices))
+        if arch not in seen and space.contains(arch):
+            seen.add(arch)
+            planned.append(arch)
+    return planned
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a profile JSONL file, plain or gzip-compressed (as archived in docs/latency-bench/);
+    a torn last line (interrupted write) is dropped."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        if data[:2] == _GZIP_MAGIC:  # by content, not suffix: `profile` appends plain text whatever the name
+            data = gzip.decompress(data)
+        lines = data.decode("utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"latency data {path} does not exist; run 'autotinybert latency profile' first") from None
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read latency data {path}: {err}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            Arch.parse(record["arch"])
+            float(record["latency"]["median_ms"])
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):
+                break  # interrupted while appending; --resume measures it again
+            raise UserError(f"{path}:{number} is not a latency record; regenerate it with 'latency profile'") from None
+        records.append(record)
+    return records
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())  # a crash loses at most the line being written
+
+
+def profile(space: SearchSpace | str, samples: int, out: str | Path, settings: LatencySettings = LatencySettings(),
+            *, seed: int = 0, resume: bool = False, overwrite: bool = False, progress: bool = True,
+            arguments: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Measure BERT-base (the speedup reference) and ``samples`` planned architectures into ``out``.
+
+    One JSON line per measurement, appended and fsynced as it goes. With ``resume`` only
+    architectures missing from ``out`` are measured; the plan depends only on (space, samples,
+    seed), so a rerun continues the same list.
+    """
+    space = SearchSpace.load(space) if isinstance(space, (str, Path)) else space
+    out = Path(out)
+    plan = [(BERT_BASE, True)] + [(arch, False) for arch in plan_architectures(space, samples, seed)]
+    done: dict[str, dict[str, Any]] = {}
+    if out.exists() and out.stat().st_size:
+        if not (resume or overwrite):
+            raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to start again")
+        if resume:
+            done = _check_resumable(out, settings, space)
+        else:
+            out.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if arguments is not None:
+        write_output_config(out, arguments)
+    todo = [(arch, ref) for arch, ref in plan if str(arch) not in done]
+    bar = _progress(len(todo), progress, f"latency ({settings.engine})")
+    for arch, is_reference in todo:
+        record = measure(arch, settings)
+        record.update(reference=is_reference, features=arch.to_dict(), space=space.to_dict(), seed=seed)
+        _append_line(out, record)
+        done[str(arch)] = record
+        bar.update(1)
+        bar.set_postfix_str(f"{arch} {record['latency']['median_ms']:.1f} ms")
+    bar.close()
+    return [done[str(arch)] for arch, _ in plan]
+
+
+def _check_resumable(out: Path, settings: LatencySettings, space: SearchSpace) -> dict[str, dict[str, Any]]:
+    records = read_records(out)
+    # Rewrite without a torn last line, so the next append starts on a fresh line.
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
+    for record in records:
+        old = {key: record["fingerprint"].get(key) for key in settings.shape()}
+        if old != settings.shape():
+            raise UserError(f"{out} was measured with {old}, not {settings.shape()}; use another --out or the same options")
+        if not record.get("reference") and record.get("space") != space.to_dict():
+            raise UserError(f"{out} profiles another search space; use another --out or the same --space")
+    return {record["arch"]: record for record in records}
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="arch", disable=not enabled, dynamic_ncols=True)
+
+
+def write_output_config(out: str | Path, arguments: dict[str, Any]) -> Path:
+    """``<out>.config.yaml`` next to a single-file output (several stages may share a directory)."""
+    import yaml
+
+    out = Path(out)
+    clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in arguments.items() if not callable(v)}
+    path = out.with_name(out.name + ".config.yaml")
+    atomic_write_text(path, yaml.safe_dump(clean, sort_keys=True))
+    return path
