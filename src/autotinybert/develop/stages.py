@@ -199,10 +199,10 @@ def _stage_extract(run: Run, out: Path, resume: bool) -> dict:
 
 def measure_exported(run: Run, arch: str) -> dict:
     """Measured latency of an exported architecture, with the predictor's settings, next to its prediction."""
-    from ..latency import LatencyPredictor, _settings_of, measure
+    from ..latency import LatencyPredictor, measure, settings_of
 
     predictor = LatencyPredictor.load(run.outputs["latency"]["predictor"], check_fingerprint=False)
-    record = measure(arch, _settings_of(predictor.fingerprint, warmup=3, repeats=run.config["extract"]["latency_repeats"]))
+    record = measure(arch, settings_of(predictor.fingerprint, warmup=3, repeats=run.config["extract"]["latency_repeats"]))
     record["predicted_ms"] = predictor.predict(arch)
     record["reference_ms"] = predictor.reference_ms
     return record

@@ -34,8 +34,8 @@ from .fitting import check, fit, fit_baseline, fit_mlp, metrics, predict_baselin
 from .hardware import fingerprint, fingerprint_differences
 from .predictor import PREDICTOR_FORMAT, PREDICTOR_VERSION, LatencyPredictor, predictions_per_second
 from .profiling import plan_architectures, profile, read_records, write_output_config
-from .settings import CLOCKS, ENGINES, LatencySettings, settings_of
-from .settings import _settings_of as _settings_of  # develop.py imports the private name
+from ..settings import CLOCKS, ENGINES, LatencySettings
+from .hardware import settings_of
 from .timing import build_model, measure, summarize, torch_threads
 
 __all__ = [

@@ -15,7 +15,7 @@ from .costs import design_inputs, features_of, flops_array
 from .hardware import fingerprint_differences
 from .predictor import LatencyPredictor
 from .profiling import read_records
-from .settings import settings_of
+from .hardware import settings_of
 from .timing import measure, torch_threads
 
 

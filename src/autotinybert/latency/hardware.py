@@ -8,7 +8,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .settings import LatencySettings
+from ..settings import LatencySettings
 
 # Fingerprint keys that must agree for a latency number to transfer (shapes and engine change the
 # workload; CPU model and core count change the hardware; library versions change the kernels).
@@ -64,3 +64,10 @@ def fingerprint_differences(expected: dict[str, Any], actual: dict[str, Any]) ->
     """Human-readable ``key: expected -> actual`` for the keys that make latencies incomparable."""
     return [f"{key}: {expected.get(key)!r} -> {actual.get(key)!r}"
             for key in _FINGERPRINT_KEYS if expected.get(key) != actual.get(key)]
+
+
+def settings_of(fp: dict[str, Any], **timing: int) -> LatencySettings:
+    """The settings a fingerprint was measured with (to re-measure or compare like with like)."""
+    return LatencySettings(engine=fp.get("engine", "torch"), batch_size=fp.get("batch_size", 1),
+                           seq_len=fp.get("seq_len", 128), threads=fp.get("threads", 1), clock=fp.get("clock", "wall"),
+                           **timing)

@@ -16,7 +16,7 @@ from ..files import atomic_write_json
 from ..space import FEATURE_NAMES, Arch, SearchSpace
 from .costs import INPUT_NAMES, design_inputs, features_of
 from .hardware import fingerprint, fingerprint_differences
-from .settings import settings_of
+from .hardware import settings_of
 
 PREDICTOR_FORMAT = "autotinybert-latency-predictor"
 PREDICTOR_VERSION = 1

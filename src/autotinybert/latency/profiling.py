@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import UserError
 from ..files import atomic_write_text
 from ..space import BERT_BASE, Arch, SearchSpace
-from .settings import LatencySettings
+from ..settings import LatencySettings
 from .timing import measure
 
 _GZIP_MAGIC = b"\x1f\x8b"

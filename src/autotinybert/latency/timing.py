@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..space import Arch, parameter_count
 from .costs import flops
 from .hardware import fingerprint
-from .settings import LatencySettings
+from ..settings import LatencySettings
 
 
 def build_model(arch: Arch, vocab_size: int = 30522, seq_len: int = 128):
