@@ -202,7 +202,7 @@ def test_squad_command_with_explicit_files(tmp_path, model_dir, capsys):
     (["--task", "rte", "--data-dir", "{missing}"], "is not a directory"),
     (["--task", "rte", "--data-dir", "{bad}"], "RTE/train.tsv:3: label 'neutral' is not one of rte's labels"),
     (["--task", "rte"], "no data: pass --data-dir"),
-    (["--task", "rte", "--data-dir", "{data}", "--lr", "-1"], "--learning-rate must be positive"),
+    (["--task", "rte", "--data-dir", "{data}", "--lr", "-1"], "--lr must be greater than 0"),
 ])
 def test_cli_errors_are_one_line(argv, message, glue_dir, model_dir, tmp_path, capsys):
     bad = tmp_path / "bad"

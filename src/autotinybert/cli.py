@@ -217,10 +217,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     settings = from_namespace(S.FinetuneSettings, args)
     _quiet_transformers()
     _set_threads(o.threads)
-    results = run_finetune(model=o.model, tasks=data.tasks, out=o.out, settings=settings, data_dir=data.data_dir,
-                           hub=data.hub, tokenizer=o.tokenizer, train_file=data.train_file, dev_file=data.dev_file,
-                           teacher=o.teacher, test=o.test, resume=o.resume, overwrite=o.overwrite,
-                           arguments=_arguments(args))
+    results = run_finetune(o, data, settings, arguments=_arguments(args))
     print(results_table([results]))
     print(f"results in {o.out / 'results.json'}")
     return 0
@@ -240,9 +237,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     settings = from_namespace(S.FinetuneSettings, args)
     _quiet_transformers()
     _set_threads(o.threads)
-    results = run_evaluate(model=o.model, tasks=data.tasks, settings=settings, data_dir=data.data_dir, hub=data.hub,
-                           tokenizer=o.tokenizer, dev_file=data.dev_file, out=o.out, test=o.test,
-                           overwrite=o.overwrite, arguments=_arguments(args))
+    results = run_evaluate(o, data, settings, arguments=_arguments(args))
     print(results_table([results]))
     return 0
 

@@ -264,9 +264,10 @@ def _stage_finetune(run: Run, out: Path, resume: bool) -> dict:
         target_dir = out / _safe(target)
         if not _finished(target_dir, f["tasks"]):
             run.log(f"  {target}: fine-tune {model['arch']} on {', '.join(f['tasks'])}")
-            run_finetune(model=Path(model["path"]), tasks=f["tasks"], out=target_dir, settings=settings,
-                         data_dir=Path(run.outputs["data"]["tasks_dir"]), test=False,
-                         resume=(target_dir / "config.yaml").is_file(), arguments={"model": model["path"], **f})
+            command = S.FinetuneCommand(model=Path(model["path"]), out=target_dir, test=False,
+                                        resume=(target_dir / "config.yaml").is_file())
+            source = S.TaskDataSettings(tasks=f["tasks"], data_dir=Path(run.outputs["data"]["tasks_dir"]))
+            run_finetune(command, source, settings, arguments={"model": model["path"], **f})
         results = json.loads((target_dir / "results.json").read_text(encoding="utf-8"))
         runs[target] = str(target_dir)
         digests.append({t: r["score"] for t, r in results["tasks"].items()})

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 
 from ..errors import UserError
 from ..files import atomic_write_json, atomic_write_text, staged_directory, write_stage_config
+from ..settings import EvaluateCommand, FinetuneCommand, TaskDataSettings
 from . import glue, metrics, squad
 from .finetune import (FinetuneSettings, RunStore, Task, evaluate_split, finetune_model, load_task_data,
                        load_task_model, predict_glue, resolve_task)
@@ -67,14 +68,13 @@ def load_tokenizer(path: Path):
 
 # --- finetune ------------------------------------------------------------------------------
 
-def run_finetune(*, model: Path, tasks: list[str], out: Path, settings: FinetuneSettings, data_dir: Path | None,
-                 hub: bool = False, tokenizer: Path | None = None, train_file: Path | None = None,
-                 dev_file: Path | None = None, teacher: Path | None = None, test: bool = True, resume: bool = False,
-                 overwrite: bool = False, arguments: dict[str, Any] | None = None) -> dict:
-    """Fine-tune `model` on each task; returns the run's results (also RUN/results.json)."""
-    settings.validate()
-    task_list = resolve_tasks(tasks)
-    data_dir = data_source(data_dir, hub, files_given=bool(train_file and dev_file))
+def run_finetune(command: FinetuneCommand, source: TaskDataSettings, settings: FinetuneSettings, *,
+                 arguments: dict[str, Any] | None = None) -> dict:
+    """Fine-tune ``command.model`` on each task; returns the run's results (also RUN/results.json)."""
+    model, out, tokenizer, teacher, test = command.model, Path(command.out), command.tokenizer, command.teacher, command.test
+    resume, overwrite, train_file, dev_file = command.resume, command.overwrite, source.train_file, source.dev_file
+    task_list = resolve_tasks(source.tasks)
+    data_dir = data_source(source.data_dir, source.hub, files_given=bool(train_file and dev_file))
     if (train_file or dev_file) and not all(isinstance(t, squad.SquadTask) for t in task_list):
         raise UserError("--train-file / --dev-file name SQuAD JSON files; run GLUE tasks separately")
     # Load and check every task's data before training any: bad input fails in seconds, not hours.
@@ -225,17 +225,16 @@ def _write_results(out: Path, results: dict) -> None:
 
 # --- evaluate -------------------------------------------------------------------------------
 
-def run_evaluate(*, model: Path, tasks: list[str], settings: FinetuneSettings, data_dir: Path | None,
-                 hub: bool = False, tokenizer: Path | None = None, dev_file: Path | None = None,
-                 out: Path | None = None, test: bool = True, overwrite: bool = False,
+def run_evaluate(command: EvaluateCommand, source: TaskDataSettings, settings: FinetuneSettings, *,
                  arguments: dict | None = None) -> dict:
-    """Score already fine-tuned models: `model` is one model directory or a finetune run
+    """Score already fine-tuned models: ``command.model`` is one model directory or a finetune run
     (then `<run>/<task>/model` is used per task). Writes `out/results.json` when `out` is given."""
-    task_list = resolve_tasks(tasks)
-    data_dir = data_source(data_dir, hub, files_given=dev_file is not None)
+    model, out, tokenizer, test, dev_file = command.model, command.out, command.tokenizer, command.test, source.dev_file
+    task_list = resolve_tasks(source.tasks)
+    data_dir = data_source(source.data_dir, source.hub, files_given=dev_file is not None)
     if out is None:
         return _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, None, test)
-    with staged_directory(out, overwrite=overwrite) as work:  # appears complete or not at all
+    with staged_directory(out, overwrite=command.overwrite) as work:  # appears complete or not at all
         write_stage_config(work, arguments or {})
         results = _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, work, test)
         _write_results(work, results)
