@@ -138,3 +138,18 @@ def test_the_real_console_script_exits_non_zero_without_traceback(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("argv, advice", [
+    (["pretrain", "--out", "o", "--corpus", "c"], "rerun the same command with --resume"),
+    (["pretrain", "--out", "o", "--corpus", "c", "--resume"], "rerun the same command to continue"),
+    (["develop", "--config", "demo", "--out", "o"], "rerun the same command to continue"),
+])
+def test_ctrl_c_advice_is_what_the_next_command_accepts(capsys, monkeypatch, argv, advice):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("autotinybert.pretrain.pretrain", interrupted)
+    monkeypatch.setattr("autotinybert.develop.develop", interrupted)
+    code, _, err = _run(capsys, *argv)
+    assert code == 130 and advice in err and len(err.strip().splitlines()) == 1, err

@@ -366,8 +366,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autotinybert {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"autotinybert {args.command}: interrupted; rerun the same command to start again", file=sys.stderr)
+        print(f"autotinybert {args.command}: interrupted; {_how_to_continue(args)}", file=sys.stderr)
         return 130
+
+
+def _how_to_continue(args: argparse.Namespace) -> str:
+    """Advice that the next command will honour (a stage with --resume refuses a plain rerun)."""
+    if args.command in ("develop", "demo") or getattr(args, "resume", False):
+        return "rerun the same command to continue where it stopped"
+    if hasattr(args, "resume"):
+        return "rerun the same command with --resume to continue where it stopped"
+    return "rerun the same command to start again"
 
 
 if __name__ == "__main__":
