@@ -212,7 +212,7 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_init(args: argparse.Namespace) -> int:
-    from .modeling import init_supernet_checkpoint
+    from .checkpoint import init_supernet_checkpoint
 
     _quiet_transformers()
     summary = init_supernet_checkpoint(
