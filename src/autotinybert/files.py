@@ -26,6 +26,9 @@ from typing import Any, Callable, Iterator
 
 from .errors import UserError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # mkstemp creates 0600 files; written files get the usual 0666 & ~umask instead
+
 
 def fsync_path(path: str | Path) -> None:
     """Flush a file's (or a directory's entries') data to the disk; a no-op where unsupported."""
@@ -56,6 +59,7 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         write(Path(tmp))
         fsync_path(tmp)
         os.replace(tmp, path)
