@@ -202,6 +202,8 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) ->
     for name, value in tensors.items():
         _, index, key = name.split(".", 2)
         state.setdefault(int(index), {})[key] = value
+    # JSON turned tuples (betas) into lists; give them back as the optimizer made them.
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()} for g in groups]
     return {"state": state, "param_groups": groups}
 
 
