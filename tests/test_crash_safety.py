@@ -121,6 +121,7 @@ def test_pretrain_survives_sigkill_at_random_instants(pretrain_case):
     root, argv, duration, reference = pretrain_case
     kills, in_write = kill_and_resume(argv, root, duration, seed=0,
                                       weights_of=lambda out: _weights(out / "model.safetensors"), reference=reference)
+    print(f"{kills} kills, {in_write} of them inside a write")
     assert kills >= KILLS and in_write >= 1
 
 
@@ -169,6 +170,7 @@ def test_finetune_survives_sigkill_at_random_instants(finetune_case):
     root, argv, duration, reference = finetune_case
     kills, in_write = kill_and_resume(argv, root, duration, seed=1, reference=reference,
                                       weights_of=lambda out: _weights(out / "sst2" / "model" / "model.safetensors"))
+    print(f"{kills} kills, {in_write} of them inside a write")
     assert kills >= KILLS and in_write >= 1
     submission = (root / "killed0" / "submission" / "SST-2.tsv").read_text()
     assert submission == (root / "reference" / "submission" / "SST-2.tsv").read_text()

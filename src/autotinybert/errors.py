@@ -20,3 +20,5 @@ class Preempted(UserError):
     """
 
     exit_code = 143
+    command: str = ""   # the training command that stopped (pretrain / finetune)
+    step: int = 0       # the step its checkpoint holds

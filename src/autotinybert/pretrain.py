@@ -555,7 +555,6 @@ def _open_out(settings: PretrainSettings, workers: Workers, resume: bool) -> Pat
     out = Path(settings.out)
     if workers.main and (out / "config.yaml").is_file():
         recover(out)  # ours: a run wrote config.yaml before any other file
-        recover(out / "exported")
     workers.barrier()
     if not resume and training.has_checkpoint(out / CHECKPOINT_DIR):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")

@@ -328,8 +328,10 @@ class StopOnSigterm:
             self._previous = None
 
     def preempted(self, step: int) -> Preempted:
-        return Preempted(f"stopped by SIGTERM at step {step}; checkpoint saved; "
-                         f"rerun the same {self.command} command with --resume to continue")
+        error = Preempted(f"stopped by SIGTERM at step {step}; checkpoint saved; "
+                          f"rerun the same {self.command} command with --resume to continue")
+        error.command, error.step = self.command, step  # for callers that word their own advice (develop)
+        return error
 
 
 # --- metrics and progress ----------------------------------------------------------------------
