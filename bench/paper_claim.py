@@ -437,7 +437,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def load_space(args) -> SearchSpace:
-    from autotinybert.modeling import load_supernet
+    from autotinybert.checkpoint import load_supernet
 
     space = load_supernet(args.superplm).config.search_space
     args.space_file = args.work / "space.json"

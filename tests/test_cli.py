@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForMaskedLM
 
 from autotinybert.cli import main
-from autotinybert.modeling import save_supernet
+from autotinybert.checkpoint import save_supernet
 from conftest import TINY_KD, tiny_supernet
 
 

@@ -7,7 +7,8 @@ from transformers import BertConfig, BertForMaskedLM
 from autotinybert import SuperBertConfig, SuperBertForPreTraining
 from autotinybert.errors import UserError
 from autotinybert.export import random_inputs
-from autotinybert.modeling import SuperBertModel, load_supernet, save_supernet
+from autotinybert.checkpoint import load_supernet, save_supernet
+from autotinybert.modeling import SuperBertModel
 from autotinybert.space import Arch, ArchError, SearchSpace
 from conftest import TINY_KD, TINY_MLM, TINY_VOCAB, randomise_parameters, tiny_supernet
 

@@ -166,8 +166,10 @@ def test_kd_pretraining_runs_and_rejects_teachers_that_do_not_fit(tmp_path, corp
 def test_corrupt_checkpoint_on_resume_is_a_clear_error(tmp_path, corpus, space_file):
     settings = _settings(tmp_path, corpus, space_file, max_steps=2)
     pretrain(settings)
-    state = tmp_path / "run" / "checkpoint" / "training_state.pt"
+    ckpt = tmp_path / "run" / "checkpoint"
+    state = ckpt / json.loads((ckpt / "trainer_state.json").read_text())["generation"] / "optimizer.safetensors"
     state.write_bytes(state.read_bytes()[:50])
+    assert not list(ckpt.rglob("*.pt"))  # no pickle: safetensors + JSON only
     weights_before = _weights(tmp_path / "run")
     with pytest.raises(UserError, match="corrupt"):
         pretrain(replace(settings, max_steps=4), resume=True)

@@ -69,7 +69,7 @@ def test_report_reads_files_only(finished_run, monkeypatch):
         raise AssertionError("report must not load models")
 
     monkeypatch.setattr(torch, "load", no_models)
-    monkeypatch.setattr("autotinybert.modeling.load_supernet", no_models)
+    monkeypatch.setattr("autotinybert.checkpoint.load_supernet", no_models)
     from autotinybert.report import build_report
 
     build_report(finished_run, finished_run / "report2")

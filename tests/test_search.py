@@ -231,7 +231,7 @@ def test_cli_search_evolved_proxy_and_resume(tmp_path, capsys):
 
     from autotinybert.cli import main
     from autotinybert.data import train_wordpiece
-    from autotinybert.modeling import save_supernet
+    from autotinybert.checkpoint import save_supernet
 
     corpus = tmp_path / "valid.txt"
     corpus.write_text(TEXT * 10, encoding="utf-8")
@@ -274,7 +274,7 @@ def tiny_files(tmp_path_factory):
     """A tiny random SuperPLM and a toy predictor, made once for the bad-input cases."""
     from conftest import TINY_MLM, tiny_supernet
 
-    from autotinybert.modeling import save_supernet
+    from autotinybert.checkpoint import save_supernet
 
     root = tmp_path_factory.mktemp("tiny")
     save_supernet(tiny_supernet(TINY_MLM), root / "superplm")

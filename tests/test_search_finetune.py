@@ -23,7 +23,7 @@ def files(tmp_path_factory):
     """A tiny SuperPLM with a real tokenizer, tiny GLUE files, held-out text and a toy predictor."""
     from test_data import TEXT
 
-    from autotinybert.modeling import save_supernet
+    from autotinybert.checkpoint import save_supernet
 
     root = tmp_path_factory.mktemp("search-ft")
     tokenizer = tiny_tokenizer()

@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable
 
 from . import settings as S
-from .errors import UserError
+from .errors import Preempted, UserError
 from .options import add_options, as_plain, from_namespace
 
 # command -> (help, [(dataclass, add_options keyword arguments)], handler)
@@ -64,7 +64,7 @@ def _run_space(args: argparse.Namespace) -> int:
 
 
 def _run_init(args: argparse.Namespace) -> int:
-    from .modeling import init_supernet_checkpoint
+    from .checkpoint import init_supernet_checkpoint
 
     o = from_namespace(S.InitSettings, args)
     _quiet_transformers()
@@ -362,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
+    except Preempted as err:  # SIGTERM: a checkpoint was saved at a step boundary
+        message = str(err) if args.command not in ("develop", "demo") else (
+            f"stopped by SIGTERM during {err.command} at step {err.step}; checkpoint saved; rerun the same command "
+            "to continue")
+        print(f"autotinybert {args.command}: {message}", file=sys.stderr)
+        return err.exit_code
     except UserError as err:
         print(f"autotinybert {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -61,7 +61,7 @@ def _load_supernet(supernet: Path, device: str):
     """(SuperPLM on ``device``, its tokenizer, the torch device): what every evaluator starts from."""
     import torch
 
-    from .modeling import load_supernet, load_tokenizer
+    from .checkpoint import load_supernet, load_tokenizer
 
     model = load_supernet(supernet)
     torch_device = torch.device(device)

@@ -27,7 +27,8 @@ from transformers import BertConfig, BertForMaskedLM, BertModel, PreTrainedModel
 
 from . import hf
 from .errors import UserError
-from .modeling import SuperBertForPreTraining, SuperBertPreTrainedModel, load_supernet, load_tokenizer
+from .checkpoint import load_supernet, load_tokenizer
+from .modeling import SuperBertForPreTraining, SuperBertPreTrainedModel
 from .space import Arch, parameter_count
 
 ONNX_FILE = "model.onnx"

@@ -1,8 +1,17 @@
-"""Atomic file writes and the per-stage `config.yaml` / `results.json` convention.
+"""Crash-safe file writes and the per-stage `config.yaml` / `results.json` convention.
 
-Every stage writes into its own `--out` directory. Files appear whole or not at all: we write
-a temporary file in the same directory and `os.replace` it, so an interrupted run never leaves
-a half-written JSON or checkpoint behind.
+Every stage writes into its own `--out` directory, and a process may be killed (SIGKILL, power
+loss) at any instant. The rules that keep every file old-and-complete or new-and-complete:
+
+* A file is written under a temporary name in its own directory (`.NAME.*.tmp`), flushed and
+  fsynced, then `os.replace`d over NAME (atomic on POSIX), then the directory is fsynced.
+* A directory is built under `.NAME.*.partial`, fsynced, then swapped in: NAME is renamed to
+  `.NAME.old`, the new one to NAME, and `.NAME.old` is deleted. A kill between the two renames
+  leaves only `.NAME.old`: `recover(parent)` (called by every stage when it starts on an existing
+  `--out`) renames it back, and deletes the leftovers (`.*.tmp`, `.*.partial`, stale `.*.old`) of
+  killed writes. Those leftovers never hold the only copy of anything.
+* Training checkpoints use a pointer file instead of a swap, so their directory never
+  disappears even for an instant (see `training.save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -13,25 +22,56 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import UserError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # mkstemp creates 0600 files; written files get the usual 0666 & ~umask instead
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under ``root`` (before it is renamed into place)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fsync_path(os.path.join(directory, name))
+        fsync_path(directory)
+
+
+def atomic_write_with(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` creates the file's content at a temporary path; it then replaces ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        write(Path(tmp))
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fsync_path(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write_with(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -50,33 +90,70 @@ def write_stage_config(out_dir: str | Path, arguments: dict[str, Any]) -> None:
     atomic_write_text(Path(out_dir) / "config.yaml", yaml.safe_dump(clean, sort_keys=True))
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def recover(directory: str | Path) -> None:
+    """Undo what a killed write left in ``directory`` (one level, not recursive).
+
+    Call it only on a directory this process owns (a run's `--out`): it deletes every `.*.tmp`
+    and `.*.partial` entry, which would also break a write in progress by another process.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if not name.startswith("."):
+            continue
+        if name.endswith(".old"):
+            original = directory / name[1:-len(".old")]
+            if original.exists():
+                _remove(entry)  # the swap finished; only the deletion of the old copy was lost
+            else:
+                os.replace(entry, original)  # killed between the two renames: the old copy comes back
+        elif name.endswith((".tmp", ".partial")):
+            _remove(entry)
+
+
 @contextlib.contextmanager
 def staged_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name and move it into place only when complete.
 
     An existing non-empty `out_dir` is an error unless `overwrite` is set; with `overwrite`, the
-    old directory is replaced only after the new one is finished, so a failure loses nothing.
+    old directory is replaced only after the new one is finished, so a failure loses nothing
+    (a kill mid-swap is undone by `recover`).
     """
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a directory; choose another path")
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if old.exists() and not out_dir.exists():
+        os.replace(old, out_dir)  # an earlier swap was killed half-way
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"--out {out_dir} already exists and is not empty; pass --overwrite or choose another path")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
     try:
         yield tmp
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out_dir.exists():
-        trash = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(out_dir, trash)
+        _remove(old)
+        os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
+        fsync_path(out_dir.parent)
+        _remove(old)
     else:
         os.replace(tmp, out_dir)
+        fsync_path(out_dir.parent)
 
 
 def relocate(value: Any, old_root: str | None, new_root: str | Path) -> Any:

@@ -7,23 +7,37 @@
 * Objectives: ``mlm`` (AutoTinyBERT-MLM), ``kd`` (AutoTinyBERT-KD: MSE between the last layer's
   pre-softmax attention scores of student and teacher + MSE between the fit layer applied to the
   student's last hidden state and the teacher's), or ``both`` (their sum).
-* Determinism: every random choice of step ``s`` (architectures, batch order, masks, dropout)
-  is derived from ``(seed, s, worker, micro-batch)``. A run killed and resumed from its last
-  checkpoint therefore replays exactly the steps it lost, and ends with the same weights.
-* Multi-process: launched by ``torchrun``, gradients are all-reduced by hand (sub-models differ
-  between steps and, with ``per-worker``, between workers, which DDP's bucketing does not allow).
+* Determinism: every random choice of step ``s`` is derived from ``(seed, s, ...)``: the
+  architectures from ``(seed, s, worker)``, the data order from ``(seed, epoch)``, the masks of a
+  sequence from ``(seed, s, its row in the corpus)``, dropout from ``(seed, s, worker,
+  micro-batch, sub-model)``. A run killed and resumed from its last checkpoint therefore replays
+  exactly the steps it lost, and ends with the same weights.
+* N processes = 1 process: a step trains one *global* batch of ``batch_size x workers x
+  grad_accum`` rows of the epoch's permutation, however it is split over workers and
+  micro-batches; masks depend on the row, not on where it lands; every loss term is a sum over
+  the global batch divided by the global count (masked tokens, tokens, attention pairs), so
+  gradients summed over workers equal one process's. With ``random`` sampling (same archs
+  everywhere) and dropout off, 2 processes x batch B/2 give the weights of 1 process x batch B up
+  to float rounding; dropout masks are drawn per worker tensor, so with dropout they agree in
+  distribution only. Gradients are all-reduced by hand (`training.all_reduce_gradients` says
+  why not DDP), keeping unused parameters' gradients None, as in one process.
+* Files (crash-safe at any instant, see `training.py` and `files.py`): ``out/checkpoint``
+  (resume), ``out/config.json`` + ``out/model.safetensors`` (the SuperPLM, refreshed at each
+  checkpoint), ``out/metrics.csv``, ``out/results.json``, ``out/exported`` (``--arch`` runs).
+  SIGTERM saves a checkpoint at the next step boundary and raises `Preempted`.
 """
 
 from __future__ import annotations
 
-import csv
+import functools
 import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +45,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from . import training
+from .checkpoint import load_supernet, load_tokenizer, publish_supernet
 from .data import (
     IGNORE_INDEX,
     PackedSplit,
@@ -42,73 +58,23 @@ from .data import (
     train_wordpiece,
 )
 from .errors import UserError
-from .files import atomic_write_json, staged_directory, write_stage_config
-from .modeling import (
-    SuperBertConfig,
-    SuperBertForPreTraining,
-    load_supernet,
-    load_tokenizer,
-    new_supernet,
-    save_supernet,
-)
+from .files import atomic_write_json, fsync_path, recover, staged_directory, write_stage_config
+from .modeling import SuperBertConfig, SuperBertForPreTraining, new_supernet
 from .settings import OBJECTIVES, SAMPLING_RULES, PretrainSettings  # noqa: F401 - re-exported
 from .space import RELEASED, Arch, Dim, SearchSpace
+from .training import (MetricsLog, Schedule, StopOnSigterm, Workers, adamw, all_reduce_gradients, clip_and_step,
+                       init_workers, parameter_groups, progress_bar)
 
 # Changing these between a run and its --resume would silently change what is trained.
 _RESUME_INVARIANT = ("corpus", "valid_corpus", "tokenizer", "vocab_size", "space", "max_layers", "max_hidden",
                      "max_ffn", "max_heads", "max_qkv", "objective",
                      "teacher", "sampling", "samples_per_batch", "arch", "init", "batch_size", "grad_accum", "lr",
                      "weight_decay", "warmup_ratio", "max_grad_norm", "bf16", "seq_len", "seed")
+__all__ = ["PretrainSettings", "pretrain", "ArchSampler", "Teacher", "step_loss", "kd_loss", "Workers", "init_workers",
+           "all_reduce_gradients", "parameter_groups", "save_checkpoint", "load_checkpoint", "weights_digest"]
 
 
-# --- distributed ------------------------------------------------------------------------------
-@dataclass
-class Workers:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def init_workers() -> Workers:
-    """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Workers(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    import torch.distributed as dist
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    return Workers(dist.get_rank(), dist.get_world_size(), device)
-
-
-def all_reduce_gradients(parameters: list[torch.nn.Parameter], workers: Workers) -> None:
-    """Average gradients over workers in one flat buffer (unused slices contribute zeros)."""
-    if workers.world == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= workers.world
-    offset = 0
-    for p in parameters:
-        n = p.numel()
-        p.grad = flat[offset: offset + n].view_as(p).clone()
-        offset += n
-
-
+# --- seeds ------------------------------------------------------------------------------------
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers: independent streams per (seed, step, worker, micro-batch)."""
     digest = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
@@ -213,59 +179,107 @@ class Teacher:
 
 
 def kd_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, student_fit: torch.Tensor,
-            teacher_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """AutoTinyBERT-KD: attention-score MSE + hidden-state MSE, over real (unpadded) tokens only."""
+            teacher_hidden: torch.Tensor, attention_mask: torch.Tensor,
+            shares: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """AutoTinyBERT-KD: attention-score MSE + hidden-state MSE, over real (unpadded) tokens only.
+
+    ``shares`` weight the two means by this batch's share of the global (attention pairs, tokens)
+    counts, so summing over micro-batches and workers gives the mean over the global batch.
+    """
     keep = attention_mask.bool()                                   # (B, T)
     pairs = (keep[:, None, :, None] & keep[:, None, None, :]).expand_as(student_scores)  # (B, H, T, T)
     attention = F.mse_loss(student_scores[pairs], teacher_scores[pairs])
     hidden = F.mse_loss(student_fit[keep], teacher_hidden[keep])
-    return attention + hidden
+    return attention * shares[0] + hidden * shares[1]
 
 
 def step_loss(model: SuperBertForPreTraining, batch: dict[str, torch.Tensor], objective: str,
-              teacher: Teacher | None) -> tuple[torch.Tensor, dict[str, float]]:
+              teacher: Teacher | None, shares: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of the active sub-model on one batch, with its parts for logging.
 
-    MLM reads the masked ids; KD reads the original text, as the teacher does.
+    MLM reads the masked ids; KD reads the original text, as the teacher does. ``shares``
+    (`loss_shares`) turn this batch's means into its part of the global batch's means; without
+    them the loss is this batch's own mean (validation).
     """
+    shares = shares or {}
     parts: dict[str, float] = {}
     loss = torch.zeros((), device=batch["input_ids"].device)
     if objective in ("mlm", "both"):
         out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-        loss = loss + out.loss
-        parts["mlm_loss"] = out.loss.item()
+        mlm = out.loss * shares.get("mlm", 1.0)
+        loss = loss + mlm
+        parts["mlm_loss"] = mlm.item()
     if objective in ("kd", "both"):
         hidden, scores = teacher(batch["original_ids"], batch["attention_mask"])
         student = model(batch["original_ids"], batch["attention_mask"], output_attention_scores=True,
                         compute_logits=False)
         distill = kd_loss(student.attention_scores.float(), scores.float(), student.fit_hidden_state.float(),
-                          hidden.float(), batch["attention_mask"])
+                          hidden.float(), batch["attention_mask"], (shares.get("pairs", 1.0), shares.get("tokens", 1.0)))
         loss = loss + distill
         parts["kd_loss"] = distill.item()
     return loss, parts
 
 
+def loss_shares(batches: list[dict[str, torch.Tensor]], workers: Workers) -> list[dict[str, float]]:
+    """Each micro-batch's share of the step's global counts (masked tokens, tokens, attention pairs).
+
+    One all-reduce of three numbers per step. With one worker and one micro-batch every share is
+    exactly 1.0, so the loss is bit-for-bit the batch mean.
+    """
+    counts = []
+    for batch in batches:
+        lengths = batch["attention_mask"].sum(1).double()
+        counts.append([float((batch["labels"] != IGNORE_INDEX).sum()), float(lengths.sum()), float((lengths ** 2).sum())])
+    totals = workers.sum([sum(column) for column in zip(*counts)])
+    return [{key: (c / t if t else 0.0) for key, c, t in zip(("mlm", "tokens", "pairs"), row, totals)} for row in counts]
+
+
 # --- data order -------------------------------------------------------------------------------
-def batch_indices(num_sequences: int, batch_size: int, workers: Workers, seed: int, position: int) -> np.ndarray:
-    """Rows of global micro-batch ``position`` for this worker: a fresh permutation every epoch."""
-    per_step = batch_size * workers.world
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_sequences: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng(derive_seed(seed, epoch, 23)).permutation(num_sequences)
+
+
+def batch_indices(num_sequences: int, batch_size: int, workers: Workers, seed: int, step: int, micro: int = 0,
+                  grad_accum: int = 1) -> np.ndarray:
+    """Rows of micro-batch ``micro`` of ``step`` for this worker: a fresh permutation every epoch.
+
+    Step ``s`` trains rows ``s*G .. (s+1)*G`` of its epoch's permutation (``G = batch_size x
+    workers x grad_accum``); how they are split over workers and micro-batches does not change
+    which rows the step holds.
+    """
+    per_step = batch_size * workers.world * grad_accum
     per_epoch = num_sequences // per_step
     if per_epoch == 0:
         raise UserError(f"the corpus has {num_sequences} sequences, fewer than one global batch ({per_step}); "
                         "lower --batch-size or add text")
-    epoch, within = divmod(position, per_epoch)
-    order = np.random.default_rng(derive_seed(seed, epoch, 23)).permutation(num_sequences)
-    start = within * per_step + workers.rank * batch_size
-    return np.sort(order[start: start + batch_size])
+    epoch, within = divmod(step, per_epoch)
+    start = within * per_step + (micro * workers.world + workers.rank) * batch_size
+    return np.sort(_epoch_order(num_sequences, seed, epoch)[start: start + batch_size])
 
 
-def masked_batch(split: PackedSplit, indices: np.ndarray, tokenizer, generator: torch.Generator,
+def masked_batch(split: PackedSplit, indices: np.ndarray, tokenizer, generators: list[torch.Generator],
                  device: torch.device) -> dict[str, torch.Tensor]:
+    """A padded batch of rows ``indices``, each masked with its own generator (BERT 80/10/10).
+
+    Per-row generators make a row's masks independent of the batch it lands in (batch width,
+    neighbours, worker), which is what lets N workers reproduce one.
+    """
     batch = make_batch(split, indices)
-    masked, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], tokenizer.all_special_ids,
-                                 tokenizer.mask_token_id, len(tokenizer), generator)
-    return {"input_ids": masked.to(device), "labels": labels.to(device), "original_ids": batch["input_ids"].to(device),
-            "attention_mask": batch["attention_mask"].to(device)}
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    masked, labels = ids.clone(), torch.full_like(ids, IGNORE_INDEX)
+    for row, generator in enumerate(generators):
+        length = int(attention[row].sum())
+        row_masked, row_labels = mask_tokens(ids[row: row + 1, :length], attention[row: row + 1, :length],
+                                             tokenizer.all_special_ids, tokenizer.mask_token_id, len(tokenizer),
+                                             generator)
+        masked[row, :length], labels[row, :length] = row_masked[0], row_labels[0]
+    return {"input_ids": masked.to(device), "labels": labels.to(device), "original_ids": ids.to(device),
+            "attention_mask": attention.to(device)}
+
+
+def _row_generators(seed: int, step: int, rows: np.ndarray, stream: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(derive_seed(seed, step, int(row), stream)) for row in rows]
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -275,32 +289,37 @@ def evaluate(model: SuperBertForPreTraining, split: PackedSplit, tokenizer, arch
     """Validation MLM loss/accuracy (and KD loss) of each architecture on the same masked batches."""
     if len(split) == 0:
         return {}
-    generator = torch.Generator().manual_seed(seed)
-    fixed = [masked_batch(split, np.arange(start, min(start + batch_size, len(split))), tokenizer, generator, device)
-             for start in range(0, min(len(split), batch_size * batches), batch_size)]
+    fixed = []
+    for start in range(0, min(len(split), batch_size * batches), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(split)))
+        fixed.append(masked_batch(split, rows, tokenizer, _row_generators(seed, -1, rows, 3), device))
     was_training, previous = model.training, model.arch
     model.eval()
     results = {}
     try:
         for arch in archs:
             model.set_arch(arch)
-            total_loss = correct = count = kd_total = 0.0
-            for batch in fixed:
-                out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-                selected = batch["labels"][batch["labels"] != IGNORE_INDEX]
-                total_loss += out.loss.item() * len(selected)
-                correct += (out.logits.argmax(-1) == selected).sum().item()
-                count += len(selected)
-                if teacher is not None:
-                    kd_total += step_loss(model, batch, "kd", teacher)[1]["kd_loss"]
-            row = {"mlm_loss": total_loss / max(count, 1), "mlm_accuracy": correct / max(count, 1)}
-            if teacher is not None:
-                row["kd_loss"] = kd_total / len(fixed)
-            results[str(arch)] = row
+            results[str(arch)] = _validation_row(model, fixed, teacher)
     finally:
         model.set_arch(previous)
         model.train(was_training)
     return results
+
+
+def _validation_row(model: SuperBertForPreTraining, fixed: list[dict], teacher: Teacher | None) -> dict[str, float]:
+    total_loss = correct = count = kd_total = 0.0
+    for batch in fixed:
+        out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        selected = batch["labels"][batch["labels"] != IGNORE_INDEX]
+        total_loss += out.loss.item() * len(selected)
+        correct += (out.logits.argmax(-1) == selected).sum().item()
+        count += len(selected)
+        if teacher is not None:
+            kd_total += step_loss(model, batch, "kd", teacher)[1]["kd_loss"]
+    row = {"mlm_loss": total_loss / max(count, 1), "mlm_accuracy": correct / max(count, 1)}
+    if teacher is not None:
+        row["kd_loss"] = kd_total / len(fixed)
+    return row
 
 
 # --- model set-up -----------------------------------------------------------------------------
@@ -338,81 +357,46 @@ def initial_weights(model: SuperBertForPreTraining, settings: PretrainSettings) 
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay for biases and LayerNorm weights (BERT's recipe)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
-
-
 # --- checkpoints ------------------------------------------------------------------------------
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.csv"
 METRIC_FIELDS = ("step", "split", "arch", "loss", "mlm_loss", "mlm_accuracy", "kd_loss", "lr", "tokens_per_s")
 
 
-def save_checkpoint(out: Path, model, optimizer, scheduler, step: int, tokenizer, settings: PretrainSettings) -> None:
-    """Atomically replace ``out/checkpoint`` (weights + optimizer + scheduler + step), then refresh
-    the SuperPLM files in ``out`` so ``autotinybert extract --supernet out`` works mid-training."""
-    with staged_directory(out / CHECKPOINT_DIR, overwrite=True) as tmp:
-        save_supernet(model, tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "training_state.pt")
-        atomic_write_json(tmp / "trainer_state.json", {"step": step, "settings": asdict(settings)})
-    save_supernet(model, out / ".superplm.tmp")
-    for name in ("config.json", "model.safetensors"):
-        os.replace(out / ".superplm.tmp" / name, out / name)
-    (out / ".superplm.tmp").rmdir()
-    if tokenizer is not None and not (out / "tokenizer_config.json").is_file():
-        tokenizer.save_pretrained(str(out))
+def save_checkpoint(out: Path, model, optimizer, schedule: Schedule, step: int, tokenizer,
+                    settings: PretrainSettings) -> None:
+    """Refresh the SuperPLM files in ``out`` (so ``autotinybert extract --supernet out`` works
+    mid-training), then commit ``out/checkpoint`` (weights + optimizer + step + settings).
+
+    This order keeps every kill harmless: killed before the commit, the run resumes from the
+    previous checkpoint and rewrites the same SuperPLM files when it passes this step again.
+    """
+    publish_supernet(model, out)
+    training.save_checkpoint(out / CHECKPOINT_DIR, model, optimizer,
+                             {"step": step, "workers": _world(), "settings": asdict(settings)})
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler, settings: PretrainSettings) -> int:
-    """Restore a run from ``out/checkpoint``; returns the step to continue from."""
-    from safetensors.torch import load_file
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
 
+
+def load_checkpoint(out: Path, model, optimizer, settings: PretrainSettings) -> int:
+    """Restore a run from ``out/checkpoint``; returns the step to continue from (0: none yet)."""
     ckpt = out / CHECKPOINT_DIR
-    if not (ckpt / "trainer_state.json").is_file():
-        raise UserError(f"--resume: {out} has no checkpoint to resume; drop --resume to start a new run")
-    try:
-        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"--resume: {ckpt / 'trainer_state.json'} is corrupt ({err}); delete {ckpt} to start over") from None
-    saved = state.get("settings", {})
-    changed = [k for k in _RESUME_INVARIANT if k in saved and saved[k] != asdict(settings)[k]]
-    if changed:
-        raise UserError(f"--resume with different {', '.join(changed)} than the checkpoint; "
-                        "rerun with the original arguments (only --max-steps and logging may change)")
-    try:
-        weights = load_file(str(ckpt / "model.safetensors"))
-        training = torch.load(ckpt / "training_state.pt", weights_only=True, map_location="cpu")
-        model.load_state_dict(weights, strict=True)
-        optimizer.load_state_dict(training["optimizer"])
-        scheduler.load_state_dict(training["scheduler"])
-    except Exception as err:  # any failure here means the files are unusable, whatever the library
-        raise UserError(f"--resume: the checkpoint in {ckpt} is corrupt ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); delete it to start over") from None
+    if not training.has_checkpoint(ckpt):
+        return 0
+
+    def same_run(state: dict) -> None:
+        saved = state.get("settings", {})
+        changed = [k for k in _RESUME_INVARIANT if k in saved and saved[k] != asdict(settings)[k]]
+        if state.get("workers", 1) != _world():
+            changed.append(f"number of workers ({state.get('workers', 1)} then, {_world()} now)")
+        if changed:
+            raise UserError(f"--resume with different {', '.join(changed)} than the checkpoint; "
+                            "rerun with the original arguments (only --max-steps and logging may change)")
+
+    state, _ = training.load_checkpoint(ckpt, model, optimizer, check=same_run)
     return int(state["step"])
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metric rows written after the checkpoint we resume from (they will be re-logged)."""
-    if not path.is_file():
-        return
-    with path.open(newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    _write_metrics(tmp, rows, mode="w")
-    os.replace(tmp, path)
 
 
 class TensorBoard:
@@ -436,15 +420,6 @@ class TensorBoard:
                 if row.get(key) not in (None, ""):
                     self.writer.add_scalar(f"{prefix}/{key}", float(row[key]), int(row["step"]))
         self.writer.flush()
-
-
-def _write_metrics(path: Path, rows: list[dict], mode: str = "a") -> None:
-    new = mode == "w" or not path.is_file()
-    with path.open(mode, newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -472,33 +447,86 @@ def _prepare_tokenizer(settings: PretrainSettings, out: Path, workers: Workers, 
     return load_tokenizer(target)
 
 
-def pretrain(settings: PretrainSettings, resume: bool = False,
-             on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) pre-training; returns the final summary also written to ``results.json``.
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    """Tokenizer files into ``out``, each moved in whole, tokenizer_config.json (the marker read on
+    resume) last: a kill never leaves a marker without the vocabulary."""
+    if (out / "tokenizer_config.json").is_file():
+        return
+    staging = out / ".tokenizer.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer.save_pretrained(str(staging))
+    for name in sorted(os.listdir(staging), key=lambda n: n == "tokenizer_config.json"):
+        fsync_path(staging / name)
+        os.replace(staging / name, out / name)
+    fsync_path(out)
+    shutil.rmtree(staging, ignore_errors=True)
 
-    ``on_step(step)`` is called after every optimiser step (progress hooks, tests).
-    """
-    settings.check()
-    workers = init_workers()
+
+@dataclass
+class _Run:
+    """Everything one pre-training run holds between steps."""
+
+    settings: PretrainSettings
+    workers: Workers
+    out: Path
+    space: SearchSpace
+    tokenizer: Any
+    teacher: Teacher | None
+    train: PackedSplit
+    valid: PackedSplit
+    cache_entry: Path
+    model: SuperBertForPreTraining
+    optimizer: torch.optim.Optimizer
+    start: int
+    sampler: ArchSampler = field(init=False)
+    schedule: Schedule = field(init=False)
+    parameters: list = field(init=False)
+    metrics: MetricsLog = field(init=False)
+    board: TensorBoard = field(init=False)
+    autocast: Any = field(init=False)
+    progress: Any = None
+    tokens_seen: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    last_eval: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.sampler = ArchSampler(self.space, "random" if s.arch else s.sampling, s.samples_per_batch, s.seed)
+        self.schedule = Schedule(s.lr, s.max_steps, s.warmup_ratio)
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.metrics = MetricsLog(self.out / METRICS_FILE, METRIC_FIELDS)
+        self.board = TensorBoard(self.out, self.workers.main)
+        self.autocast = torch.autocast(self.workers.device.type, dtype=torch.bfloat16, enabled=s.bf16)
+
+    def tokens_per_second(self) -> int:
+        return int(self.tokens_seen / max(time.perf_counter() - self.started, 1e-9)) * self.workers.world
+
+
+def _open_out(settings: PretrainSettings, workers: Workers, resume: bool) -> Path:
+    """Check the resume rule (training.py) and undo what a killed attempt left in ``out``."""
     out = Path(settings.out)
-    if not resume and (out / CHECKPOINT_DIR).exists():
+    if workers.main and (out / "config.yaml").is_file():
+        recover(out)  # ours: a run wrote config.yaml before any other file
+    workers.barrier()
+    if not resume and training.has_checkpoint(out / CHECKPOINT_DIR):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    space = resolve_space(settings)
-    cache_dir = Path(settings.cache_dir or Path.home() / ".cache" / "autotinybert" / "data")
-    tokenizer = _prepare_tokenizer(settings, out, workers, resume, cache_dir)
-    teacher = Teacher(settings.teacher, workers.device) if settings.objective in ("kd", "both") else None
-    if teacher is not None:
-        teacher.check_fits(space, len(tokenizer))
+    return out
+
+
+def _load_data(settings: PretrainSettings, tokenizer, cache_dir: Path, workers: Workers):
+    def build():
+        return build_dataset(settings.corpus, tokenizer, settings.seq_len, cache_dir, settings.valid_corpus,
+                             text_column=settings.text_column)
 
     if workers.main:  # one process tokenises; the others read the cache it writes
-        train, valid, cache_entry = build_dataset(settings.corpus, tokenizer, settings.seq_len, cache_dir,
-                                                  settings.valid_corpus, text_column=settings.text_column)
+        data = build()
     workers.barrier()
-    if not workers.main:
-        train, valid, cache_entry = build_dataset(settings.corpus, tokenizer, settings.seq_len, cache_dir,
-                                                  settings.valid_corpus, text_column=settings.text_column)
+    return data if workers.main else build()
 
+
+def _build_model(settings: PretrainSettings, space: SearchSpace, tokenizer, teacher: Teacher | None,
+                 workers: Workers) -> SuperBertForPreTraining:
     config = SuperBertConfig.from_space(
         space, vocab_size=len(tokenizer), max_position_embeddings=max(512, settings.seq_len),
         teacher_hidden_size=teacher.config.hidden_size if teacher else None,
@@ -507,109 +535,154 @@ def pretrain(settings: PretrainSettings, resume: bool = False,
     model = new_supernet(config, settings.seed)
     if settings.init:
         initial_weights(model, settings)
-    model.to(workers.device).train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr)
-    warmup = max(1, int(settings.warmup_ratio * settings.max_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, settings.max_steps))
-    start = load_checkpoint(out, model, optimizer, scheduler, settings) if resume else 0
+    return model.to(workers.device).train()
+
+
+def _start(settings: PretrainSettings, workers: Workers, resume: bool) -> _Run:
+    out = _open_out(settings, workers, resume)
+    space = resolve_space(settings)
+    cache_dir = Path(settings.cache_dir or Path.home() / ".cache" / "autotinybert" / "data")
+    tokenizer = _prepare_tokenizer(settings, out, workers, resume, cache_dir)
+    teacher = Teacher(settings.teacher, workers.device) if settings.objective in ("kd", "both") else None
+    if teacher is not None:
+        teacher.check_fits(space, len(tokenizer))
+    train, valid, cache_entry = _load_data(settings, tokenizer, cache_dir, workers)
+    model = _build_model(settings, space, tokenizer, teacher, workers)
+    optimizer = adamw(model, settings.lr, settings.weight_decay)
+    start = load_checkpoint(out, model, optimizer, settings) if resume else 0
+    run = _Run(settings, workers, out, space, tokenizer, teacher, train, valid, cache_entry, model, optimizer, start)
     if workers.main:
         write_stage_config(out, {**asdict(settings), "resume": resume})
-        _trim_metrics(out / METRICS_FILE, start)
+        run.metrics.trim(start)
+        _save_tokenizer(tokenizer, out)
+    return run
 
-    sampler = ArchSampler(space, "random" if settings.arch else settings.sampling, settings.samples_per_batch,
-                          settings.seed)
-    panel = validation_panel(space)
-    started = time.perf_counter()
-    tokens_seen = 0
-    autocast = torch.autocast(workers.device.type, dtype=torch.bfloat16, enabled=settings.bf16)
-    progress = _progress_bar(settings, start, workers)
-    last_eval: dict[str, dict] = {}
-    board = TensorBoard(out, workers.main)
+
+def pretrain(settings: PretrainSettings, resume: bool = False,
+             on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) pre-training; returns the final summary also written to ``results.json``.
+
+    ``resume``: continue from ``out/checkpoint``, or start at step 0 when there is none yet (the
+    resume rule of training.py). ``on_step(step)`` is called after every optimiser step (progress
+    hooks, tests). SIGTERM stops at the next step boundary with a checkpoint: `Preempted`.
+    """
+    settings.check()
+    workers = init_workers()
+    run = _start(settings, workers, resume)
+    run.progress = progress_bar(settings.max_steps, run.start, "pretrain", settings.progress and workers.main)
     # Dropout draws from torch's global generator: forked here so the caller's state is untouched,
     # and re-seeded per micro-batch so a resumed run replays the lost steps exactly.
-    with torch.random.fork_rng(devices=[workers.device.index or 0] if workers.device.type == "cuda" else []):
-        for step in range(start, settings.max_steps):
-            archs = sampler.archs(step, workers.rank)
-            parts: dict[str, float] = {}
-            total = 0.0
-            for micro in range(settings.grad_accum):
-                position = step * settings.grad_accum + micro
-                indices = batch_indices(len(train), settings.batch_size, workers, settings.seed, position)
-                generator = torch.Generator().manual_seed(derive_seed(settings.seed, step, workers.rank, micro, 1))
-                batch = masked_batch(train, indices, tokenizer, generator, workers.device)
-                tokens_seen += int(batch["attention_mask"].sum()) * len(archs)
-                for index, arch in enumerate(archs):
-                    torch.manual_seed(derive_seed(settings.seed, step, workers.rank, micro, index, 2))
-                    model.set_arch(arch)
-                    with autocast:
-                        loss, loss_parts = step_loss(model, batch, settings.objective, teacher)
-                    (loss / (settings.grad_accum * len(archs))).backward()
-                    total += loss.item() / (settings.grad_accum * len(archs))
-                    for key, value in loss_parts.items():
-                        parts[key] = parts.get(key, 0.0) + value / (settings.grad_accum * len(archs))
-            _check_finite(total, step, out, workers)
-            all_reduce_gradients(parameters, workers)
-            torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            rate = int(tokens_seen / max(time.perf_counter() - started, 1e-9)) * workers.world
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{total:.3f}", tok_s=rate, arch=str(archs[0]))
-            if workers.main and (done % settings.log_every == 0 or done == settings.max_steps):
-                rows = [{
-                    "step": done, "split": "train", "arch": " ".join(map(str, archs)), "loss": round(total, 5),
-                    **{k: round(v, 5) for k, v in parts.items()}, "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": rate,
-                }]
-                _write_metrics(out / METRICS_FILE, rows)
-                board.log(rows)
-            if done % settings.eval_every == 0 or done == settings.max_steps:
-                if workers.main:
-                    last_eval = evaluate(model, valid, tokenizer, panel, settings.objective, teacher,
-                                         settings.batch_size, settings.eval_batches, settings.seed, workers.device)
-                    rows = [{"step": done, "split": "valid", "arch": arch, **row} for arch, row in last_eval.items()]
-                    _write_metrics(out / METRICS_FILE, rows)
-                    board.log(rows)
-                workers.barrier()
-            if done % settings.save_every == 0 or done == settings.max_steps:
-                if workers.main:
-                    save_checkpoint(out, model, optimizer, scheduler, done, tokenizer, settings)
-                workers.barrier()
-            if on_step is not None:
-                on_step(done)
-    if progress is not None:
-        progress.close()
+    devices = [workers.device.index or 0] if workers.device.type == "cuda" else []
+    try:
+        with StopOnSigterm("pretrain") as stop, torch.random.fork_rng(devices=devices):
+            for step in range(run.start, settings.max_steps):
+                archs, losses, stopping = _train_step(run, step, stop)
+                _after_step(run, step + 1, archs, losses, stopping, stop)
+                if on_step is not None:
+                    on_step(step + 1)
+    finally:
+        run.progress.close()
+    return _finish(run)
+
+
+def _micro_batch(run: _Run, step: int, micro: int) -> dict[str, torch.Tensor]:
+    s = run.settings
+    rows = batch_indices(len(run.train), s.batch_size, run.workers, s.seed, step, micro, s.grad_accum)
+    return masked_batch(run.train, rows, run.tokenizer, _row_generators(s.seed, step, rows, 1), run.workers.device)
+
+
+def _train_step(run: _Run, step: int, stop: StopOnSigterm) -> tuple[list[Arch], dict[str, float], bool]:
+    """One optimiser step over the global batch; returns (archs, global mean losses, stop agreed)."""
+    s, workers = run.settings, run.workers
+    archs = run.sampler.archs(step, workers.rank)
+    batches = [_micro_batch(run, step, micro) for micro in range(s.grad_accum)]
+    losses: dict[str, float] = {"loss": 0.0}
+    for micro, (batch, shares) in enumerate(zip(batches, loss_shares(batches, workers))):
+        run.tokens_seen += int(batch["attention_mask"].sum()) * len(archs)
+        for index, arch in enumerate(archs):
+            torch.manual_seed(derive_seed(s.seed, step, workers.rank, micro, index, 2))
+            run.model.set_arch(arch)
+            with run.autocast:
+                loss, parts = step_loss(run.model, batch, s.objective, run.teacher, shares)
+            if loss.requires_grad:
+                (loss / len(archs)).backward()
+            for key, value in {"loss": loss.item(), **parts}.items():
+                losses[key] = losses.get(key, 0.0) + value / len(archs)
+    # One all-reduce: the global losses (each worker holds its share) and whether any worker got SIGTERM,
+    # so that every worker stops at the same step.
+    keys = sorted(losses)
+    totals = workers.sum([losses[k] for k in keys] + [float(stop.requested)])
+    losses = dict(zip(keys, totals[:-1]))
+    _check_finite(losses["loss"], step, run.out)
+    all_reduce_gradients(run.parameters, workers)
+    run.schedule.apply(run.optimizer, step)
+    clip_and_step(run.optimizer, run.parameters, s.max_grad_norm)
+    return archs, losses, totals[-1] > 0
+
+
+def _after_step(run: _Run, done: int, archs: list[Arch], losses: dict[str, float], stopping: bool,
+                stop: StopOnSigterm) -> None:
+    """Progress, logging, validation, checkpoint; SIGTERM ends the run here (`Preempted`)."""
+    s, workers = run.settings, run.workers
+    last = done == s.max_steps
+    run.progress.update(1)
+    run.progress.set_postfix(loss=f"{losses['loss']:.3f}", tok_s=run.tokens_per_second(), arch=str(archs[0]))
+    if workers.main and (done % s.log_every == 0 or last):
+        rows = [{"step": done, "split": "train", "arch": " ".join(map(str, archs)),
+                 **{k: round(v, 5) for k, v in losses.items()}, "lr": run.schedule.lr(done - 1),
+                 "tokens_per_s": run.tokens_per_second()}]
+        run.metrics.append(rows)
+        run.board.log(rows)
+    if done % s.eval_every == 0 or last:
+        if workers.main:
+            _validate(run, done)
+        workers.barrier()
+    if done % s.save_every == 0 or last or stopping:
+        if workers.main:
+            save_checkpoint(run.out, run.model, run.optimizer, run.schedule, done, run.tokenizer, s)
+        workers.barrier()
+    if stopping and not last:
+        raise stop.preempted(done)
+
+
+def _validate(run: _Run, done: int | None) -> None:
+    s = run.settings
+    run.last_eval = evaluate(run.model, run.valid, run.tokenizer, validation_panel(run.space), s.objective,
+                             run.teacher, s.batch_size, s.eval_batches, s.seed, run.workers.device)
+    if done is not None:
+        rows = [{"step": done, "split": "valid", "arch": arch, **row} for arch, row in run.last_eval.items()]
+        run.metrics.append(rows)
+        run.board.log(rows)
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    s, workers = run.settings, run.workers
+    if workers.main and not run.last_eval:
+        _validate(run, None)  # resumed after the final checkpoint: its rows are logged already
     summary = {
-        "steps": settings.max_steps,
-        "resumed_from": start,
-        "space": space.to_dict(),
-        "validation": last_eval,
-        "wall_seconds": round(time.perf_counter() - started, 2),
-        "tokens_per_second": int(tokens_seen / max(time.perf_counter() - started, 1e-9)) * workers.world,
+        "steps": s.max_steps,
+        "resumed_from": run.start,
+        "space": run.space.to_dict(),
+        "validation": run.last_eval,
+        "wall_seconds": round(time.perf_counter() - run.started, 2),
+        "tokens_per_second": run.tokens_per_second(),
         "workers": workers.world,
-        "weights_digest": weights_digest(model),
-        "data_cache": str(cache_entry),
-        "train_sequences": len(train),
-        "valid_sequences": len(valid),
+        "weights_digest": weights_digest(run.model),
+        "data_cache": str(run.cache_entry),
+        "train_sequences": len(run.train),
+        "valid_sequences": len(run.valid),
     }
     if workers.main:
-        if settings.arch:
-            _export_fixed(model, Arch.parse(settings.arch), out, tokenizer)
-            summary["exported"] = str(out / "exported")
-        atomic_write_json(out / "results.json", summary)
+        if s.arch:
+            _export_fixed(run.model, Arch.parse(s.arch), run.out, run.tokenizer)
+            summary["exported"] = str(run.out / "exported")
+        atomic_write_json(run.out / "results.json", summary)
     return summary
 
 
-def _check_finite(loss: float, step: int, out: Path, workers: Workers) -> None:
-    value = torch.tensor([loss])
-    if workers.world > 1:
-        torch.distributed.all_reduce(value)
-    if not math.isfinite(value.item()):
-        raise UserError(f"the loss became {value.item()} at step {step + 1}; nothing was saved from this step. "
+def _check_finite(loss: float, step: int, out: Path) -> None:
+    if not math.isfinite(loss):
+        raise UserError(f"the loss became {loss} at step {step + 1}; nothing was saved from this step. "
                         f"Lower --lr (or use --bf16 off) and continue from the last checkpoint in {out} with --resume")
 
 
@@ -619,14 +692,6 @@ def _export_fixed(model: SuperBertForPreTraining, arch: Arch, out: Path, tokeniz
 
     with staged_directory(out / "exported", overwrite=True) as tmp:
         save_export(extract(model.cpu(), arch), tmp, tokenizer)
-
-
-def _progress_bar(settings: PretrainSettings, start: int, workers: Workers):
-    if not settings.progress or not workers.main:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=settings.max_steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -6,9 +6,13 @@ We use a small loop of our own rather than transformers' `Trainer`, because:
 - same seed => same result, without touching the caller's global RNG: the loop runs inside
   `torch.random.fork_rng()`, seeds its own dropout stream and shuffles with its own
   `torch.Generator` (Trainer seeds the global state and pulls in accelerate);
-- the loop is about a hundred lines (AdamW, linear warm-up/decay as in BERT, gradient
-  clipping, dynamic padding, best-dev selection) and stays stable across transformers major
-  versions, whose Trainer arguments changed between v4 and v5.
+- the loop is about a hundred lines (dynamic padding, best-dev selection) on the toolkit shared
+  with pre-training (`autotinybert.training`: AdamW groups, BERT's warm-up/decay schedule,
+  clipping, pickle-free crash-safe checkpoints, SIGTERM handling) and stays stable across
+  transformers major versions, whose Trainer arguments changed between v4 and v5.
+
+Resume rule: the one of `autotinybert.training`. A `RunStore` continues from its checkpoint
+when it holds one; `tasks.run` decides, from `--resume`, whether a run directory may be reused.
 
 Public entry points:
 - `finetune_model(model, tokenizer, task, data, settings)` -> `FinetuneResult`; the model ends
@@ -22,17 +26,20 @@ Public entry points:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .. import training
 from ..errors import UserError
+from ..files import atomic_write_with, recover, staged_directory
 from ..settings import FinetuneSettings  # noqa: F401 - re-exported: the fine-tuning settings
 from . import glue, metrics, squad
 
@@ -330,6 +337,8 @@ class TrainState:
     best_scores: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
+    running_loss: float = 0.0                # training loss summed since the last evaluation
+    running_steps: int = 0
 
 
 def train_features(task: Task, tokenizer, split, settings: FinetuneSettings) -> list[dict]:
@@ -349,22 +358,9 @@ def _plan(num_features: int, settings: FinetuneSettings) -> tuple[int, int, set[
     return per_epoch, total, evaluate_at
 
 
-def _optimizer(model, settings: FinetuneSettings) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and LayerNorm weights (BERT's recipe)."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim < 2 else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings.learning_rate)
-
-
-def _learning_rate(step: int, total: int, settings: FinetuneSettings) -> float:
+def _schedule(total: int, settings: FinetuneSettings) -> training.Schedule:
     """Linear warm-up over `warmup_ratio` of the steps, then linear decay to 0 (BERT)."""
-    warmup = int(settings.warmup_ratio * total)
-    if step < warmup:
-        return settings.learning_rate * (step + 1) / warmup
-    return settings.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
+    return training.Schedule(settings.learning_rate, total, settings.warmup_ratio)
 
 
 def _epoch_order(features: Sequence[dict], settings: FinetuneSettings, epoch: int) -> list[int]:
@@ -398,18 +394,21 @@ def finetune_model(model, tokenizer, task: Task, data: TaskData, settings: Finet
     if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
         raise UserError("the teacher and the student must share a vocabulary (vocab sizes differ)")
     features = train_features(task, tokenizer, data.train, settings)
-    per_epoch, total, evaluate_at = _plan(len(features), settings)
-    optimizer = _optimizer(model, settings)
-    pad_id = _pad_id(tokenizer)
+    plan = _plan(len(features), settings)
+    optimizer = training.adamw(model, settings.learning_rate, settings.weight_decay)
     state, best_weights = TrainState(), None
-    with torch.random.fork_rng(devices=[]):
+    # SIGTERM is caught only when there is a store to save a checkpoint into.
+    stop = training.StopOnSigterm("finetune") if store is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), stop:
         torch.manual_seed(settings.seed)  # dropout stream of this run only
-        if store is not None and store.has_checkpoint():
-            state = store.load_checkpoint(model, optimizer)
+        if store is not None:
+            store.recover()
+            if store.has_checkpoint():
+                state = store.load_checkpoint(model, optimizer)
         if teacher is not None:
             teacher.eval()
         state, best_weights, best_predictions = _train_loop(model, tokenizer, task, data, settings, features, optimizer,
-                                                            teacher, store, state, (per_epoch, total, evaluate_at), pad_id)
+                                                            teacher, store, state, plan, stop)
     if best_weights is not None:
         model.load_state_dict(best_weights)
     elif store is not None and store.has_best():
@@ -418,59 +417,69 @@ def finetune_model(model, tokenizer, task: Task, data: TaskData, settings: Finet
                           len(features), state.history, state.train_seconds, best_predictions)
 
 
-def _train_loop(model, tokenizer, task, data, settings, features, optimizer, teacher, store, state, plan, pad_id):
-    from tqdm.auto import tqdm
-
+def _train_loop(model, tokenizer, task, data, settings, features, optimizer, teacher, store, state, plan, stop):
     per_epoch, total, evaluate_at = plan
-    best_weights, best_predictions, running, counted = None, None, 0.0, 0
+    schedule, pad_id = _schedule(total, settings), _pad_id(tokenizer)
+    best = {"weights": None, "predictions": None}
     model.train()
-    bar = tqdm(total=total, initial=state.step, desc=f"{task.name} train", disable=not settings.progress)
+    bar = training.progress_bar(total, state.step, f"{task.name} train", settings.progress)
     started = time.perf_counter()
-    while state.step < total:
-        epoch, position = divmod(state.step, per_epoch)
-        order = _epoch_order(features, settings, epoch)
-        batch = _collate([features[i] for i in order[position * settings.batch_size:(position + 1) * settings.batch_size]], pad_id)
-        loss = _training_step(model, task, batch, optimizer, teacher, settings, _learning_rate(state.step, total, settings))
-        state.step += 1
-        running, counted = running + loss, counted + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if state.step in evaluate_at:
-            state.train_seconds += time.perf_counter() - started
-            evaluated = {name: evaluate_split(model, tokenizer, task, split, settings) for name, split in data.dev.items()}
-            scores = {name: result[0] for name, result in evaluated.items()}
-            score = main_score(task, scores)
-            state.history.append({"step": state.step, "epoch": round(state.step / per_epoch, 3),
-                                  "train_loss": running / counted, "score": score, "scores": scores})
-            if settings.log_evaluations:
-                bar.write(f"{task.name} step {state.step}/{total}: train loss {running / counted:.4f}, dev score {score:.2f}")
-            running, counted = 0.0, 0
-            if state.best_score is None or score > state.best_score:
-                state.best_score, state.best_step, state.best_scores = score, state.step, scores
-                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best_predictions = {name: result[1] for name, result in evaluated.items()}
+    try:
+        while state.step < total:
+            epoch, position = divmod(state.step, per_epoch)
+            rows = _epoch_order(features, settings, epoch)[position * settings.batch_size:(position + 1) * settings.batch_size]
+            batch = _collate([features[i] for i in rows], pad_id)
+            loss = _training_step(model, task, batch, optimizer, teacher, settings, schedule, state.step)
+            state.step += 1
+            state.running_loss, state.running_steps = state.running_loss + loss, state.running_steps + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if state.step in evaluate_at:
+                state.train_seconds += time.perf_counter() - started
+                _evaluate_and_keep(model, tokenizer, task, data, settings, state, best, store, bar, per_epoch, total)
                 if store is not None:
-                    store.save_best(model, tokenizer)
-            if store is not None:
+                    store.save_checkpoint(model, optimizer, state)
+                model.train()
+                started = time.perf_counter()
+            elif getattr(stop, "requested", False) and state.step < total:
+                state.train_seconds += time.perf_counter() - started
                 store.save_checkpoint(model, optimizer, state)
-            model.train()
-            started = time.perf_counter()
-    bar.close()
-    return state, best_weights, best_predictions
+            if getattr(stop, "requested", False) and state.step < total:
+                raise stop.preempted(state.step)
+    finally:
+        bar.close()
+    return state, best["weights"], best["predictions"]
 
 
-def _training_step(model, task, batch, optimizer, teacher, settings, learning_rate: float) -> float:
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate
+def _evaluate_and_keep(model, tokenizer, task, data, settings, state: TrainState, best: dict, store, bar,
+                       per_epoch: int, total: int) -> None:
+    """Dev scores now; a new best is kept in memory and, with a store, on disk."""
+    evaluated = {name: evaluate_split(model, tokenizer, task, split, settings) for name, split in data.dev.items()}
+    scores = {name: result[0] for name, result in evaluated.items()}
+    score = main_score(task, scores)
+    train_loss = state.running_loss / state.running_steps
+    state.history.append({"step": state.step, "epoch": round(state.step / per_epoch, 3),
+                          "train_loss": train_loss, "score": score, "scores": scores})
+    if settings.log_evaluations:
+        bar.write(f"{task.name} step {state.step}/{total}: train loss {train_loss:.4f}, dev score {score:.2f}")
+    state.running_loss, state.running_steps = 0.0, 0
+    if state.best_score is None or score > state.best_score:
+        state.best_score, state.best_step, state.best_scores = score, state.step, scores
+        best["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        best["predictions"] = {name: result[1] for name, result in evaluated.items()}
+        if store is not None:
+            store.save_best(model, tokenizer)
+
+
+def _training_step(model, task, batch, optimizer, teacher, settings, schedule: training.Schedule, step: int) -> float:
     teacher_outputs = None
     if teacher is not None:
         with torch.no_grad():
             teacher_outputs = tuple(t.detach() for t in _forward(teacher, batch))
     loss = _loss(task, _forward(model, batch), batch, teacher_outputs, settings)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    schedule.apply(optimizer, step)
+    training.clip_and_step(optimizer, model.parameters(), settings.max_grad_norm)
     return float(loss.detach())
 
 
@@ -490,16 +499,21 @@ def finetune_encoder(encoder, tokenizer, task: Task, data: TaskData, settings: F
 
 class RunStore:
     """One task's files under `directory`: the best model (`model/`, save_pretrained + tokenizer,
-    loadable by AutoModelFor*), and the last checkpoint (`checkpoint/`: weights, optimizer state
-    and the RNG state in safetensors, counters in JSON) that `--resume` continues from."""
+    loadable by AutoModelFor*), its weights under the module's own keys (`best.safetensors`), and
+    the last checkpoint (`checkpoint/`, `training.save_checkpoint`: weights, optimizer state and
+    the dropout RNG state in safetensors, counters in JSON) that `--resume` continues from.
+    Every write is crash-safe; `recover()` undoes what a killed attempt left behind."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.model_dir = self.directory / "model"
         self.checkpoint_dir = self.directory / "checkpoint"
 
+    def recover(self) -> None:
+        recover(self.directory)
+
     def has_checkpoint(self) -> bool:
-        return (self.checkpoint_dir / "trainer_state.json").is_file()
+        return training.has_checkpoint(self.checkpoint_dir)
 
     @property
     def best_weights(self) -> Path:
@@ -512,12 +526,10 @@ class RunStore:
     def save_best(self, model, tokenizer) -> None:
         from safetensors.torch import save_model
 
-        from ..files import staged_directory
-
         with staged_directory(self.model_dir, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        _atomic(self.best_weights, lambda p: save_model(model, str(p)))
+        atomic_write_with(self.best_weights, lambda p: save_model(model, str(p)))
 
     def load_best(self, model) -> None:
         from safetensors.torch import load_model
@@ -525,53 +537,12 @@ class RunStore:
         load_model(model, str(self.best_weights), strict=True)
 
     def save_checkpoint(self, model, optimizer, state: TrainState) -> None:
-        from safetensors.torch import save_file, save_model
-
-        from ..files import atomic_write_json, staged_directory
-
-        tensors, groups = _flatten_optimizer(optimizer.state_dict())
-        tensors["rng_state"] = torch.get_rng_state()
-        with staged_directory(self.checkpoint_dir, overwrite=True) as tmp:
-            save_model(model, str(tmp / "model.safetensors"))
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            atomic_write_json(tmp / "trainer_state.json", {**asdict(state), "param_groups": groups})
+        training.save_checkpoint(self.checkpoint_dir, model, optimizer, asdict(state),
+                                 tensors={"rng_state": torch.get_rng_state()})
 
     def load_checkpoint(self, model, optimizer) -> TrainState:
         """Restore weights, optimizer and the dropout RNG (call inside the run's fork_rng)."""
-        import json
-
-        from safetensors.torch import load_file, load_model
-
-        saved = json.loads((self.checkpoint_dir / "trainer_state.json").read_text())
-        groups = saved.pop("param_groups")
-        load_model(model, str(self.checkpoint_dir / "model.safetensors"), strict=True)
-        tensors = load_file(str(self.checkpoint_dir / "optimizer.safetensors"))
-        torch.set_rng_state(tensors.pop("rng_state"))
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, groups))
-        return TrainState(**saved)
-
-
-def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Optimizer state as flat tensors (`state.<param>.<key>`) plus JSON-able param groups."""
-    tensors = {}
-    for index, values in state_dict["state"].items():
-        for key, value in values.items():
-            tensors[f"state.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return tensors, state_dict["param_groups"]
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": groups}
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+        saved, tensors = training.load_checkpoint(self.checkpoint_dir, model, optimizer)
+        torch.set_rng_state(tensors["rng_state"])
+        known = {f.name for f in fields(TrainState)}
+        return TrainState(**{k: v for k, v in saved.items() if k in known})

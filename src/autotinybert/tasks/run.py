@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import UserError
-from ..files import atomic_write_json, atomic_write_text, staged_directory, write_stage_config
+from ..files import atomic_write_json, atomic_write_text, recover, staged_directory, write_stage_config
 from ..settings import EvaluateCommand, FinetuneCommand, TaskDataSettings
 from . import glue, metrics, squad
 from .finetune import (FinetuneSettings, RunStore, Task, evaluate_split, finetune_model, load_task_data,
@@ -107,13 +107,22 @@ def _work_directory(out: Path, resume: bool, overwrite: bool, arguments: dict) -
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose another path")
     partial = out.with_name(f".{out.name}.partial")
+    old = out.with_name(f".{out.name}.old")
+    if old.is_dir() and not out.exists():
+        os.replace(old, out)  # a kill in the middle of the final swap: the old copy comes back first
+    if (out / "config.yaml").is_file() or _only_leftovers(out):
+        recover(out)  # ours: undo what a killed attempt left behind
     if resume:
         work = partial if (partial / "config.yaml").is_file() else out
-        if not (work / "config.yaml").is_file():
-            raise UserError(f"--resume: {out} holds no run (no config.yaml); drop --resume to start one")
-        _check_same_arguments(work / "config.yaml", arguments)
-        return work, (lambda: _swap(partial, out)) if work == partial else (lambda: None)
-    if out.is_dir() and any(out.iterdir()):
+        if (work / "config.yaml").is_file():
+            _check_same_arguments(work / "config.yaml", arguments)
+            recover(work)
+            return work, (lambda: _swap(partial, out)) if work == partial else (lambda: None)
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"--resume: {out} holds no run (no config.yaml) and is not empty; choose another --out")
+        # Stopped before it wrote anything: --resume starts the run (the resume rule of training.py).
+        work, finish = out, lambda: None
+    elif out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"--out {out} already exists and is not empty; pass --resume to continue it, "
                             f"--overwrite to replace it, or choose another path")
@@ -124,6 +133,11 @@ def _work_directory(out: Path, resume: bool, overwrite: bool, arguments: dict) -
     work.mkdir(parents=True, exist_ok=True)
     write_stage_config(work, arguments)
     return work, finish
+
+
+def _only_leftovers(out: Path) -> bool:
+    """``out`` holds nothing but temporary files of killed writes (e.g. of its first config.yaml)."""
+    return out.is_dir() and all(e.name.startswith(".") and e.name.endswith((".tmp", ".partial")) for e in out.iterdir())
 
 
 def _swap(new: Path, out: Path) -> None:

@@ -1,0 +1,192 @@
+"""Crash safety of pretrain and finetune: SIGKILL at seeded random instants (some inside
+checkpoint/export writes), SIGTERM, and `--resume` until done; the final weights must be
+bit-identical to an uninterrupted run. Children come from a fork server (crash_harness.py) so
+that 20+ kills fit in seconds; the SIGTERM test of pretrain runs the real `python -m autotinybert`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import crash_harness
+from conftest import REPO
+from tasks_fixtures import glue_layout, save_tiny_model
+from test_data import TEXT
+
+KILLS = 20
+pytestmark = pytest.mark.slow
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _errors(log: Path) -> str:
+    return Path(f"{log}.err").read_text()
+
+
+def _run(argv: list, log: Path) -> float:
+    started = time.perf_counter()
+    process = crash_harness.start(argv, log)
+    process.join()
+    assert process.exitcode == 0, _errors(log)[-3000:]
+    return time.perf_counter() - started
+
+
+def _in_write(out: Path) -> bool:
+    """A write is under way: a temporary file/directory, or a checkpoint with two generations."""
+    for directory, dirs, files in os.walk(out):
+        if any(name.startswith(".") for name in dirs + files):
+            return True
+        if Path(directory).name == "checkpoint" and len(dirs) > 1:
+            return True
+    return False
+
+
+def _check_checkpoints(out: Path) -> None:
+    """At any instant every checkpoint's trainer_state.json names a complete generation."""
+    for state_file in out.rglob("checkpoint/trainer_state.json"):
+        state = json.loads(state_file.read_text())
+        generation = state_file.parent / state["generation"]
+        load_file(str(generation / "model.safetensors"))
+        load_file(str(generation / "optimizer.safetensors"))
+
+
+def kill_and_resume(argv, root: Path, duration: float, seed: int, weights_of, reference) -> tuple[int, int]:
+    """SIGKILL runs at random instants in [0, duration] (every third one as soon as a write is
+    seen), rerunning with --resume each time until the run finishes; a run that finishes before
+    KILLS kills is checked and a fresh one started. Returns (kills, kills inside a write)."""
+    rng = random.Random(seed)
+    kills = in_write = sequence = 0
+    while kills < KILLS:
+        out, sequence = root / f"killed{sequence}", sequence + 1
+        resume: list[str] = []
+        while True:
+            process = crash_harness.start([*argv(out), *resume], root / "killed.log")
+            resume = ["--resume"]
+            watched = kills % 3 == 2
+            deadline = time.perf_counter() + (duration if watched else rng.uniform(0, duration))
+            while process.is_alive() and time.perf_counter() < deadline and not (watched and _in_write(out)):
+                time.sleep(0.0005 if watched else 0.005)
+            if process.is_alive() and kills < KILLS:
+                caught = watched and _in_write(out)
+                os.kill(process.pid, signal.SIGKILL)
+                process.join()
+                kills, in_write = kills + 1, in_write + caught
+                _check_checkpoints(out)
+                continue
+            process.join()
+            assert process.exitcode == 0, _errors(root / "killed.log")[-3000:]
+            break
+        assert _same(weights_of(out), reference), f"{out}: weights differ from the uninterrupted run"
+    return kills, in_write
+
+
+# --- pretrain ---------------------------------------------------------------------------------
+def _pretrain_argv(root: Path):
+    def argv(out: Path) -> list:
+        return ["pretrain", "--corpus", root / "corpus.txt", "--vocab-size", 150, "--space", "paper-mlm",
+                "--max-layers", 2, "--max-hidden", 132, "--max-ffn", 132, "--max-heads", 2, "--seq-len", 24,
+                "--batch-size", 4, "--max-steps", 30, "--lr", 1e-3, "--save-every", 2, "--eval-every", 30,
+                "--eval-batches", 1, "--log-every", 1, "--cache-dir", root / "cache", "--out", out, "--no-progress"]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def pretrain_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain-crash")
+    (root / "corpus.txt").write_text(TEXT * 30, encoding="utf-8")
+    argv = _pretrain_argv(root)
+    _run(argv(root / "warm"), root / "warm.log")  # trains the tokenizer and fills the data cache
+    duration = _run(argv(root / "reference"), root / "reference.log")
+    return root, argv, duration, _weights(root / "reference" / "model.safetensors")
+
+
+def test_pretrain_survives_sigkill_at_random_instants(pretrain_case):
+    root, argv, duration, reference = pretrain_case
+    kills, in_write = kill_and_resume(argv, root, duration, seed=0,
+                                      weights_of=lambda out: _weights(out / "model.safetensors"), reference=reference)
+    print(f"{kills} kills, {in_write} of them inside a write")
+    assert kills >= KILLS and in_write >= 1
+
+
+def test_pretrain_sigterm_saves_and_the_rerun_finishes_identically(pretrain_case):
+    root, argv, _, reference = pretrain_case
+    out = root / "sigterm"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "autotinybert", *map(str, argv(out))], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = out / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 120
+    while not state.is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    lines = stderr.strip().splitlines()
+    assert process.returncode != 0 and len(lines) == 1, stderr
+    assert "stopped by SIGTERM at step" in lines[0] and "--resume" in lines[0] and "Traceback" not in stderr
+    step = int(lines[0].split("at step ")[1].split(";")[0])
+    assert json.loads(state.read_text())["step"] == step < 30
+    _run([*argv(out), "--resume"], root / "sigterm.log")
+    assert _same(_weights(out / "model.safetensors"), reference)
+    assert json.loads((out / "results.json").read_text())["resumed_from"] == step
+
+
+# --- finetune ---------------------------------------------------------------------------------
+def _finetune_argv(root: Path):
+    def argv(out: Path) -> list:
+        return ["finetune", "--model", root / "model", "--task", "sst2", "--data-dir", root / "glue_data",
+                "--epochs", 6, "--batch-size", 4, "--max-seq-length", 32, "--lr", 1e-3, "--eval-every", 2,
+                "--out", out, "--no-progress", "--threads", 1]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def finetune_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune-crash")
+    glue_layout(root)
+    save_tiny_model(root / "model")
+    argv = _finetune_argv(root)
+    duration = _run(argv(root / "reference"), root / "reference.log")
+    return root, argv, duration, _weights(root / "reference" / "sst2" / "model" / "model.safetensors")
+
+
+def test_finetune_survives_sigkill_at_random_instants(finetune_case):
+    root, argv, duration, reference = finetune_case
+    kills, in_write = kill_and_resume(argv, root, duration, seed=1, reference=reference,
+                                      weights_of=lambda out: _weights(out / "sst2" / "model" / "model.safetensors"))
+    print(f"{kills} kills, {in_write} of them inside a write")
+    assert kills >= KILLS and in_write >= 1
+    submission = (root / "killed0" / "submission" / "SST-2.tsv").read_text()
+    assert submission == (root / "reference" / "submission" / "SST-2.tsv").read_text()
+
+
+def test_finetune_sigterm_saves_and_the_rerun_finishes_identically(finetune_case):
+    root, argv, _, reference = finetune_case
+    out, log = root / "sigterm", root / "sigterm.log"
+    process = crash_harness.start(argv(out), log)
+    state = out / "sst2" / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 60
+    while not state.is_file() and process.is_alive() and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGTERM)
+    process.join()
+    lines = _errors(log).strip().splitlines()
+    assert process.exitcode != 0 and len(lines) == 1 and "stopped by SIGTERM at step" in lines[0], lines
+    _run([*argv(out), "--resume"], root / "sigterm-resume.log")
+    assert _same(_weights(out / "sst2" / "model" / "model.safetensors"), reference)
