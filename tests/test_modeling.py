@@ -11,6 +11,7 @@ from autotinybert.checkpoint import load_supernet, save_supernet
 from autotinybert.modeling import SuperBertModel
 from autotinybert.space import Arch, ArchError, SearchSpace
 from conftest import TINY_KD, TINY_MLM, TINY_VOCAB, randomise_parameters, tiny_supernet
+from slicing_reference import KD_WRONG, MLM_WRONG, bert_state, reference_forward, reference_state_dict
 
 
 def _random_bert(space: SearchSpace, seed: int = 0) -> BertForMaskedLM:
@@ -39,6 +40,110 @@ def test_largest_sub_model_equals_stock_bert_with_the_same_weights():
             expected = bert(**inputs).logits
             got = supernet(**inputs, masked_only=False).logits
         torch.testing.assert_close(got, expected)
+
+
+# --- the sub-model rule, against an independent explicit-indexing reference ---------------------
+# Non-largest architectures only (the largest slices nothing). "stock" ones are representable by
+# transformers' BertForMaskedLM (qkv == hidden): there transformers' own forward is the reference;
+# elsewhere the plain-torch `reference_forward`, itself checked against BertForMaskedLM below.
+STOCK_ARCHS = {"mlm": [Arch(2, 27, 29, 3, 27), Arch(1, 18, 21, 2, 18)],     # 3 / 2 of 4 heads
+               "kd": [Arch(2, 20, 21, 4, 20), Arch(3, 28, 33, 4, 28)]}      # 5 / 7 of 9 dims per head
+OTHER_ARCHS = {"mlm": [Arch(2, 32, 25, 2, 18), Arch(3, 20, 13, 4, 36)],     # qkv < and > hidden
+               "kd": [Arch(2, 25, 29, 4, 16), Arch(1, 17, 37, 4, 32)]}
+SPACES = {"mlm": TINY_MLM, "kd": TINY_KD}
+# What the wrong-rule tests slice: every dimension smaller than the largest, qkv != hidden.
+PROBE_ARCH = {"mlm": Arch(2, 32, 25, 2, 18), "kd": Arch(2, 25, 29, 4, 16)}
+
+
+def _supernet(mode: str):
+    # a fit layer in both modes, so its slicing is checked too
+    return tiny_supernet(SPACES[mode], seed=3, teacher_hidden_size=11)
+
+
+def _supernet_outputs(supernet, arch, inputs) -> dict:
+    supernet.set_arch(arch)
+    with torch.no_grad():
+        out = supernet(**inputs, masked_only=False, output_hidden_states=True, output_attention_scores=True)
+        pooled = supernet.bert(**inputs).pooler_output
+    return {"logits": out.logits, "last_hidden_state": out.last_hidden_state, "hidden_states": out.hidden_states,
+            "scores": out.attention_scores, "pooler_output": pooled, "fit_hidden_state": out.fit_hidden_state}
+
+
+def _assert_same(got: dict, expected: dict) -> None:
+    for key, value in expected.items():
+        if isinstance(value, tuple):
+            assert len(got[key]) == len(value), key
+            for index, (a, b) in enumerate(zip(got[key], value)):
+                torch.testing.assert_close(a, b, msg=lambda m: f"{key}[{index}]: {m}")
+        else:
+            torch.testing.assert_close(got[key], value, msg=lambda m: f"{key}: {m}")
+
+
+def _stock_bert(state: dict, arch: Arch) -> BertForMaskedLM:
+    config = BertConfig(vocab_size=TINY_VOCAB, hidden_size=arch.hidden_size, num_hidden_layers=arch.num_hidden_layers,
+                        num_attention_heads=arch.num_attention_heads, intermediate_size=arch.intermediate_size,
+                        max_position_embeddings=40)
+    bert = BertForMaskedLM(config)
+    bert.load_state_dict(bert_state(state), strict=True)
+    return bert.eval()
+
+
+def _stock_outputs(bert: BertForMaskedLM, inputs) -> dict:
+    with torch.no_grad():
+        out = bert(**inputs, output_hidden_states=True)
+    return {"logits": out.logits, "hidden_states": out.hidden_states}
+
+
+@pytest.mark.parametrize("mode, arch", [(m, a) for m in ("mlm", "kd") for a in STOCK_ARCHS[m]], ids=str)
+def test_sliced_supernet_equals_stock_bert_built_by_explicit_indexing(mode, arch):
+    supernet = _supernet(mode)
+    state = reference_state_dict(supernet, arch)
+    bert = _stock_bert(state, arch)
+    for seed in range(2):
+        inputs = random_inputs(TINY_VOCAB, batch=3, seq_len=13, seed=seed)
+        expected = _stock_outputs(bert, inputs)
+        _assert_same(_supernet_outputs(supernet, arch, inputs), expected)
+        # the plain-torch reference is transformers' BERT too, so it may stand in where BERT cannot
+        _assert_same(reference_forward(state, arch.num_attention_heads, inputs), expected)
+
+
+@pytest.mark.parametrize("mode", ["mlm", "kd"])
+def test_sliced_supernet_equals_explicit_reference_everywhere(mode):
+    """Every sliced tensor kind (all outputs compared, pre-softmax scores and pooler included)."""
+    supernet = _supernet(mode)
+    space = SPACES[mode]
+    rng = random.Random(7)
+    sampled = [a for a in (space.sample(rng) for _ in range(6)) if a != space.largest()]
+    for index, arch in enumerate(STOCK_ARCHS[mode] + OTHER_ARCHS[mode] + sampled):
+        inputs = random_inputs(TINY_VOCAB, batch=3, seq_len=11, seed=index)
+        expected = reference_forward(reference_state_dict(supernet, arch), arch.num_attention_heads, inputs)
+        _assert_same(_supernet_outputs(supernet, arch, inputs), expected)
+
+
+@pytest.mark.parametrize("mode, wrong", [("mlm", w) for w in MLM_WRONG] + [("kd", w) for w in KD_WRONG])
+def test_a_wrong_slicing_rule_is_detected(mode, wrong):
+    """The comparison above has teeth: a reference built by a wrong rule does not match."""
+    supernet = _supernet(mode)
+    arch = PROBE_ARCH[mode]
+    inputs = random_inputs(TINY_VOCAB, batch=3, seq_len=11, seed=0)
+    got = _supernet_outputs(supernet, arch, inputs)
+    _assert_same(got, reference_forward(reference_state_dict(supernet, arch), arch.num_attention_heads, inputs))
+    wrong_reference = reference_forward(reference_state_dict(supernet, arch, wrong=wrong), arch.num_attention_heads,
+                                        inputs)
+    with pytest.raises(AssertionError):
+        _assert_same(got, wrong_reference)
+
+
+@pytest.mark.parametrize("mode, wrong", [("mlm", "last_heads"), ("mlm", "attention.output.dense"), ("mlm", "value"),
+                                         ("kd", "kd_last_dims"), ("kd", "kd_contiguous"),
+                                         ("kd", "attention.output.dense"), ("kd", "layers")])
+def test_stock_bert_built_by_a_wrong_head_rule_does_not_match(mode, wrong):
+    supernet = _supernet(mode)
+    arch = STOCK_ARCHS[mode][0]
+    inputs = random_inputs(TINY_VOCAB, batch=3, seq_len=13, seed=0)
+    got = _supernet_outputs(supernet, arch, inputs)
+    with pytest.raises(AssertionError):
+        _assert_same(got, _stock_outputs(_stock_bert(reference_state_dict(supernet, arch, wrong=wrong), arch), inputs))
 
 
 def test_masked_only_loss_equals_full_vocabulary_loss():
@@ -80,16 +185,6 @@ def test_forward_outputs_for_kd():
     assert out.last_hidden_state.shape == (2, 9, 21)
     assert out.attention_scores.shape == (2, 4, 9, 9)  # every teacher head kept in kd mode
     assert out.fit_hidden_state.shape == (2, 9, 11)
-    # scores are the pre-softmax q.k / sqrt(d) of the last layer: softmax rows of unpadded input sum to 1
-    torch.testing.assert_close(out.attention_scores.softmax(-1).sum(-1), torch.ones(2, 4, 9))
-
-
-def test_mlm_mode_uses_the_first_heads():
-    supernet = tiny_supernet(TINY_MLM)
-    supernet.set_arch(Arch(1, 36, 37, 2, 18))
-    inputs = random_inputs(TINY_VOCAB, batch=1, seq_len=5, seed=4)
-    scores = supernet(**inputs, output_attention_scores=True, compute_logits=False).attention_scores
-    assert scores.shape == (1, 2, 5, 5)
 
 
 def test_padding_does_not_change_unpadded_positions():

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,12 +88,14 @@ def extract(supernet: SuperBertPreTrainedModel, arch: Arch | str | None = None, 
 
 
 def save_export(model: PreTrainedModel, out_dir: str | Path, tokenizer=None) -> None:
-    """``save_pretrained`` plus, for the non-stock type, the modeling files named in ``auto_map``."""
+    """``save_pretrained`` (which, for the non-stock type, also writes the modeling files named in
+    ``auto_map``; see `autotinybert.hf`) plus the tokenizer."""
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir))
     if model.config.model_type == hf.AutoTinyBertConfig.model_type:
-        for source in hf.SOURCE_FILES:
-            shutil.copyfile(source, out_dir / source.name)
+        missing = [source.name for source in hf.SOURCE_FILES if not (out_dir / source.name).is_file()]
+        if missing:  # would load only where autotinybert is installed: refuse rather than ship it
+            raise RuntimeError(f"save_pretrained did not write {missing} to {out_dir}")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
 
