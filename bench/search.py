@@ -119,19 +119,20 @@ def main() -> None:
 
 def correlate(args: argparse.Namespace) -> dict:
     """Proxy vs fine-tuned fitness on a sample of every target's candidates (Spearman, Kendall)."""
-    from autotinybert.search_stage import run_correlate
-    from autotinybert.tasks.finetune import FinetuneSettings
+    from autotinybert import settings as S
+    from autotinybert.search_stage import SearchJob, run_correlate
 
     out = Path(args.out).with_suffix(".correlate")
-    settings = FinetuneSettings(epochs=args.ft_epochs, learning_rate=args.ft_lr,
-                                max_train_examples=args.ft_max_train_examples, group_by_length=True)
+    job = SearchJob(
+        command=S.SearchCommand(supernet=Path(args.supernet), predictor=Path(args.predictor), out=out,
+                                evaluator="finetune", workers=args.workers, resume=out.is_dir()),
+        targets=S.TargetSettings(target_ms=list(args.target_ms)), search=S.SearchSettings(seed=0),
+        proxy=S.ProxySettings(metric=args.metric, eval_batches=args.eval_batches),
+        proxy_data=S.ProxyDataCommand(valid_corpus=args.valid_corpus, cache_dir=args.cache_dir),
+        tasks=S.TaskDataSettings(tasks=args.correlate_task, data_dir=args.data_dir),
+        budget=S.FinetuneBudget(epochs=args.ft_epochs, lr=args.ft_lr, max_train_examples=args.ft_max_train_examples))
     start = time.perf_counter()
-    result = run_correlate(
-        supernet=Path(args.supernet), out=out, samples=args.correlate_samples, seed=0,
-        proxy=dict(valid_corpus=args.valid_corpus, metric=args.metric, batches=args.eval_batches,
-                   cache_dir=args.cache_dir),
-        finetune=dict(tasks=args.correlate_task, data_dir=args.data_dir, settings=settings),
-        predictor=Path(args.predictor), target_ms=args.target_ms, workers=args.workers, resume=out.is_dir())
+    result = run_correlate(job, args.correlate_samples)
     finetune_seconds = [r["seconds"] for r in json.loads((out / "finetune-state.json").read_text())["evaluations"]]
     return {**result, "tasks": args.correlate_task, "finetune_settings": {
         "epochs": args.ft_epochs, "lr": args.ft_lr, "max_train_examples": args.ft_max_train_examples},

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,12 +39,13 @@ class SearchJob:
     """Everything a search (or `search correlate`) needs, as declared in `settings`."""
 
     command: SearchCommand
-    targets: TargetSettings = field(default_factory=TargetSettings)
-    search: SearchSettings = field(default_factory=SearchSettings)
-    proxy: ProxySettings = field(default_factory=ProxySettings)
-    proxy_data: ProxyDataCommand = field(default_factory=ProxyDataCommand)
-    tasks: TaskDataSettings = field(default_factory=TaskDataSettings)
-    budget: FinetuneBudget = field(default_factory=FinetuneBudget)
+    targets: TargetSettings
+    search: SearchSettings
+    # The evaluators' settings: the proxy's, then the finetune evaluator's tasks and budget.
+    proxy: ProxySettings
+    proxy_data: ProxyDataCommand
+    tasks: TaskDataSettings
+    budget: FinetuneBudget
 
     def evaluator_options(self, kind: str) -> dict[str, Any]:
         """Keyword arguments of the ``kind`` evaluator (`ProxyEvaluator` / `FinetuneEvaluator`)."""
