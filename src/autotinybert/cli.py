@@ -68,6 +68,14 @@ def _run_init(args: argparse.Namespace) -> int:
 
     o = from_namespace(S.InitSettings, args)
     _quiet_transformers()
+    if o.source is not None:
+        from .pretrained import init_from_source
+
+        summary = init_from_source(o, _arguments(args))
+        diff = max(summary["max_abs_diff"].values())
+        print(f"SuperPLM from {o.source} ({summary['mode']} space, largest {summary['largest']} = the source to "
+              f"{diff:.1e}, importance {summary['importance']}, MLM head {summary['mlm_head']}) written to {o.out}")
+        return 0
     summary = init_supernet_checkpoint(
         space=o.space, out_dir=o.out, tokenizer_dir=o.tokenizer, vocab_size=o.vocab_size,
         teacher_hidden_size=o.teacher_hidden_size, seed=o.seed, overwrite=o.overwrite, arguments=_arguments(args))
@@ -289,7 +297,8 @@ COMMANDS: dict[str, tuple[str, list[Part], Callable[[argparse.Namespace], int]]]
     "demo": ("the whole pipeline on the built-in 'demo' config: no data files, offline, ~10 min on 2 CPUs",
              [(S.DemoCommand, {})], _run_demo),
     "space": ("print a search space, its size and the released architectures", [(S.SpaceCommand, {})], _run_space),
-    "init": ("create a randomly initialised SuperPLM checkpoint for a space", [(S.InitSettings, {})], _run_init),
+    "init": ("create a SuperPLM checkpoint: randomly initialised for a space, or from a pre-trained BERT (--from)",
+             [(S.InitSettings, {})], _run_init),
     "extract": ("export one architecture of a SuperPLM as a Hugging Face checkpoint", [(S.ExtractSettings, {})],
                 _run_extract),
     "pretrain": ("one-shot SuperPLM pre-training, or further training of one --arch",

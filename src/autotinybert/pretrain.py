@@ -527,15 +527,33 @@ def _load_data(settings: PretrainSettings, tokenizer, cache_dir: Path, workers: 
 
 def _build_model(settings: PretrainSettings, space: SearchSpace, tokenizer, teacher: Teacher | None,
                  workers: Workers) -> SuperBertForPreTraining:
+    inherited = _inherited_config(settings)
     config = SuperBertConfig.from_space(
-        space, vocab_size=len(tokenizer), max_position_embeddings=max(512, settings.seq_len),
+        space, vocab_size=len(tokenizer),
+        max_position_embeddings=max(inherited.pop("max_position_embeddings", 512), settings.seq_len),
         teacher_hidden_size=teacher.config.hidden_size if teacher else None,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, **inherited,
     )
     model = new_supernet(config, settings.seed)
     if settings.init:
         initial_weights(model, settings)
     return model.to(workers.device).train()
+
+
+_INHERITED = ("hidden_act", "layer_norm_eps", "max_position_embeddings", "type_vocab_size", "initializer_range",
+              "init_from")
+
+
+def _inherited_config(settings: PretrainSettings) -> dict[str, Any]:
+    """Model-wide fields of an ``--init`` SuperPLM (activation, LayerNorm epsilon, positions, where it
+    came from): a SuperPLM started from a pre-trained model keeps its source's."""
+    path = Path(settings.init) / "config.json" if settings.init else None
+    if path is None or not path.is_file():
+        return {}
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("model_type") != SuperBertConfig.model_type:
+        return {}
+    return {k: config[k] for k in _INHERITED if k in config}
 
 
 def _start(settings: PretrainSettings, workers: Workers, resume: bool) -> _Run:

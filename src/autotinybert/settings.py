@@ -53,7 +53,19 @@ class SpaceCommand(Options):
 @dataclass
 class InitSettings(Options):
     out: Path = option(doc=_OUT)
-    space: str = option("paper-mlm", "paper-mlm, paper-kd or a YAML/JSON space file")
+    source: str | None = option(None, "start from this pre-trained BERT-family checkpoint (a folder or a hub name): "
+                                      "its weights, tokenizer and sizes bound the SuperPLM", flag="from")
+    mode: str = option("kd", "with --from: kd (the source's heads, each sliced in width; KD from the source) or mlm "
+                             "(whole heads of the source's head size)", choices=("mlm", "kd"))
+    importance: str = option("activation", "with --from: order hidden channels, FFN neurons, heads / head dims by "
+                                           "activations on calibration text, by weight norms, or keep the source's "
+                                           "order", choices=("activation", "weight", "none"))
+    calibration_corpus: list[str] | None = option(None, "with --importance activation: text files / folders (default: "
+                                                        "the docstrings of this Python's standard library)")
+    calibration_sequences: int = option(256, "calibration documents (each up to --calibration-seq-len tokens)",
+                                        minimum=1)
+    calibration_seq_len: int = option(128, "tokens per calibration document", minimum=8)
+    space: str = option("paper-mlm", "without --from: paper-mlm, paper-kd or a YAML/JSON space file")
     tokenizer: Path | None = option(None, "a tokenizer/checkpoint directory whose vocabulary to use")
     vocab_size: int | None = option(None, "vocabulary size when no --tokenizer is given", minimum=1)
     teacher_hidden_size: int | None = option(None, "add a KD fit layer to this teacher width", minimum=1)

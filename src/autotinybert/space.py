@@ -283,15 +283,28 @@ class SearchSpace:
 
     @classmethod
     def load(cls, spec: str | Path) -> SearchSpace:
-        """``paper-mlm``, ``paper-kd``, ``mlm``, ``kd`` or a YAML/JSON file."""
+        """``paper-mlm``, ``paper-kd``, ``mlm``, ``kd``, a YAML/JSON file, or a SuperPLM checkpoint
+        directory (its space: e.g. one made by ``init --from`` a pre-trained model)."""
         name = str(spec)
         if name in MODES:
             return cls.paper(name)
         if name.startswith("paper-") and name[len("paper-"):] in MODES:
             return cls.paper(name[len("paper-"):])
+        if Path(name).is_dir():
+            return cls._of_checkpoint(Path(name))
         if not Path(name).exists():
-            raise UserError(f"search space {name!r} is neither paper-mlm, paper-kd nor an existing YAML/JSON file")
+            raise UserError(f"search space {name!r} is neither paper-mlm, paper-kd, an existing YAML/JSON file nor a "
+                            "SuperPLM directory")
         return cls.from_file(name)
+
+    @classmethod
+    def _of_checkpoint(cls, directory: Path) -> SearchSpace:
+        config = directory / "config.json"
+        try:
+            return cls.from_dict(json.loads(config.read_text(encoding="utf-8"))["space"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"search space {directory}: a directory must be a SuperPLM checkpoint (config.json with "
+                            "a space)") from None
 
     def with_limits(self, *, layers: int | None = None, hidden: int | None = None, ffn: int | None = None,
                     heads: int | None = None, qkv: int | None = None) -> SearchSpace:

@@ -1,0 +1,193 @@
+"""A SuperPLM from a pre-trained BERT: importance orders preserve the function, the largest sub-model
+is the source, first-k slices keep the important units, and the source teaches it with zero loss."""
+
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
+
+from autotinybert import importance
+from autotinybert.checkpoint import load_supernet
+from autotinybert.cli import main
+from autotinybert.pretrain import Teacher, kd_loss
+from autotinybert.space import Arch
+
+WORDS = "the cat sat on a mat dog ran to park we read book she wrote letter river flows past old mill".split()
+CONFIG = dict(vocab_size=5 + len(WORDS), hidden_size=36, num_hidden_layers=2, num_attention_heads=3,
+              intermediate_size=37, max_position_embeddings=40, hidden_dropout_prob=0.0,
+              attention_probs_dropout_prob=0.0)
+
+
+def _tokenizer(path):
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)})
+    assert tokenizer("the cat")["input_ids"] == [2, 5, 6, 3]  # words, not [UNK]
+    return tokenizer
+
+
+def _randomise(model, seed=0):
+    """Random LayerNorms and biases (ones/zeros would hide a wrong permutation), and weights large
+    enough for attention to depend on them (BERT's 0.02 init attends almost uniformly)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.fixture
+def source(tmp_path):
+    """A tiny odd-sized BertForMaskedLM saved as a local checkpoint with its tokenizer."""
+    torch.manual_seed(0)
+    model = _randomise(BertForMaskedLM(BertConfig(**CONFIG))).eval()
+    path = tmp_path / "source"
+    model.save_pretrained(path)
+    _tokenizer(path).save_pretrained(path)
+    return path
+
+
+def _batch():
+    ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3], [2, 11, 12, 13, 3, 0, 0, 0]])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+@pytest.mark.parametrize("mode, method", [("mlm", "activation"), ("kd", "activation"), ("mlm", "weight"),
+                                          ("kd", "weight")])
+def test_importance_orders_leave_the_function_unchanged(mode, method):
+    torch.manual_seed(1)
+    model = _randomise(BertForMaskedLM(BertConfig(**CONFIG))).eval()
+    shape = importance.Shape.of(model.config)
+    scores = (importance.activation_scores(model, [_batch()], shape) if method == "activation"
+              else importance.weight_scores(model.state_dict(), shape))
+    orders = scores.orders(mode)
+    assert not torch.equal(orders.hidden, torch.arange(36)) and not torch.equal(orders.ffn[0], torch.arange(37))
+    permuted = BertForMaskedLM(BertConfig(**CONFIG)).eval()
+    permuted.load_state_dict(importance.permute(model.state_dict(), shape, orders), strict=True)
+    with torch.no_grad():
+        a, b = model(**_batch(), output_hidden_states=True), permuted(**_batch(), output_hidden_states=True)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.hidden_states[-1], a.hidden_states[-1][..., orders.hidden], atol=1e-5, rtol=1e-5)
+
+
+def test_a_permutation_that_breaks_a_rule_changes_the_function():
+    """The check above has teeth: moving Q's rows without K's changes the outputs."""
+    torch.manual_seed(1)
+    model = _randomise(BertForMaskedLM(BertConfig(**CONFIG))).eval()
+    state = dict(model.state_dict())
+    rows = torch.randperm(36, generator=torch.Generator().manual_seed(3))
+    for key in ("weight", "bias"):
+        name = f"bert.encoder.layer.0.attention.self.query.{key}"
+        state[name] = state[name][rows]
+    broken = BertForMaskedLM(BertConfig(**CONFIG)).eval()
+    broken.load_state_dict(state)
+    with torch.no_grad():
+        assert (broken(**_batch()).logits - model(**_batch()).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["mlm", "kd"])
+def test_init_from_a_local_bert_reproduces_it_as_the_largest_sub_model(capsys, tmp_path, source, mode):
+    out = tmp_path / "superplm"
+    code = main(["init", "--from", str(source), "--mode", mode, "--out", str(out),
+                 "--calibration-corpus", str(_corpus(tmp_path)), "--calibration-sequences", "6"])
+    assert code == 0, capsys.readouterr().err
+    superplm = load_supernet(out).eval()
+    record = json.loads((out / "config.json").read_text())["init_from"]
+    assert record["mlm_head"] == "source" and record["importance"] == "activation"
+    assert record["calibration"]["sequences"] == 6
+    space = superplm.config.search_space
+    largest = space.largest()
+    assert (largest.num_hidden_layers, largest.hidden_size, largest.intermediate_size) == (2, 36, 37)
+    assert largest.num_attention_heads == (3 if mode == "kd" else 3) and largest.qkv_size == 36
+    assert space.heads.min == (3 if mode == "kd" else 1)
+    reference = BertForMaskedLM.from_pretrained(source).eval()
+    superplm.set_arch(largest)
+    with torch.no_grad():
+        expected = reference(**_batch()).logits
+        got = superplm(_batch()["input_ids"], _batch()["attention_mask"], masked_only=False).logits
+    keep = _batch()["attention_mask"].bool()
+    torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
+
+
+def test_a_bert_model_without_mlm_head_gets_a_new_tied_head_and_zero_kd_loss(tmp_path):
+    """all-MiniLM-L6-v2 is a BertModel: a new head is made and said in the config; in the kd space
+    the source, as the KD teacher, sees a largest sub-model it teaches with zero loss."""
+    torch.manual_seed(2)
+    encoder = _randomise(BertModel(BertConfig(**CONFIG))).eval()
+    path = tmp_path / "encoder"
+    encoder.save_pretrained(path)
+    _tokenizer(path).save_pretrained(path)
+    out = tmp_path / "superplm"
+    assert main(["init", "--from", str(path), "--out", str(out), "--importance", "weight"]) == 0
+    superplm = load_supernet(out).eval()
+    assert superplm.config.init_from["mlm_head"] == "new" and superplm.config.init_from["mode"] == "kd"
+    assert superplm.cls.predictions.bias.abs().sum() == 0
+    teacher = Teacher(path, torch.device("cpu"))
+    batch = _batch()
+    superplm.set_arch(superplm.config.search_space.largest())
+    with torch.no_grad():
+        out_ = superplm(batch["input_ids"], batch["attention_mask"], output_attention_scores=True, compute_logits=False)
+        hidden, scores = teacher(batch["input_ids"], batch["attention_mask"])
+        assert kd_loss(out_.attention_scores, scores, out_.fit_hidden_state, hidden, batch["attention_mask"]) < 1e-9
+        small = superplm.config.search_space.smallest()
+        superplm.set_arch(small)
+        out_ = superplm(batch["input_ids"], batch["attention_mask"], output_attention_scores=True, compute_logits=False)
+        assert kd_loss(out_.attention_scores, scores, out_.fit_hidden_state, hidden, batch["attention_mask"]) > 1e-3
+
+
+def test_activation_order_puts_dead_ffn_neurons_last_so_a_first_k_slice_loses_nothing(tmp_path):
+    """Half the FFN neurons of every layer never fire and write nothing: ordered by activation they
+    come last, and the sub-model keeping only the live ones computes the same function."""
+    torch.manual_seed(3)
+    model = _randomise(BertForMaskedLM(BertConfig(**CONFIG))).eval()
+    dead = torch.arange(0, 37, 2)                                   # 19 dead neurons, 18 live
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.intermediate.dense.weight[dead] = 0.0
+            layer.intermediate.dense.bias[dead] = -20.0             # GELU(-20) == 0
+            layer.output.dense.weight[:, dead] = 0.0
+    path = tmp_path / "source"
+    model.save_pretrained(path)
+    _tokenizer(path).save_pretrained(path)
+    out = tmp_path / "superplm"
+    assert main(["init", "--from", str(path), "--mode", "mlm", "--out", str(out), "--importance", "activation",
+                 "--calibration-corpus", str(_corpus(tmp_path))]) == 0
+    superplm = load_supernet(out).eval()
+    live = Arch(2, 36, 37 - len(dead), 3, 36)
+    batch = _batch()
+    with torch.no_grad():
+        superplm.set_arch(superplm.config.search_space.largest())
+        full = superplm(batch["input_ids"], batch["attention_mask"], masked_only=False).logits
+        superplm.set_arch(live)
+        sliced = superplm(batch["input_ids"], batch["attention_mask"], masked_only=False).logits
+    keep = batch["attention_mask"].bool()  # calibration scores real tokens: padding is not scored
+    torch.testing.assert_close(sliced[keep], full[keep], atol=1e-5, rtol=1e-5)
+    superplm.set_arch(Arch(2, 36, 37 - len(dead) - 1, 3, 36))  # one live neuron fewer: no longer the same
+    with torch.no_grad():
+        fewer = superplm(batch["input_ids"], batch["attention_mask"], masked_only=False).logits
+    assert (fewer[keep] - full[keep]).abs().max() > 1e-4
+
+
+def test_init_from_refuses_what_it_cannot_use(capsys, tmp_path, source):
+    code = main(["init", "--from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--from" in err and len(err.strip().splitlines()) == 1
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "model_type": "roberta"}))
+    code = main(["init", "--from", str(source), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "model_type 'roberta' is not supported" in err
+    code = main(["init", "--from", str(source), "--space", "paper-kd", "--out", str(tmp_path / "o")])
+    assert code == 2 and "drop --space" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def _corpus(tmp_path):
+    path = tmp_path / "calibration.txt"
+    docs = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(8)]
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
