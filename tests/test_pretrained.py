@@ -191,3 +191,34 @@ def _corpus(tmp_path):
     docs = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(8)]
     path.write_text("\n\n".join(docs) + "\n")
     return path
+
+
+def test_develop_starts_from_a_pretrained_source_and_distils_it(tmp_path):
+    """pretrain.init_from: the start is written once, pre-training continues from it with the source
+    as the KD teacher (sandwich sampling), and the pipeline finishes."""
+    from develop_fixtures import NEGATIVE, POSITIVE, SENTENCES, tiny_config
+
+    from autotinybert.develop import develop, validate_config
+
+    words = sorted({w for s in SENTENCES for w in s.split()} | set(POSITIVE) | set(NEGATIVE) | {"day"})
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    torch.manual_seed(4)
+    model = _randomise(BertModel(BertConfig(**{**CONFIG, "vocab_size": len(tokens)}))).eval()
+    source = tmp_path / "source"
+    model.save_pretrained(source)
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}).save_pretrained(source)
+    config = tiny_config(tmp_path / "fixtures")
+    for key in ("space", "vocab_size"):
+        config["pretrain"].pop(key)
+    config["pretrain"].update(init_from=str(source), init_mode="kd", init_calibration_sequences=4, objective="kd",
+                              sampling="sandwich", max_steps=2, save_every=2, eval_every=2)
+    config["further_train"]["objective"] = "kd"
+    config["search"]["metric"] = "mlm_loss"
+    manifest = develop(validate_config(config), tmp_path / "run", log=lambda _: None)
+    start = tmp_path / "run" / "pretrain_start"
+    assert json.loads((start / "config.json").read_text())["init_from"]["source"] == str(source)
+    superplm = json.loads((tmp_path / "run" / "pretrain" / "config.json").read_text())
+    assert superplm["init_from"]["mode"] == "kd" and superplm["space"]["hidden"]["max"] == 36
+    used = (tmp_path / "run" / "pretrain" / "config.yaml").read_text()
+    assert f"teacher: {source}" in used and "sampling: sandwich" in used
+    assert manifest["stages"]["finetune"]["status"] == "done"

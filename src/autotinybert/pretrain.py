@@ -345,7 +345,13 @@ def initial_weights(model: SuperBertForPreTraining, settings: PretrainSettings) 
     model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type == SuperBertConfig.model_type:
         source = load_supernet(path)
-        state = source.sliced_state_dict(Arch.parse(settings.arch)) if settings.arch else source.state_dict()
+        # One architecture (--arch), or the largest of a space shrunk by --max-* limits: its slice.
+        wanted = Arch.parse(settings.arch) if settings.arch else model.config.search_space.largest()
+        same = wanted == source.config.search_space.largest()
+        state = source.state_dict() if same else source.sliced_state_dict(wanted)
+        if not same and source.fit_dense is not None:  # the KD fit layer reads the first d_m features
+            state["fit_dense.weight"] = source.fit_dense.weight[:, : wanted.hidden_size].detach().clone()
+            state["fit_dense.bias"] = source.fit_dense.bias.detach().clone()
         state = {k: v for k, v in state.items() if not k.startswith("cls.predictions.decoder")}
     else:
         state = _exported_state(path)
@@ -545,14 +551,12 @@ _INHERITED = ("hidden_act", "layer_norm_eps", "max_position_embeddings", "type_v
 
 
 def _inherited_config(settings: PretrainSettings) -> dict[str, Any]:
-    """Model-wide fields of an ``--init`` SuperPLM (activation, LayerNorm epsilon, positions, where it
-    came from): a SuperPLM started from a pre-trained model keeps its source's."""
+    """Model-wide fields of the ``--init`` checkpoint (activation, LayerNorm epsilon, positions, where
+    it came from): a model started from a pre-trained one keeps its source's."""
     path = Path(settings.init) / "config.json" if settings.init else None
     if path is None or not path.is_file():
         return {}
-    config = json.loads(path.read_text(encoding="utf-8"))
-    if config.get("model_type") != SuperBertConfig.model_type:
-        return {}
+    config = json.loads(path.read_text(encoding="utf-8"))  # a SuperPLM's or an extracted model's
     return {k: config[k] for k in _INHERITED if k in config}
 
 

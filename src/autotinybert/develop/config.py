@@ -44,6 +44,10 @@ PRETRAIN_PROVIDED = ("out", "corpus", "valid_corpus", "cache_dir", "seed", "prog
 FURTHER_TRAIN = ("objective", "teacher", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                  "max_grad_norm", "bf16", "log_every", "eval_every", "eval_batches", "save_every")
 PRETRAIN = Part(S.PretrainSettings, exclude=PRETRAIN_PROVIDED)
+# A pre-trained start (`init --from`): pretrain.init_from, init_mode, init_importance, ...; the
+# calibration text is the run's corpus.
+START = Part(S.InitSettings, include=("source", "mode", "importance", "calibration_sequences", "calibration_seq_len"),
+             prefix="init_")
 FURTHER = Part(S.PretrainSettings, include=FURTHER_TRAIN)
 SEARCH = Part(S.SearchSettings, exclude=("seed",))
 BUDGET = Part(S.FinetuneBudget, prefix="ft_")
@@ -55,7 +59,7 @@ _PLACEHOLDERS = {S.PretrainSettings: {"out": "<run>", "corpus": ["<data>"]}}
 SECTIONS: dict[str, tuple[Part, ...]] = {
     "run": (Part(S.RunOptions),),
     "data": (Part(S.DataOptions),),
-    "pretrain": (Part(S.PretrainStage), PRETRAIN),
+    "pretrain": (Part(S.PretrainStage), START, PRETRAIN),
     "latency": (Part(S.LatencyStage), Part(S.LatencySettings), Part(S.ProfileSettings), Part(S.FitSettings)),
     "search": (Part(S.SearchStage), Part(S.SearchCommand, include=("evaluator", "workers")),
                Part(S.TargetSettings), SEARCH, Part(S.ProxySettings), BUDGET),
@@ -137,7 +141,9 @@ def _validate_section(raw: dict, section: str, source: str) -> dict[str, Any]:
             raise UserError(f"{source}: unknown option {section}.{key}; {advice}")
     values = check_mapping(opts, given, f"{source}: {section}")
     for part in SECTIONS[section]:  # rules between options of one dataclass (e.g. kd needs a teacher)
-        placeholders = _PLACEHOLDERS.get(part.cls, {})
+        placeholders = dict(_PLACEHOLDERS.get(part.cls, {}))
+        if part.cls is S.PretrainSettings and (raw.get("pretrain") or {}).get("init_from"):
+            placeholders.setdefault("teacher", "<the pre-trained start>")  # the source teaches by default
         if all(f.name in placeholders for f in dataclasses.fields(part.cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
             try:

@@ -20,7 +20,7 @@ from .. import settings as S
 from ..errors import UserError
 from ..files import atomic_write_json
 from ..options import build, to_arguments
-from .config import BUDGET, FINETUNE, FURTHER_TRAIN, PRETRAIN, SEARCH
+from .config import BUDGET, FINETUNE, FURTHER_TRAIN, PRETRAIN, SEARCH, START
 from .manifest import Run, file_hash, stable_hash
 
 
@@ -31,6 +31,11 @@ def space_of(pretrain: dict):
 
     if pretrain["reuse"]:
         return _supernet_space(Path(pretrain["reuse"]))
+    limits = {dim: pretrain[f"max_{dim}"] for dim in S.SPACE_DIMS if pretrain[f"max_{dim}"] is not None}
+    if pretrain["init_from"]:
+        from ..pretrained import space_of_source
+
+        return space_of_source(pretrain["init_from"], pretrain["init_mode"]).with_limits(**limits)
     limits = {dim: pretrain[f"max_{dim}"] for dim in S.SPACE_DIMS if pretrain[f"max_{dim}"] is not None}
     return SearchSpace.load(pretrain["space"]).with_limits(**limits)
 
@@ -72,6 +77,10 @@ def _pretrain_settings(run: Run, out: Path, further: bool = False, **changes: An
     data, values = run.outputs["data"], dict(run.config["pretrain"])
     if further:
         values.update({k: run.config["further_train"][k] for k in FURTHER_TRAIN})
+    if values["objective"] in ("kd", "both") and not values["teacher"] and values["init_from"]:
+        from ..builtin_data import resolve_model
+
+        values["teacher"] = resolve_model(values["init_from"])  # the source teaches its SuperPLM
     return PRETRAIN.build(values, out=str(out), corpus=data["corpus"], valid_corpus=data["valid_corpus"],
                           seed=run.config["run"]["seed"], cache_dir=run.config["data"]["cache_dir"],
                           progress=run.config["run"]["progress"], **changes)
@@ -87,8 +96,9 @@ def _stage_pretrain(run: Run, out: Path, resume: bool) -> dict:
             raise UserError(f"pretrain.reuse: {reuse} is not a SuperPLM checkpoint (no model.safetensors)")
         return {"supernet": str(Path(reuse).absolute()), "reused": True,
                 "_digest": file_digest(Path(reuse) / "model.safetensors")}
-    settings = _pretrain_settings(run, out)
     again = (out / CHECKPOINT_DIR / "trainer_state.json").is_file()
+    start = _pretrained_start(run, out.with_name("pretrain_start"), again) if run.config["pretrain"]["init_from"] else {}
+    settings = _pretrain_settings(run, out, **start)
     if run.config["pretrain"]["nproc_per_node"] > 1:
         _torchrun_pretrain(run, settings, again)
         summary = json.loads((out / "results.json").read_text(encoding="utf-8"))
@@ -97,6 +107,21 @@ def _stage_pretrain(run: Run, out: Path, resume: bool) -> dict:
             shutil.rmtree(out, ignore_errors=True)
         summary = pretrain(settings, resume=again)
     return {"supernet": str(out), "steps": summary["steps"], "_digest": summary["weights_digest"]}
+
+
+def _pretrained_start(run: Run, start: Path, again: bool) -> dict[str, Any]:
+    """``init --from`` the configured source into RUN/pretrain_start (once per attempt chain), and
+    the pre-training settings that continue from it: its weights, space and tokenizer."""
+    from ..pretrained import init_from_source
+
+    p = run.config["pretrain"]
+    if not (again and (start / "model.safetensors").is_file()):
+        shutil.rmtree(start, ignore_errors=True)
+        run.log(f"  start from {p['init_from']} ({p['init_mode']} space, {p['init_importance']} importance)")
+        init = START.build(p, out=start, calibration_corpus=run.outputs["data"]["corpus"], seed=run.config["run"]["seed"],
+                           overwrite=True)
+        init_from_source(init)
+    return {"init": str(start), "space": str(start), "tokenizer": str(start), "vocab_size": None}
 
 
 def _torchrun_pretrain(run: Run, settings, resume: bool) -> None:
