@@ -419,7 +419,7 @@ class FinetuneCommand(ModelCommand):
 # --- develop / demo / report -------------------------------------------------------------------
 @dataclass
 class DevelopCommand(Options):
-    config: str = option(doc="demo, cpu-small, paper-mlm, paper-kd, or a YAML file")
+    config: str = option(doc="demo, cpu-small, from-pretrained, paper-mlm, paper-kd, or a YAML file")
     out: Path = option(doc="run directory; rerunning continues it")
     set: list[str] = option([], "override a config option, e.g. --set search.method=evolved (repeatable)",
                             repeat=True, metavar="SECTION.KEY=VALUE")
@@ -485,6 +485,8 @@ class SearchStage(Options):
 
     range_fractions: list[float] = option([], "targets f of the way from the space's fastest (0) to slowest (1) "
                                               "architecture, as predicted (machine-independent)", above=0, maximum=1)
+    source_speedups: list[float] = option([], "targets this many times faster than the pre-trained source "
+                                              "(pretrain.init_from: the largest architecture), as predicted", above=0)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from .. import settings as S
 from ..errors import UserError
 from ..options import Opt, build, check_mapping, options_of
 
-BUILTIN_CONFIGS = ("demo", "cpu-small", "paper-mlm", "paper-kd")
+BUILTIN_CONFIGS = ("demo", "cpu-small", "from-pretrained", "paper-mlm", "paper-kd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +142,9 @@ def _validate_section(raw: dict, section: str, source: str) -> dict[str, Any]:
     values = check_mapping(opts, given, f"{source}: {section}")
     for part in SECTIONS[section]:  # rules between options of one dataclass (e.g. kd needs a teacher)
         placeholders = dict(_PLACEHOLDERS.get(part.cls, {}))
-        if part.cls is S.PretrainSettings and (raw.get("pretrain") or {}).get("init_from"):
-            placeholders.setdefault("teacher", "<the pre-trained start>")  # the source teaches by default
+        teaches = any(f.name == "teacher" for f in dataclasses.fields(part.cls))
+        if teaches and not values.get("teacher") and (raw.get("pretrain") or {}).get("init_from"):
+            placeholders["teacher"] = "<pretrain.init_from>"  # the pre-trained source teaches by default
         if all(f.name in placeholders for f in dataclasses.fields(part.cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
             try:
@@ -155,9 +156,12 @@ def _validate_section(raw: dict, section: str, source: str) -> dict[str, Any]:
 
 def _check_across_sections(config: dict, source: str) -> None:
     search = config["search"]
-    if not (search["speedups"] or search["target_ms"] or search["range_fractions"]):
-        raise UserError(f"{source}: give at least one target in search.speedups, search.target_ms or "
-                        "search.range_fractions")
+    if not (search["speedups"] or search["target_ms"] or search["range_fractions"] or search["source_speedups"]):
+        raise UserError(f"{source}: give at least one target in search.speedups, search.target_ms, "
+                        "search.range_fractions or search.source_speedups")
+    if search["source_speedups"] and not config["pretrain"]["init_from"]:
+        raise UserError(f"{source}: search.source_speedups are relative to pretrain.init_from; set it or use "
+                        "search.speedups (relative to BERT-base)")
     if search["evaluator"] == "finetune" and not config["finetune"]["tasks"]:
         raise UserError(f"{source}: search.evaluator finetune fine-tunes on finetune.tasks; list at least one task")
     for key in ("corpus", "valid_corpus"):

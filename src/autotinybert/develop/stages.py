@@ -77,10 +77,8 @@ def _pretrain_settings(run: Run, out: Path, further: bool = False, **changes: An
     data, values = run.outputs["data"], dict(run.config["pretrain"])
     if further:
         values.update({k: run.config["further_train"][k] for k in FURTHER_TRAIN})
-    if values["objective"] in ("kd", "both") and not values["teacher"] and values["init_from"]:
-        from ..builtin_data import resolve_model
-
-        values["teacher"] = resolve_model(values["init_from"])  # the source teaches its SuperPLM
+    if values["objective"] in ("kd", "both"):
+        values.update(_source_teacher(run, values))
     return PRETRAIN.build(values, out=str(out), corpus=data["corpus"], valid_corpus=data["valid_corpus"],
                           seed=run.config["run"]["seed"], cache_dir=run.config["data"]["cache_dir"],
                           progress=run.config["run"]["progress"], **changes)
@@ -107,6 +105,15 @@ def _stage_pretrain(run: Run, out: Path, resume: bool) -> dict:
             shutil.rmtree(out, ignore_errors=True)
         summary = pretrain(settings, resume=again)
     return {"supernet": str(out), "steps": summary["steps"], "_digest": summary["weights_digest"]}
+
+
+def _source_teacher(run: Run, section: dict) -> dict[str, str]:
+    """``{"teacher": source}`` when a section names no teacher and the run starts from a pre-trained
+    source: the source teaches its SuperPLM and scores the proxy's kd_loss."""
+    from ..builtin_data import resolve_model
+
+    source = run.config["pretrain"]["init_from"]
+    return {"teacher": resolve_model(source)} if source and not section.get("teacher") else {}
 
 
 def _pretrained_start(run: Run, start: Path, again: bool) -> dict[str, Any]:
@@ -168,11 +175,13 @@ def _stage_latency(run: Run, out: Path, resume: bool) -> dict:
 
 # --- stage: search ----------------------------------------------------------------------------
 def search_targets_ms(search: dict, predictor, space) -> list[float]:
-    """``target_ms`` plus one target per ``range_fractions`` entry f: the latency f of the way from
+    """``target_ms``, one target per ``source_speedups`` entry (the source's predicted latency / s),
+    and one per ``range_fractions`` entry f: the latency f of the way from
     the space's fastest architecture to its slowest, as predicted (0: smallest, 1: largest). Such
     targets mean the same on every machine and always fall inside the space (demos, CI)."""
     low, high = predictor.predict(space.smallest()), predictor.predict(space.largest())
-    return [float(ms) for ms in search["target_ms"]] + [round(low + f * (high - low), 3) for f in search["range_fractions"]]
+    return ([float(ms) for ms in search["target_ms"]] + [round(low + f * (high - low), 3) for f in search["range_fractions"]]
+            + [round(high / s, 3) for s in search["source_speedups"]])  # the largest = the pre-trained source
 
 
 def _stage_search(run: Run, out: Path, resume: bool) -> dict:
@@ -191,7 +200,7 @@ def _stage_search(run: Run, out: Path, resume: bool) -> dict:
                                 device=run.config["run"]["device"], workers=s["workers"], resume=again,
                                 progress=run.config["run"]["progress"]),
         targets=build(S.TargetSettings, {**s, "target_ms": target_ms}),
-        search=SEARCH.build(s, seed=run.config["run"]["seed"]), proxy=build(S.ProxySettings, s),
+        search=SEARCH.build(s, seed=run.config["run"]["seed"]), proxy=build(S.ProxySettings, s, **_source_teacher(run, s)),
         proxy_data=S.ProxyDataCommand(valid_corpus=data["valid_corpus"], cache_dir=run.config["data"]["cache_dir"],
                                       seq_len=run.config["pretrain"]["seq_len"]),
         tasks=S.TaskDataSettings(tasks=run.config["finetune"]["tasks"], data_dir=data["tasks_dir"]),
