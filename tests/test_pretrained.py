@@ -222,3 +222,25 @@ def test_develop_starts_from_a_pretrained_source_and_distils_it(tmp_path):
     used = (tmp_path / "run" / "pretrain" / "config.yaml").read_text()
     assert f"teacher: {source}" in used and "sampling: sandwich" in used
     assert manifest["stages"]["finetune"]["status"] == "done"
+    # The source, fine-tuned with the same budget, is the reference of the report and the table.
+    assert set(manifest["stages"]["finetune"]["outputs"]["runs"]) == {*manifest["stages"]["search"]["outputs"]["best"],
+                                                                      "source"}
+    summary = (tmp_path / "run" / "report" / "summary.md").read_text()
+    assert "score vs source" in summary and "% of reference" in summary and "source L2-H36-F37-A3-Q36" in summary
+
+
+def test_evaluate_table_compares_every_row_with_the_reference(capsys, tmp_path):
+    def run(name, scores):
+        path = tmp_path / name
+        path.mkdir()
+        tasks = {t: {"score": s, "scores": {"dev": {"accuracy": s}}, "metric": "accuracy"} for t, s in scores.items()}
+        (path / "results.json").write_text(json.dumps({"model": str(path), "tasks": tasks}))
+        return path
+
+    source = run("source", {"sst2": 90.0, "rte": 60.0})
+    small = run("small", {"sst2": 81.0, "rte": 54.0})
+    assert main(["evaluate", "--table", str(small), "--reference", str(source)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "% of reference" in lines[0] and lines[2].startswith("| source") and lines[2].endswith("100.0% |")
+    assert lines[3].startswith("| small") and lines[3].endswith(" 90.0% |")  # (81 + 54) / (90 + 60)
+    assert main(["evaluate", "--model", str(small), "--reference", str(source)]) == 2

@@ -238,8 +238,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if o.table:
         if o.model or data.tasks:
             raise UserError("--table only reads results; drop --model / --task")
-        print(results_table(o.table))
+        print(results_table(o.table, reference=o.reference))
         return 0
+    if o.reference:
+        raise UserError("--reference goes with --table RUN ...")
     if o.model is None:
         raise UserError("evaluate needs --model DIR (or --table RUN ... to tabulate results)")
     settings = from_namespace(S.FinetuneSettings, args)

@@ -115,8 +115,21 @@ def load_run(run_dir: str | Path) -> dict:
            "search": _read_json(search_results, None) if search_results else None,
            "search_state": _read_json(Path(search_results).with_name("state.json"), None) if search_results else None,
            "models": _model_rows(outputs("extract"), outputs("further_train"), outputs("finetune"),
-                                 outputs("search"))}
+                                 outputs("search")),
+           "reference": _reference_row(outputs("extract"), outputs("finetune"))}
     return run
+
+
+def _reference_row(extract: dict, finetune: dict) -> dict | None:
+    """The pre-trained source a run started from (``pretrain.init_from``), as a model row."""
+    reference = extract.get("reference")
+    if not reference:
+        return None
+    run_dir = (finetune.get("runs") or {}).get("source")
+    return {"target": "source", "arch": reference["arch"], "final": reference["name"], "further_run": None,
+            "export": {"parameters": reference["parameters"]}, "latency": _read_json(Path(reference["latency"]), {}),
+            "search": {}, "finetune": _read_json(Path(run_dir) / "results.json", None) if run_dir else None,
+            "finetune_dir": run_dir}
 
 
 def _model_rows(extract: dict, further: dict, finetune: dict, search: dict) -> list[dict]:
@@ -298,18 +311,37 @@ def _space_rows(run: dict) -> list[list[str]]:
 def _model_table(run: dict) -> tuple[list[str], list[list[str]]]:
     header = ["target", "architecture", "params (M)", "GFLOPs", "predicted ms", "measured ms", "error", "speedup vs BERT-base",
               "proxy fitness", "model"]
+    reference = run.get("reference")
+    if reference:
+        header += ["speedup vs source", "params vs source", "score vs source"]
     rows = []
-    for m in run["models"]:
+    for m in ([reference] if reference else []) + run["models"]:
         lat = m["latency"] or {}
         measured = lat.get("latency", {}).get("median_ms")
         predicted = lat.get("predicted_ms")
-        reference = lat.get("reference_ms")
+        bert_base = lat.get("reference_ms")
         rows.append([m["target"], m["arch"], _fmt(m["export"].get("parameters"), 1e-6, 2), _fmt(lat.get("flops"), 1e-9, 2),
                      _fmt(predicted, 1, 2), _fmt(measured, 1, 2),
                      f"{100 * (predicted - measured) / measured:+.1f}%" if predicted and measured else "-",
-                     f"{reference / measured:.1f}x" if reference and measured else "-",
+                     f"{bert_base / measured:.1f}x" if bert_base and measured else "-",
                      _fmt(m["search"].get("fitness"), 1, 4), str(m["final"])])
+        if reference:
+            rows[-1] += _versus(m, reference)
     return header, rows
+
+
+def _versus(model: dict, reference: dict) -> list[str]:
+    """Speedup, parameter share and mean-score share of a model relative to the pre-trained source."""
+    from .tasks.run import score_share
+
+    ms = (model["latency"] or {}).get("latency", {}).get("median_ms")
+    ref_ms = (reference["latency"] or {}).get("latency", {}).get("median_ms")
+    params, ref_params = model["export"].get("parameters"), reference["export"].get("parameters")
+    tasks, ref_tasks = ((model["finetune"] or {}).get("tasks"), (reference["finetune"] or {}).get("tasks"))
+    share = score_share(tasks, ref_tasks) if tasks and ref_tasks else None
+    return [f"{ref_ms / ms:.2f}x" if ms and ref_ms else "-",
+            f"{100 * params / ref_params:.0f}%" if params and ref_params else "-",
+            "-" if share is None else f"{share:.1f}%"]
 
 
 def _fmt(value, scale: float, digits: int) -> str:
@@ -344,6 +376,10 @@ def _task_table(run: dict) -> str | None:
     models = [m for m in run["models"] if m["finetune"] and m["finetune"].get("tasks")]
     if not models:
         return None
+    reference = run.get("reference")
+    if reference and reference["finetune"] and reference["finetune"].get("tasks"):
+        return results_table([m["finetune"] for m in models], names=[f"{m['target']} {m['arch']}" for m in models],
+                             reference=reference["finetune"], reference_name=f"source {reference['arch']}")
     return results_table([m["finetune"] for m in models], names=[f"{m['target']} {m['arch']}" for m in models])
 
 

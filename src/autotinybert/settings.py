@@ -406,6 +406,8 @@ class EvaluateCommand(ModelCommand):
     out: Path | None = option(None, "write results.json, config.yaml and predictions here")
     table: list[Path] | None = option(None, "instead: print a markdown table of these finetune/evaluate runs' "
                                             "results.json", metavar="RUN")
+    reference: Path | None = option(None, "with --table: a run (e.g. the source model fine-tuned with the same "
+                                          "budget) shown first; every row's mean score as a % of its", metavar="RUN")
 
 
 @dataclass(kw_only=True)

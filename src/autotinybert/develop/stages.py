@@ -228,7 +228,29 @@ def _stage_extract(run: Run, out: Path, resume: bool) -> dict:
         if not (model_dir / "latency.json").is_file():
             atomic_write_json(model_dir / "latency.json", measure_exported(run, arch))
         models[target] = {"arch": arch, "path": str(model_dir)}
-    return {"models": models, "_digest": file_hash([out / _safe(t) / "model.safetensors" for t in models])}
+    return {"models": models, "reference": _reference(run, out / "source"),
+            "_digest": file_hash([out / _safe(t) / "model.safetensors" for t in models])}
+
+
+def _reference(run: Run, out: Path) -> dict | None:
+    """The pre-trained source as the reference the report compares with: its architecture (the
+    SuperPLM's largest), parameters and measured latency (RUN/extract/source/latency.json)."""
+    from ..builtin_data import resolve_model
+    from ..search_stage import _supernet_space
+    from ..space import parameter_count
+
+    source = run.config["pretrain"]["init_from"]
+    if not source:
+        return None
+    supernet = run.outputs["pretrain"]["supernet"]
+    arch = _supernet_space(Path(supernet)).largest()
+    if not (out / "latency.json").is_file():
+        run.log(f"  source: measure {arch}")
+        atomic_write_json(out / "latency.json", measure_exported(run, str(arch)))
+    config = json.loads((Path(supernet) / "config.json").read_text(encoding="utf-8"))
+    parameters = parameter_count(arch, config["vocab_size"], config["max_position_embeddings"])
+    return {"arch": str(arch), "path": resolve_model(source), "name": source, "latency": str(out / "latency.json"),
+            "parameters": parameters}
 
 
 def measure_exported(run: Run, arch: str) -> dict:
@@ -294,7 +316,11 @@ def _stage_finetune(run: Run, out: Path, resume: bool) -> dict:
         return {"runs": {}, "_digest": ""}
     settings = FINETUNE.build(f, progress=run.config["run"]["progress"])
     runs, digests = {}, []
-    for target, model in run.outputs["further_train"]["models"].items():
+    models = dict(run.outputs["further_train"]["models"])
+    reference = run.outputs["extract"].get("reference")
+    if reference:  # the source, fine-tuned with the same budget: what the searched models are measured against
+        models["source"] = reference
+    for target, model in models.items():
         target_dir = out / _safe(target)
         if not _finished(target_dir, f["tasks"]):
             run.log(f"  {target}: fine-tune {model['arch']} on {', '.join(f['tasks'])}")

@@ -290,27 +290,49 @@ def _task_model_dir(model: Path, task: Task) -> Path:
 
 # --- tables ---------------------------------------------------------------------------------
 
-def results_table(runs: Iterable[Path | dict], names: Iterable[str] | None = None) -> str:
+def results_table(runs: Iterable[Path | dict], names: Iterable[str] | None = None,
+                  reference: Path | dict | None = None, reference_name: str | None = None) -> str:
     """A markdown table: one row per model, one column per task (paper order), and the GLUE
     average over the tasks each row has. Runs of the same model (e.g. one finetune run per task
-    with its own budget) merge into one row; a later run of a task replaces an earlier one."""
+    with its own budget) merge into one row; a later run of a task replaces an earlier one.
+
+    With ``reference`` (e.g. the source model fine-tuned with the same budget) it is the first
+    row, and a last column gives each row's mean score over the tasks it shares with the
+    reference as a percentage of the reference's mean over the same tasks."""
     rows: dict[str, dict] = {}
-    for run, name in zip(runs, names or _NO_NAMES):
+    listed = list(zip(runs, names or _NO_NAMES))
+    if reference is not None:
+        listed.insert(0, (reference, reference_name))
+    for run, name in listed:
         results = run if isinstance(run, dict) else _load_results(Path(run))
         label = name or _model_label(results.get("model", str(run)))
         rows.setdefault(label, {}).update(results["tasks"])
     present = {t for tasks in rows.values() for t in tasks}
     columns = [t for t in _TABLE_ORDER if t in present]
     with_glue = any(t in metrics.GLUE_AVERAGE_TASKS for t in present)
-    header = ["model", *(_TABLE_NAMES[t] for t in columns)] + (["GLUE avg"] if with_glue else [])
+    baseline = next(iter(rows.values())) if reference is not None else None
+    header = (["model", *(_TABLE_NAMES[t] for t in columns)] + (["GLUE avg"] if with_glue else [])
+              + (["% of reference"] if baseline is not None else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for label, tasks in rows.items():
         cells = [label] + [_cell(t, tasks.get(t)) for t in columns]
         if with_glue:
             average = metrics.glue_average({t: r["score"] for t, r in tasks.items()})
             cells.append("-" if average is None else f"{average:.1f}")
+        if baseline is not None:
+            share = score_share(tasks, baseline)
+            cells.append("-" if share is None else f"{share:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def score_share(tasks: dict, reference: dict) -> float | None:
+    """Mean score over the tasks both have, as a percentage of the reference's mean over them."""
+    shared = [t for t in tasks if t in reference]
+    ref = sum(reference[t]["score"] for t in shared)
+    if not shared or ref <= 0:
+        return None
+    return 100 * sum(tasks[t]["score"] for t in shared) / ref
 
 
 class _Nones:
