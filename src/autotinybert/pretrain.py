@@ -137,7 +137,9 @@ class Teacher:
     def __init__(self, path: str | Path, device: torch.device) -> None:
         from transformers import AutoModel
 
-        path = Path(path)
+        from .builtin_data import resolve_model
+
+        path = Path(resolve_model(str(path)))  # builtin:all-minilm-l6-v2 names the packaged model
         if not (path / "config.json").is_file():
             raise UserError(f"--teacher {path} is not a checkpoint directory (no config.json)")
         try:
