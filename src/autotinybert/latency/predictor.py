@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import SetupWarning, UserError
 from ..files import atomic_write_json
 from ..space import FEATURE_NAMES, Arch, SearchSpace
 from .costs import INPUT_NAMES, design_inputs, features_of
@@ -100,7 +100,7 @@ class LatencyPredictor:
         if differences:
             warnings.warn("latency predictor was measured on a different device or setup ("
                           + "; ".join(differences) + "); its predictions may not hold here, "
-                          "re-run 'autotinybert latency profile' and 'fit' on this machine", stacklevel=2)
+                          "re-run 'autotinybert latency profile' and 'fit' on this machine", SetupWarning, stacklevel=2)
         return differences
 
     def covers(self, arch: Arch) -> bool:
