@@ -231,7 +231,7 @@ _PROXY = ["--valid-corpus", "{F}/corpus.txt", "--cache-dir", "{C}", "--seq-len",
 SEARCH = ["search", "--supernet", "{F}/sup", "--predictor", "{F}/pred.json", "--target-ms", "{MS}", "--method",
           "random", "--generations", "1", "--generation-size", "2", "--grid-step-hidden", "4", "--grid-step-ffn",
           "4", "--window", "0.5", "2", "--out", "{T}/o", "--no-plot", *_PROXY]
-CORRELATE = ["search", "correlate", "--supernet", "{F}/sup", "--samples", "2", "--task", "sst2", "--data-dir", "{G}",
+CORRELATE = ["search", "correlate", "--supernet", "{F}/sup", "--samples", "3", "--task", "sst2", "--data-dir", "{G}",
              "--ft-max-steps", "1", "--ft-batch-size", "2", "--ft-max-seq-length", "16", "--grid-step-hidden", "4",
              "--grid-step-ffn", "4", "--out", "{T}/o", *_PROXY]
 FINETUNE = ["finetune", "--model", "{F}/model", "--task", "sst2", "--data-dir", "{G}", "--max-steps", "1",
@@ -407,7 +407,7 @@ CASES: list[Case] = [
     Case("search-out-is-a-file", put(SEARCH, "--out", "{T}/afile"), ("afile",), afile()),
     Case("search-out-under-a-file", put(SEARCH, "--out", "{T}/afile/o"), ("afile",), afile()),
     Case("search-out-crowded", SEARCH, ("--out",), crowded()),
-    Case("search-resume-nothing", SEARCH + ["--resume"], ("--resume",)),
+    Case("search-resume-on-crowded", SEARCH + ["--resume"], ("--resume",), crowded()),
     Case("search-speedup-zero", SEARCH + ["--speedup", "0"], ("--speedup",)),
     Case("search-target-negative", put(SEARCH, "--target-ms", "-1"), ("--target-ms",)),
     Case("search-window-zero", put(SEARCH, "--window", "0", "1"), ("--window",)),
@@ -546,7 +546,7 @@ CASES: list[Case] = [
     # --- demo ---
     Case("demo-set-steps-zero", DEMO + ["--set", "pretrain.max_steps=0"], ("pretrain.max_steps",)),
     Case("demo-set-without-dot", DEMO + ["--set", "nodot=1"], ("--set",)),
-    Case("demo-set-bad-yaml", DEMO + ["--set", "pretrain.lr={"], ("--set",)),
+    Case("demo-set-bad-yaml", DEMO + ["--set", "pretrain.lr=[1"], ("--set",)),
     Case("demo-set-unknown-task", DEMO + ["--set", "finetune.tasks=[imagenet]"], ("imagenet",)),
     Case("demo-set-unknown-section", DEMO + ["--set", "deploy.x=1"], ("deploy",)),
     Case("demo-set-threads-negative", DEMO + ["--set", "run.threads=-1"], ("run.threads",)),

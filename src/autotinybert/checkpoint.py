@@ -218,13 +218,16 @@ def check_checkpoint(path: str | Path, flag: str, trust_remote_code: bool = Fals
                                                                            ".bin.index.json")))
     if not weights:
         raise UserError(f"{flag} {path} has no weights (model.safetensors); the checkpoint is incomplete")
-    single = path / CHECKPOINT_WEIGHTS
+    single, pickled = path / CHECKPOINT_WEIGHTS, path / "pytorch_model.bin"
+    fix = "the file is damaged or not plain tensors; re-export or re-download the checkpoint"
     if single.is_file():
         from safetensors import safe_open
 
-        with reading(single, flag, "the file is damaged; re-export or re-download the checkpoint"):
-            with safe_open(str(single), framework="pt") as handle:
-                handle.keys()
+        with reading(single, flag, fix), safe_open(str(single), framework="pt") as handle:
+            handle.keys()
+    elif pickled.is_file():  # tensors only (weights_only): a pickle that would run code is refused, never run
+        with reading(pickled, flag, fix, also=(RuntimeError,)):
+            torch.load(str(pickled), map_location="cpu", weights_only=True)
     return config
 
 

@@ -96,7 +96,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
     settings = from_namespace(S.PretrainSettings, args)
     _quiet_transformers()
-    summary = pretrain(settings, resume=from_namespace(S.PretrainCommand, args).resume)
+    command = from_namespace(S.PretrainCommand, args)
+    summary = pretrain(settings, resume=command.resume, overwrite=command.overwrite)
     if summary.get("validation"):
         print(f"{'architecture':<26} {'MLM loss':>9} {'MLM acc':>8}" + (f" {'KD loss':>8}" if settings.objective != "mlm" else ""))
         for arch, row in summary["validation"].items():
@@ -124,6 +125,8 @@ def _run_latency_fit(args: argparse.Namespace) -> int:
     from .latency import fit, write_output_config
 
     o, f = from_namespace(S.FitCommand, args), from_namespace(S.FitSettings, args)
+    if o.out.exists() and not o.overwrite:
+        raise UserError(f"--out {o.out} already exists; pass --overwrite to replace it or choose another path")
     predictor, report = fit(o.data, holdout=f.holdout, seed=o.seed, hidden=f.hidden, epochs=f.epochs)
     predictor.save(o.out)
     write_output_config(o.out, _arguments(args))
@@ -277,7 +280,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
     o = from_namespace(S.ReportCommand, args)
-    paths = build_report(o.run_dir, o.out, title=o.title)
+    paths = build_report(o.run_dir, o.out, title=o.title, overwrite=o.overwrite)
     cards = [p for k, p in paths.items() if k.startswith("card")]
     print(f"report: {paths['html']}\n        {paths['markdown']}\nmodel cards: {len(cards)} (README.md in each exported model)")
     return 0

@@ -355,7 +355,7 @@ class CorrelateCommand(Options):
     """`search correlate` besides the search command's options (its --predictor is optional here:
     with it, architectures are sampled inside the targets' latency windows)."""
 
-    samples: int = option(12, "architectures to score with both evaluators", minimum=2)
+    samples: int = option(12, "architectures to score with both evaluators (a rank correlation needs 3)", minimum=3)
 
 
 # --- fine-tuning and evaluation ----------------------------------------------------------------

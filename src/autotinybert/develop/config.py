@@ -144,8 +144,11 @@ def _validate_section(raw: dict, section: str, source: str, check_paths: bool) -
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
             try:
                 part.build(values, **placeholders)
-            except UserError as err:
-                raise UserError(f"{source}: {section}: {err}") from None
+            except UserError as err:  # a rule between options: name them as keys of this file
+                message = str(err)
+                for opt in sorted(part.options(), key=lambda o: -len(o.flag)):
+                    message = message.replace(opt.flag, f"{section}.{opt.name}")
+                raise UserError(f"{source}: {message}") from None
     return values
 
 

@@ -307,11 +307,9 @@ def _load_results(path: Path) -> dict:
     file = path / "results.json" if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"no results.json in {path}; point --table at finetune/evaluate --out folders")
-    try:
-        results = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{file}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(results.get("tasks"), dict):
+    with reading(file, "--table", "point --table at finetune/evaluate --out folders"):
+        results = json.loads(file.read_text(encoding="utf-8"))
+    if not isinstance(results, dict) or not isinstance(results.get("tasks"), dict):
         raise UserError(f"{file} is not a finetune/evaluate results file (no 'tasks')")
     return results
 
