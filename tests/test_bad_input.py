@@ -192,18 +192,6 @@ class Case:
     setup: Callable | None = None
 
 
-def put(argv: list[str], flag: str, *values: str) -> list[str]:
-    """``argv`` with ``flag``'s value(s) replaced (or the flag added)."""
-    argv = list(argv)
-    if flag in argv:
-        i = argv.index(flag)
-        end = i + 1
-        while end < len(argv) and not argv[end].startswith("--"):
-            end += 1
-        return argv[:i] + [flag, *values] + argv[end:]
-    return argv + [flag, *values]
-
-
 def drop(argv: list[str], flag: str) -> list[str]:
     """``argv`` without ``flag`` and its value(s)."""
     if flag not in argv:
@@ -213,6 +201,15 @@ def drop(argv: list[str], flag: str) -> list[str]:
     while end < len(argv) and not argv[end].startswith("--"):
         end += 1
     return argv[:i] + argv[end:]
+
+
+def put(argv: list[str], flag: str, *values: str) -> list[str]:
+    """``argv`` with ``flag``'s value(s) replaced, in place (or the flag added at the end)."""
+    if flag not in argv:
+        return [*argv, flag, *values]
+    i = argv.index(flag)
+    rest = drop(argv, flag)
+    return rest[:i] + [flag, *values] + rest[i:]
 
 
 SPACE = ["space"]
@@ -620,3 +617,237 @@ def test_the_battery_covers_every_command():
                 ("evaluate",), ("develop",), ("demo",), ("report",)}
     assert commands <= first
     assert len(CASES) >= 150
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _refused(case_id: str, inputs: dict, root: Path, capsys) -> str:
+    """Run one battery case in ``root`` with the battery's checks; returns its line."""
+    case = next(c for c in CASES if c.id == case_id)
+    root.mkdir(parents=True, exist_ok=True)
+    values = {**inputs, "T": str(root)}
+    if case.setup:
+        case.setup(root, values)
+    before = snapshot(root, Path(inputs["F"]))
+    code, _, err = _run(_format(case.argv, values), capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(root, Path(inputs["F"])) == before and not (root / MARKER).exists()
+    return err.strip()
+
+
+# --- unicode and spaces in every command's paths ----------------------------------------------------
+@pytest.fixture(scope="module")
+def odd(inputs, tmp_path_factory):
+    """The inputs again, under a folder whose name has spaces and non-ASCII letters."""
+    root = tmp_path_factory.mktemp("odd") / "données d'entrée ü 名"
+    shutil.copytree(inputs["F"], root)
+    return {**inputs, "F": str(root), "G": str(root / "glue_data")}
+
+
+def _ok(argv: list[str], values: dict, capsys) -> str:
+    code, out, err = _run(_format(argv, values), capsys)
+    assert code == 0, err
+    return out
+
+
+def _work(tmp_path: Path) -> Path:
+    work = tmp_path / "sortie à l'écran ß"
+    work.mkdir()
+    return work
+
+
+@pytest.mark.parametrize("name, argv, made", [
+    ("space", SPACE + ["--space", "{F}/space.json"], None),
+    ("init", INIT, "o/model.safetensors"),
+    ("extract", EXTRACT, "o/config.json"),
+    ("pretrain", PRETRAIN, "o/results.json"),
+    ("latency profile", PROFILE, "p.jsonl"),
+    ("latency fit", FIT, "pred.json"),
+    ("latency predict", PREDICT, None),
+    ("latency check", CHECK, None),
+    ("search", SEARCH, "o/best.json"),
+    ("search correlate", CORRELATE, "o/correlate.json"),
+    ("finetune", FINETUNE, "o/results.json"),
+    ("evaluate", EVALUATE, "o/results.json"),
+])
+def test_unicode_and_space_paths_work(name, argv, made, odd, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    work = _work(tmp_path)
+    _ok(argv, {**odd, "T": str(work)}, capsys)
+    if made:
+        assert (work / made).is_file()
+
+
+def test_unicode_and_space_paths_work_for_develop_and_report(odd, tmp_path, capsys):
+    values = {**odd, "T": str(_work(tmp_path))}
+    config = json.loads(Path(odd["F"], "dev.yaml").read_text())
+    config["data"]["cache_dir"] = values["C"]
+    Path(values["T"], "dev é.yaml").write_text(json.dumps(config))
+    _ok(["develop", "--config", "{T}/dev é.yaml", "--out", "{T}/run ü"], values, capsys)
+    run = Path(values["T"], "run ü")
+    assert (run / "results.json").is_file()
+    _ok(["report", "{T}/run ü", "--out", "{T}/rapport ñ"], values, capsys)
+    assert (Path(values["T"], "rapport ñ") / "index.html").is_file()
+
+
+def test_unicode_and_space_paths_work_for_demo(odd, tmp_path, capsys):
+    """The demo on the tiny fixture data (every key of the tiny config as a --set), in an odd folder."""
+    values = {**odd, "T": str(_work(tmp_path))}
+    config = json.loads(Path(odd["F"], "dev.yaml").read_text())
+    config["data"]["cache_dir"] = values["C"]
+    sets = [f"{section}.{key}={json.dumps(value)}" for section, keys in config.items() for key, value in keys.items()]
+    sets.append("search.speedups=[]")
+    _ok(["demo", "--out", "{T}/démo run"] + [a for s in sets for a in ("--set", s)], values, capsys)
+    assert (Path(values["T"], "démo run") / "report" / "index.html").is_file()
+
+
+# --- the nine kinds of the issue, one named test each -------------------------------------------------
+def test_kind_1_what_raised_a_traceback_is_one_line(inputs, tmp_path, capsys):
+    for i, case_id in enumerate(("finetune-out-under-a-file", "develop-out-under-a-file", "finetune-model-truncated",
+                                 "evaluate-model-pickle", "pretrain-init-pickle", "finetune-teacher-truncated",
+                                 "pretrain-corpus-binary", "finetune-binary-tsv", "fit-hidden-negative",
+                                 "evaluate-eval-batch-size-zero", "develop-set-bad-yaml",
+                                 "profile-out-is-a-folder-overwrite")):
+        line = _refused(case_id, inputs, tmp_path / str(i), capsys)
+        assert line.startswith("autotinybert ") and ": error: " in line
+
+
+def test_kind_2_bad_values_are_refused_not_accepted(inputs, tmp_path, capsys):
+    assert "--vocab-size must be at least 1" in _refused("space-vocab-negative", inputs, tmp_path / "a", capsys)
+    assert "--teacher-hidden-size" in _refused("init-teacher-hidden-zero", inputs, tmp_path / "b", capsys)
+    assert "--epochs must be at least 1" in _refused("fit-epochs-zero", inputs, tmp_path / "c", capsys)
+    for i, case_id in enumerate(("fit-data-zero-latency", "fit-data-negative-latency", "fit-data-nan-latency")):
+        assert "latencies must be positive numbers" in _refused(case_id, inputs, tmp_path / f"d{i}", capsys)
+
+
+def test_kind_3_existing_outputs_are_kept_unless_overwrite(inputs, tmp_path, capsys):
+    for i, case_id in enumerate(("pretrain-out-crowded", "fit-out-exists", "report-out-crowded", "init-out-crowded")):
+        assert "--overwrite" in _refused(case_id, inputs, tmp_path / str(i), capsys)
+    # --overwrite exists on pretrain and latency fit, and replaces only what a finished run produced
+    root = tmp_path / "ok"
+    values = {**inputs, "T": str(root)}
+    crowded()(root, values)
+    _ok(PRETRAIN + ["--overwrite"], values, capsys)
+    assert (root / "o" / "results.json").is_file() and not (root / "o" / "precious.txt").exists()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    (root / "pred.json").write_text("{}")
+    _ok(FIT + ["--overwrite"], values, capsys)
+    assert "weight" in (root / "pred.json").read_text()
+
+
+def test_kind_3_an_interrupted_pretrain_overwrite_keeps_the_old_folder(inputs, tmp_path, capsys, monkeypatch):
+    root = tmp_path / "x"
+    values = {**inputs, "T": str(root)}
+    crowded()(root, values)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("autotinybert.pretrain._after_step", interrupt)
+    code, _, err = _run(_format(PRETRAIN + ["--overwrite"], values), capsys)
+    assert code == 130 and "--resume" in err
+    assert (root / "o" / "precious.txt").read_text() == "keep me"
+    monkeypatch.undo()
+    _ok(PRETRAIN + ["--resume"], values, capsys)  # the advice: the replacement continues and is swapped in
+    assert (root / "o" / "results.json").is_file() and not (root / "o" / "precious.txt").exists()
+
+
+def test_kind_4_develop_validates_everything_before_touching_a_finished_run(inputs, tmp_path, capsys):
+    for i, case_id in enumerate(("develop-finished-run-bad-steps", "develop-finished-run-unknown-task",
+                                 "develop-finished-run-missing-corpus", "develop-finished-run-overwrite-bad-set",
+                                 "demo-finished-run-bad-set")):
+        root = tmp_path / str(i)
+        _refused(case_id, inputs, root, capsys)
+        assert (root / "run" / "pretrain" / "weights.bin").read_bytes() == b"pretrain" * 100
+
+
+def test_kind_5_a_refused_run_leaves_nothing_so_the_corrected_command_runs(inputs, tmp_path, capsys):
+    for i, (case_id, fixed) in enumerate((
+            ("finetune-model-truncated", put(FINETUNE, "--model", "{F}/model")),
+            ("search-finetune-binary-tsv", put(SEARCH + ["--evaluator", "finetune", "--task", "sst2", "--data-dir",
+                                                          BAD_GLUE, "--ft-max-steps", "1"], "--data-dir", "{G}")),
+            ("correlate-binary-tsv", CORRELATE))):
+        root = tmp_path / str(i)
+        _refused(case_id, inputs, root, capsys)
+        assert not (root / "o").exists()
+        _ok(fixed, {**inputs, "T": str(root)}, capsys)  # the same --out, without --resume
+
+
+def test_kind_6_a_bad_model_folder_is_named_as_such(inputs, tmp_path, capsys):
+    for i, case_id in enumerate(("finetune-model-missing", "finetune-model-is-a-file", "finetune-model-bad-config",
+                                 "finetune-model-empty-folder")):
+        line = _refused(case_id, inputs, tmp_path / str(i), capsys)
+        assert "--model" in line and "tokenizer" not in line, line
+
+
+def test_kind_7_no_code_from_a_checkpoint_runs_unless_trusted(inputs, tmp_path, capsys):
+    for i, case_id in enumerate(("finetune-model-remote-code", "evaluate-model-remote-code",
+                                 "finetune-teacher-remote-code", "pretrain-teacher-remote-code",
+                                 "pretrain-init-remote-code", "search-kd-metric-teacher-remote-code")):
+        assert "--trust-remote-code" in _refused(case_id, inputs, tmp_path / str(i), capsys)
+    # with the flag, the folder's code is what runs (the user asked for it)
+    from transformers import AutoModel
+
+    from autotinybert.checkpoint import load_pretrained
+
+    evil = _copy(os.path.join(inputs["F"], "model"), tmp_path / "evil")
+    remote_code_folder(evil, tmp_path / MARKER)
+    assert type(load_pretrained(AutoModel, evil, "--model", trust_remote_code=True)).__name__ == "EvilModel"
+    assert (tmp_path / MARKER).exists()
+
+
+def test_kind_7_our_own_model_type_loads_from_the_package_not_the_folder(tmp_path):
+    """An exported autotinybert checkpoint carries modeling files (for machines without the
+    package); here they are never imported: the installed classes load it, without trust."""
+    from conftest import TINY_KD
+    from transformers import AutoModelForMaskedLM
+
+    from autotinybert import extract
+    from autotinybert.checkpoint import load_pretrained
+    from autotinybert.space import Arch
+    from autotinybert.tasks.finetune import load_task_model, resolve_task
+
+    folder = tmp_path / "exported"
+    extract(tiny_supernet(TINY_KD), Arch.parse("L2-H25-F29-A4-Q16")).save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "autotinybert"
+    for source in folder.glob("*.py"):  # poison the shipped files: importing them leaves a marker
+        source.write_text(f"open({str(tmp_path / MARKER)!r}, 'w').write('ran')\n" + source.read_text())
+    model = load_pretrained(AutoModelForMaskedLM, folder, "--model")
+    assert type(model).__module__ == "autotinybert.hf.modeling_autotinybert"
+    load_task_model(folder, resolve_task("sst2"))
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_kind_8_the_advice_after_ctrl_c_is_a_command_that_runs(inputs, tmp_path, capsys, monkeypatch):
+    values = {**inputs, "T": str(tmp_path)}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("autotinybert.evaluators.ProxyEvaluator.__call__", interrupt)
+    code, _, err = _run(_format(SEARCH, values), capsys)
+    assert code == 130 and "rerun the same command with --resume" in err
+    monkeypatch.undo()
+    _ok(SEARCH + ["--resume"], values, capsys)
+    assert (tmp_path / "o" / "best.json").is_file()
+    # a search stopped before it wrote anything continues with --resume too (nothing to resume: it starts)
+    _ok(put(SEARCH, "--out", "{T}/fresh") + ["--resume"], values, capsys)
+
+
+def test_kind_9_a_warning_for_people_is_one_clean_line(inputs, tmp_path, capsys):
+    predictor = json.loads(Path(inputs["F"], "pred.json").read_text())
+    predictor["fingerprint"]["cpu_model"] = "Some Other CPU 9000"
+    (tmp_path / "other.json").write_text(json.dumps(predictor))
+    code, out, err = _run(["latency", "predict", "--predictor", str(tmp_path / "other.json"), "--arch", ARCH], capsys)
+    assert code == 0 and ARCH in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autotinybert latency predict: warning: latency predictor was "
+                                                   "measured on a different device"), err
+    assert ".py" not in err and "Warning" not in err and "cpu_model" in err

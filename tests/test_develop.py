@@ -113,7 +113,7 @@ def test_shipped_configs_load():
     ({"search": {"window": [1.2, 1.1]}}, ["LOW <= HIGH"]),
     ({"search": {"range_fractions": [1.5]}}, ["search.range_fractions must be at most 1"]),
     ({"pretrain": {"limits": {"layers": 2}}}, ["pretrain.max_layers"]),
-    ({"pretrain": {"objective": "kd"}}, ["pretrain", "needs --teacher"]),
+    ({"pretrain": {"objective": "kd"}}, ["pretrain.objective kd needs pretrain.teacher"]),
     ({"finetune": {"lr": 0}}, ["finetune.lr must be greater than 0"]),
     ({"search": {"speedups": [], "range_fractions": [], "target_ms": []}}, ["at least one target"]),
 ])

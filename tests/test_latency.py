@@ -158,7 +158,7 @@ def test_fingerprint_mismatch_warns(tmp_path):
 def test_predictor_from_other_space_is_a_user_error(tmp_path):
     predictor, _ = latency.fit(_synthetic_records(20, _known), epochs=50)
     predictor.save(tmp_path / "pred.json")
-    with pytest.raises(UserError, match="fitted on space"):
+    with pytest.raises(UserError, match="fitted on another space"):
         LatencyPredictor.load(tmp_path / "pred.json", space=SearchSpace.paper("kd"))
 
 
@@ -242,7 +242,7 @@ def test_cli_predict_errors(tmp_path, capsys):
     predictor.save(tmp_path / "pred.json")
     err = _one_line_error(capsys, ["latency", "predict", "--predictor", str(tmp_path / "pred.json"),
                                    "--arch", "L5-H564-F1054-A8-Q512", "--space", "paper-kd"])
-    assert "fitted on space" in err
+    assert "fitted on another space" in err
     assert main(["latency", "predict", "--predictor", str(tmp_path / "pred.json"), "--arch", "L5-H564-F1054-A8-Q512"]) == 0
     assert "L5-H564-F1054-A8-Q512" in capsys.readouterr().out
 
