@@ -28,7 +28,7 @@ import pytest
 from autotinybert.cli import main
 from conftest import TINY_MLM, tiny_supernet
 from develop_fixtures import tiny_config
-from tasks_fixtures import glue_layout, save_tiny_model, squad_files, tiny_tokenizer
+from tasks_fixtures import glue_layout, save_tiny_model, save_tiny_superplm, squad_files
 
 GARBAGE = bytes(range(256)) * 8 + b"\xff\xfe\x80\x81 not text at all \xc3\x28"
 MARKER = "code-was-run.marker"
@@ -39,14 +39,11 @@ ARCH = "L1-H12-F13-A1-Q9"
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Valid inputs of every command, made once (seconds)."""
-    from autotinybert.checkpoint import save_supernet
     from autotinybert.latency import LatencySettings, fingerprint, fit, flops
     from autotinybert.space import Arch
 
     root = tmp_path_factory.mktemp("inputs")
-    tokenizer = tiny_tokenizer()
-    save_supernet(tiny_supernet(TINY_MLM, vocab_size=len(tokenizer)), root / "sup")
-    tokenizer.save_pretrained(str(root / "sup"))
+    save_tiny_superplm(root / "sup")
     save_tiny_model(root / "model")
     glue = glue_layout(root)
     squad_files(root)
