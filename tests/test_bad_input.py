@@ -682,10 +682,19 @@ def test_unicode_and_space_paths_work(name, argv, made, odd, tmp_path, capsys, m
         assert (work / made).is_file()
 
 
+def _quick_config(values: dict) -> dict:
+    """The tiny develop config, reusing the inputs' SuperPLM and predictor (seconds, not minutes)."""
+    config = json.loads(Path(values["F"], "dev.yaml").read_text())
+    config["data"]["cache_dir"] = values["C"]
+    config["pretrain"]["reuse"] = str(Path(values["F"], "sup"))
+    config["latency"]["reuse"] = str(Path(values["F"], "pred.json"))
+    config["further_train"]["max_steps"] = 0
+    return config
+
+
 def test_unicode_and_space_paths_work_for_develop_and_report(odd, tmp_path, capsys):
     values = {**odd, "T": str(_work(tmp_path))}
-    config = json.loads(Path(odd["F"], "dev.yaml").read_text())
-    config["data"]["cache_dir"] = values["C"]
+    config = _quick_config(values)
     Path(values["T"], "dev é.yaml").write_text(json.dumps(config))
     _ok(["develop", "--config", "{T}/dev é.yaml", "--out", "{T}/run ü"], values, capsys)
     run = Path(values["T"], "run ü")
@@ -697,8 +706,7 @@ def test_unicode_and_space_paths_work_for_develop_and_report(odd, tmp_path, caps
 def test_unicode_and_space_paths_work_for_demo(odd, tmp_path, capsys):
     """The demo on the tiny fixture data (every key of the tiny config as a --set), in an odd folder."""
     values = {**odd, "T": str(_work(tmp_path))}
-    config = json.loads(Path(odd["F"], "dev.yaml").read_text())
-    config["data"]["cache_dir"] = values["C"]
+    config = _quick_config(values)
     sets = [f"{section}.{key}={json.dumps(value)}" for section, keys in config.items() for key, value in keys.items()]
     sets.append("search.speedups=[]")
     _ok(["demo", "--out", "{T}/démo run"] + [a for s in sets for a in ("--set", s)], values, capsys)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UserError
+from .errors import SetupWarning, UserError
 from .files import atomic_write_json, write_stage_config
 from .search import (
     find_candidates,
@@ -53,6 +54,7 @@ class SearchJob:
         if kind == "proxy":
             p, data = self.proxy, self.proxy_data
             return dict(supernet=supernet, valid_corpus=data.valid_corpus or [], metric=p.metric, teacher=p.teacher,
+                        trust_remote_code=p.trust_remote_code,
                         seq_len=data.seq_len, batch_size=p.eval_batch_size, batches=p.eval_batches,
                         seed=self.search.seed, cache_dir=data.cache_dir, device=device)
         t = self.tasks
@@ -105,6 +107,7 @@ def run_search_stage(job: SearchJob, *, arguments: dict[str, Any] | None = None)
     processes.
     """
     from .latency import LatencyPredictor
+    from .latency.predictor import brief_space
 
     c = job.command
     _require(c, "supernet", "predictor", "out")
@@ -118,8 +121,8 @@ def run_search_stage(job: SearchJob, *, arguments: dict[str, Any] | None = None)
     # Candidates first (cheap, numpy): an infeasible target fails before any model is loaded.
     space = search_grid(_supernet_space(c.supernet), job.targets.grid_step_hidden, job.targets.grid_step_ffn)
     if not latency.covers(space.largest()) or not latency.covers(space.smallest()):
-        print(f"warning: the latency predictor was fitted on space {latency.space}; parts of the SuperPLM's "
-              "space are extrapolated")
+        warnings.warn(f"the latency predictor was fitted on another space ({brief_space(latency.space)}); parts of the "
+                      "SuperPLM's space are extrapolated", SetupWarning, stacklevel=2)
     candidates = find_candidates(space, latency.predict_features, targets, job.search.window)
     with open_evaluator(c.evaluator, job.evaluator_options(c.evaluator), c.workers) as fitness:
         return _search_with(fitness, space=space, targets=targets, candidates=candidates, latency=latency,

@@ -109,8 +109,8 @@ class LatencyPredictor:
 
     def check_space(self, space: SearchSpace) -> None:
         if space.to_dict() != self.space:
-            raise UserError(f"--space: the latency predictor was fitted on another space ({_brief(self.space)}, not "
-                            f"{_brief(space.to_dict())}); profile and fit a predictor for this space")
+            raise UserError(f"--space: the latency predictor was fitted on another space ({brief_space(self.space)}, not "
+                            f"{brief_space(space.to_dict())}); profile and fit a predictor for this space")
 
     # --- files -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -195,7 +195,7 @@ def predictions_per_second(predictor: LatencyPredictor, n: int = 1_500_000, seed
     return n / (time.perf_counter() - start)
 
 
-def _brief(space: dict[str, Any]) -> str:
+def brief_space(space: dict[str, Any]) -> str:
     """A space in a few words: mode and the ranges (``mlm L1-3 H12-36 F13-37 A1-4``)."""
     letters = {"layers": "L", "hidden": "H", "ffn": "F", "heads": "A", "qkv": "Q"}
     ranges = [f"{letters[k]}{v['min']}-{v['max']}" for k, v in space.items() if k in letters and isinstance(v, dict)]
