@@ -44,6 +44,18 @@ def tiny_encoder(seed: int = 0):
         return BertModel(config)
 
 
+def save_tiny_superplm(path: Path) -> Path:
+    """A tiny random SuperPLM (the TINY_MLM space) with the tiny tokenizer saved beside it."""
+    from conftest import TINY_MLM, tiny_supernet
+
+    from autotinybert.checkpoint import save_supernet
+
+    tokenizer = tiny_tokenizer()
+    save_supernet(tiny_supernet(TINY_MLM, vocab_size=len(tokenizer)), path)
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
 def save_tiny_model(path: Path) -> Path:
     tiny_encoder().save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)

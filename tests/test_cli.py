@@ -82,7 +82,7 @@ def test_extract_rejects_bad_architectures(capsys, tmp_path, supernet_dir, arch,
 
 
 @pytest.mark.parametrize("damage, fragment", [
-    ("missing", "does not exist"),
+    ("missing", "no such folder"),
     ("truncated", "is corrupt"),
     ("vocab", "vocab_size"),
 ])
@@ -137,7 +137,7 @@ def test_the_real_console_script_exits_non_zero_without_traceback(tmp_path):
                              "--arch", "L1-H13-F13-A4-Q8", "--out", str(tmp_path / "o")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
+    assert result.stderr.count("\n") == 1 and "no such folder" in result.stderr
 
 
 @pytest.mark.parametrize("argv, advice", [
@@ -145,7 +145,9 @@ def test_the_real_console_script_exits_non_zero_without_traceback(tmp_path):
     (["pretrain", "--out", "o", "--corpus", "c", "--resume"], "rerun the same command to continue"),
     (["develop", "--config", "demo", "--out", "o"], "rerun the same command to continue"),
 ])
-def test_ctrl_c_advice_is_what_the_next_command_accepts(capsys, monkeypatch, argv, advice):
+def test_ctrl_c_advice_is_what_the_next_command_accepts(capsys, monkeypatch, tmp_path, argv, advice):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c").write_text("a corpus\n")  # paths are checked before anything runs
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 

@@ -198,8 +198,8 @@ def test_squad_command_with_explicit_files(tmp_path, model_dir, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--task", "sst3"], "unknown task 'sst3'"),
-    (["--task", "rte", "--data-dir", "{missing}"], "is not a directory"),
+    (["--task", "sst3"], "--task must be one of cola"),
+    (["--task", "rte", "--data-dir", "{missing}"], "nope: no such folder"),
     (["--task", "rte", "--data-dir", "{bad}"], "RTE/train.tsv:3: label 'neutral' is not one of rte's labels"),
     (["--task", "rte"], "no data: pass --data-dir"),
     (["--task", "rte", "--data-dir", "{data}", "--lr", "-1"], "--lr must be greater than 0"),
@@ -227,6 +227,9 @@ def test_cli_refuses_to_clobber_or_resume_differently(glue_dir, model_dir, tmp_p
     assert _cli(capsys, *args)[0] == 0
     code, _, err = _cli(capsys, *args[:-3], "--max-steps", 2, "--resume")
     assert code == 2 and "--resume with different arguments: max_steps was 1, now 2" in err
+    code, _, err = _cli(capsys, "evaluate", "--model", tmp_path / "nothing", "--task", "rte", "--data-dir", glue_dir)
+    assert code == 2 and "--model" in err and "nothing: no such folder" in err
+    (tmp_path / "nothing").mkdir()
     code, _, err = _cli(capsys, "evaluate", "--model", tmp_path / "nothing", "--task", "rte", "--data-dir", glue_dir)
     assert code == 2 and "neither a model directory" in err
     code, _, err = _cli(capsys, "evaluate", "--model", out / "wnli" / "model", "--task", "mnli", "--data-dir", glue_dir)

@@ -158,7 +158,7 @@ def test_fingerprint_mismatch_warns(tmp_path):
 def test_predictor_from_other_space_is_a_user_error(tmp_path):
     predictor, _ = latency.fit(_synthetic_records(20, _known), epochs=50)
     predictor.save(tmp_path / "pred.json")
-    with pytest.raises(UserError, match="fitted on space"):
+    with pytest.raises(UserError, match="fitted on another space"):
         LatencyPredictor.load(tmp_path / "pred.json", space=SearchSpace.paper("kd"))
 
 
@@ -215,6 +215,28 @@ def test_profile_resume_measures_only_missing(tmp_path, monkeypatch):
         latency.profile("paper-kd", 8, out, seed=1, resume=True, progress=False)
 
 
+def test_profile_overwrite_replaces_the_file_only_when_complete(tmp_path, monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(latency.profiling, "measure", _fake_measure(calls))
+    out = tmp_path / "p.jsonl"
+    out.write_text("the old profile\n")
+    stop_after = 3
+
+    def interrupted(arch, settings, **kw):
+        if len(calls) == stop_after:
+            raise KeyboardInterrupt
+        return _fake_measure(calls)(arch, settings, **kw)
+
+    monkeypatch.setattr(latency.profiling, "measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        latency.profile("paper-mlm", 5, out, seed=1, overwrite=True, progress=False)
+    assert out.read_text() == "the old profile\n"  # untouched until the new one is complete
+    stop_after = None
+    records = latency.profile("paper-mlm", 5, out, seed=1, resume=True, progress=False)  # continues the replacement
+    assert len(calls) == 6 and len(records) == 6 and len(latency.read_records(out)) == 6
+    assert not (tmp_path / ".p.jsonl.partial").exists()
+
+
 # --- command line ---------------------------------------------------------------------------------
 def _one_line_error(capsys, argv):
     assert main(argv) == 2
@@ -242,7 +264,7 @@ def test_cli_predict_errors(tmp_path, capsys):
     predictor.save(tmp_path / "pred.json")
     err = _one_line_error(capsys, ["latency", "predict", "--predictor", str(tmp_path / "pred.json"),
                                    "--arch", "L5-H564-F1054-A8-Q512", "--space", "paper-kd"])
-    assert "fitted on space" in err
+    assert "fitted on another space" in err
     assert main(["latency", "predict", "--predictor", str(tmp_path / "pred.json"), "--arch", "L5-H564-F1054-A8-Q512"]) == 0
     assert "L5-H564-F1054-A8-Q512" in capsys.readouterr().out
 

@@ -42,8 +42,18 @@ def test_every_option_has_a_doc_and_option_refuses_a_missing_doc():
         option(3)
 
 
+@pytest.fixture
+def required_paths(tmp_path, monkeypatch):
+    """The paths REQUIRED names, existing (path options are checked where they are declared)."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("s", "m", "run"):
+        (tmp_path / folder).mkdir()
+    for file in ("c", "d", "p"):
+        (tmp_path / file).write_text("text\n")
+
+
 @pytest.mark.parametrize("command, parts", list(_commands()), ids=[c for c, _ in _commands()])
-def test_cli_defaults_are_the_declared_defaults(command, parts):
+def test_cli_defaults_are_the_declared_defaults(command, parts, required_paths):
     args = build_parser().parse_args([*command.split(), *REQUIRED.get(command, [])])
     checked = 0
     for cls, kwargs in parts:
@@ -72,7 +82,7 @@ def test_develop_sections_default_to_the_declared_defaults_and_never_declare_a_k
 
 @pytest.mark.parametrize("name", ["demo", "cpu-small", "paper-mlm", "paper-kd"])
 def test_shipped_configs_use_only_declared_keys_and_list_every_option(name):
-    load_config(name)  # unknown keys and bad values are errors
+    load_config(name, check_paths=False)  # unknown keys and bad values are errors (paths: the user's data)
     raw = yaml.safe_load(config_path(name).read_text())
     for section in SECTIONS:
         assert set(raw.get(section) or {}) == {o.name for o in section_options(section)}, (name, section)
@@ -122,13 +132,18 @@ def test_yaml_type_errors_name_section_and_key():
             validate_config(raw)
 
 
-def test_prefixed_flags_are_named_as_typed(capsys):
+def test_prefixed_flags_are_named_as_typed(capsys, required_paths):
     code = main(["search", "--supernet", "s", "--predictor", "p", "--out", "o", "--ft-batch-size", "0"])
     assert code == 2 and "--ft-batch-size must be at least 1" in capsys.readouterr().err
 
 
-def test_to_arguments_round_trips_every_kind_of_option():
+def test_to_arguments_round_trips_every_kind_of_option(tmp_path, monkeypatch):
     import argparse
+
+    monkeypatch.chdir(tmp_path)  # the paths exist: the command line checks them
+    for name in ("a b", "c", "v"):
+        (tmp_path / name).write_text("text\n")
+    (tmp_path / "t").mkdir()
 
     settings = S.PretrainSettings(out="o", corpus=["a b", "c"], valid_corpus=["v"], max_layers=2, objective="kd",
                                   teacher="t", bf16=True, progress=False, lr=3e-4, warmup_ratio=0.0)

@@ -175,7 +175,7 @@ def test_corrupt_checkpoint_on_resume_is_a_clear_error(tmp_path, corpus, space_f
         pretrain(replace(settings, max_steps=4), resume=True)
     after = _weights(tmp_path / "run")
     assert all(torch.equal(weights_before[k], after[k]) for k in after)  # nothing lost
-    with pytest.raises(UserError, match="already holds a run"):
+    with pytest.raises(UserError, match="not empty; pass --resume to continue it, --overwrite"):
         pretrain(settings)
     with pytest.raises(UserError, match="different lr"):
         pretrain(replace(settings, lr=0.5), resume=True)

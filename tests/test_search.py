@@ -291,7 +291,7 @@ def tiny_files(tmp_path_factory):
     ([], "at least one target"),
     (["--target-ms", "1", "--window", "1.2", "0.9"], "--window LOW HIGH"),
     (["--target-ms", "1", "--generations", "0"], "--generations must be at least 1"),
-    (["--target-ms", "1", "--resume"], "run without --resume first"),
+    (["--target-ms", "1e-6", "--resume"], "nearest feasible latency"),  # nothing to resume: it starts
 ])
 def test_cli_search_bad_input_is_one_line(tmp_path, capsys, tiny_files, extra, fragment):
     from autotinybert.cli import main

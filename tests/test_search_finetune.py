@@ -6,8 +6,8 @@ import json
 import warnings
 
 import pytest
-from conftest import TINY_MLM, tiny_supernet
-from tasks_fixtures import glue_layout, tiny_tokenizer
+from conftest import TINY_MLM
+from tasks_fixtures import glue_layout, save_tiny_superplm
 from test_search import _toy_predictor
 
 from autotinybert.cli import main
@@ -23,12 +23,8 @@ def files(tmp_path_factory):
     """A tiny SuperPLM with a real tokenizer, tiny GLUE files, held-out text and a toy predictor."""
     from test_data import TEXT
 
-    from autotinybert.checkpoint import save_supernet
-
     root = tmp_path_factory.mktemp("search-ft")
-    tokenizer = tiny_tokenizer()
-    save_supernet(tiny_supernet(TINY_MLM, vocab_size=len(tokenizer)), root / "superplm")
-    tokenizer.save_pretrained(str(root / "superplm"))
+    save_tiny_superplm(root / "superplm")
     glue_layout(root)
     (root / "valid.txt").write_text(TEXT * 10, encoding="utf-8")
     _toy_predictor(root / "pred.json", TINY_MLM)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, reading
 from .files import atomic_write_json, atomic_write_text, atomic_write_with, staged_directory, write_stage_config
 from .modeling import (SuperBertConfig, SuperBertForPreTraining, SuperBertModel, SuperBertPreTrainedModel, _no_init,
                        new_supernet)
@@ -162,14 +162,80 @@ def init_supernet_checkpoint(space: str, out_dir: str | Path, tokenizer_dir: str
     return summary
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, flag: str = "--tokenizer"):
     """A tokenizer from a local checkpoint directory, or a `UserError` saying what is wrong."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"tokenizer directory {path} does not exist")
-    try:
+        raise UserError(f"{flag} {path}: no such folder (a tokenizer or checkpoint directory)")
+    with reading(path, flag, "give a folder with tokenizer files (vocab.txt or tokenizer.json)", also=(RuntimeError,)):
         return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+
+
+# --- Hugging Face checkpoints given by the user (--model, --teacher, --init) ----------------------
+def checkpoint_config(path: str | Path, flag: str) -> dict[str, Any]:
+    """``path/config.json`` of a Hugging Face checkpoint folder, or a `UserError` naming ``flag``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{flag} {path}: no such folder")
+    if not (path / CHECKPOINT_CONFIG).is_file():
+        raise UserError(f"{flag} {path} has no config.json; give a Hugging Face checkpoint folder")
+    with reading(path / CHECKPOINT_CONFIG, flag, "the checkpoint is damaged; re-export or re-download it"):
+        config = json.loads((path / CHECKPOINT_CONFIG).read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise UserError(f"{flag} {path / CHECKPOINT_CONFIG} is not a JSON object; the checkpoint is damaged")
+    return config
+
+
+def custom_code(path: str | Path, config: dict[str, Any]) -> list[str]:
+    """The Python files loading ``path`` would run: none for model types the installed
+    transformers knows and for our own ``autotinybert`` type (its classes come from this package,
+    registered in `autotinybert.hf`, never from the folder)."""
+    from transformers import CONFIG_MAPPING
+
+    from . import hf  # noqa: F401  (registers the autotinybert type with the Auto classes)
+
+    if config.get("model_type") in CONFIG_MAPPING:
+        return []
+    named = {str(v).split("--")[-1].split(".")[0] + ".py" for v in (config.get("auto_map") or {}).values()
+             if isinstance(v, str)}
+    return sorted(named | {p.name for p in Path(path).glob("*.py")})
+
+
+def check_checkpoint(path: str | Path, flag: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Everything about a user's checkpoint folder that can be checked before any output is
+    created: config.json readable, no custom code unless trusted, weights present and readable
+    (safetensors header, or a pickle-free refusal later). Returns the config."""
+    path = Path(path)
+    config = checkpoint_config(path, flag)
+    code = custom_code(path, config)
+    if code and not trust_remote_code:
+        raise UserError(f"{flag} {path} is a {config.get('model_type')!r} model that needs its own Python code "
+                        f"({', '.join(code) or 'auto_map'}), which runs only with --trust-remote-code; pass it if "
+                        "you trust that folder")
+    weights = sorted(p.name for p in path.iterdir() if p.name.endswith((".safetensors", ".bin", ".safetensors.index.json",
+                                                                           ".bin.index.json")))
+    if not weights:
+        raise UserError(f"{flag} {path} has no weights (model.safetensors); the checkpoint is incomplete")
+    single, pickled = path / CHECKPOINT_WEIGHTS, path / "pytorch_model.bin"
+    fix = "the file is damaged or not plain tensors; re-export or re-download the checkpoint"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with reading(single, flag, fix), safe_open(str(single), framework="pt") as handle:
+            handle.keys()
+    elif pickled.is_file():  # tensors only (weights_only): a pickle that would run code is refused, never run
+        with reading(pickled, flag, fix, also=(RuntimeError,)):
+            torch.load(str(pickled), map_location="cpu", weights_only=True)
+    return config
+
+
+def load_pretrained(auto_class: Any, path: str | Path, flag: str, trust_remote_code: bool = False, **kwargs: Any):
+    """``auto_class.from_pretrained(path)`` of a user's checkpoint folder: the folder's Python
+    files run only with ``trust_remote_code``; pickles load only as tensors (torch's
+    ``weights_only``); any problem is one `UserError` naming ``flag`` and the folder."""
+    check_checkpoint(path, flag, trust_remote_code)
+    with reading(path, flag, "the checkpoint is damaged or of another kind; re-export or re-download it",
+                 also=(RuntimeError,)):
+        return auto_class.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)

@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable
 
 from . import settings as S
-from .errors import Preempted, UserError
+from .errors import Preempted, SetupWarning, UserError, first_line
 from .options import add_options, as_plain, from_namespace
 
 # command -> (help, [(dataclass, add_options keyword arguments)], handler)
@@ -104,7 +104,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
     settings = from_namespace(S.PretrainSettings, args)
     _quiet_transformers()
-    summary = pretrain(settings, resume=from_namespace(S.PretrainCommand, args).resume)
+    command = from_namespace(S.PretrainCommand, args)
+    summary = pretrain(settings, resume=command.resume, overwrite=command.overwrite)
     if summary.get("validation"):
         print(f"{'architecture':<26} {'MLM loss':>9} {'MLM acc':>8}" + (f" {'KD loss':>8}" if settings.objective != "mlm" else ""))
         for arch, row in summary["validation"].items():
@@ -132,6 +133,8 @@ def _run_latency_fit(args: argparse.Namespace) -> int:
     from .latency import fit, write_output_config
 
     o, f = from_namespace(S.FitCommand, args), from_namespace(S.FitSettings, args)
+    if o.out.exists() and not o.overwrite:
+        raise UserError(f"--out {o.out} already exists; pass --overwrite to replace it or choose another path")
     predictor, report = fit(o.data, holdout=f.holdout, seed=o.seed, hidden=f.hidden, epochs=f.epochs)
     predictor.save(o.out)
     write_output_config(o.out, _arguments(args))
@@ -287,7 +290,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
     o = from_namespace(S.ReportCommand, args)
-    paths = build_report(o.run_dir, o.out, title=o.title)
+    paths = build_report(o.run_dir, o.out, title=o.title, overwrite=o.overwrite)
     cards = [p for k, p in paths.items() if k.startswith("card")]
     print(f"report: {paths['html']}\n        {paths['markdown']}\nmodel cards: {len(cards)} (README.md in each exported model)")
     return 0
@@ -369,21 +372,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """``autotinybert latency fit``: the words the user typed to pick the command."""
+    words = [args.command, getattr(args, "latency_command", None), getattr(args, "search_command", None)]
+    return " ".join(["autotinybert", *(w for w in words if w)])
+
+
+def _one_line_warnings(name: str) -> Callable[..., None]:
+    """Show warnings meant for people (`SetupWarning`) as one line, without a source path."""
+    import warnings
+
+    plain = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, SetupWarning):
+            print(f"{name}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+        else:
+            plain(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
+    name = _command_name(args)
     try:
-        return int(args.handler(args) or 0)
+        with warnings.catch_warnings():  # restores warnings.showwarning afterwards
+            warnings.showwarning = _one_line_warnings(name)
+            return int(args.handler(args) or 0)
     except Preempted as err:  # SIGTERM: a checkpoint was saved at a step boundary
         message = str(err) if args.command not in ("develop", "demo") else (
             f"stopped by SIGTERM during {err.command} at step {err.step}; checkpoint saved; rerun the same command "
             "to continue")
-        print(f"autotinybert {args.command}: {message}", file=sys.stderr)
+        print(f"{name}: {message}", file=sys.stderr)
         return err.exit_code
     except UserError as err:
-        print(f"autotinybert {args.command}: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A file system refusal naming a path (disk full, permissions, a file where a folder must
+        # be): the user's to fix, not a bug, and no traceback helps.
+        if err.filename is None:
+            raise
+        print(f"{name}: error: {err.strerror or first_line(err)}: {err.filename}; check the path and its "
+              "permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"autotinybert {args.command}: interrupted; {_how_to_continue(args)}", file=sys.stderr)
+        print(f"{name}: interrupted; {_how_to_continue(args)}", file=sys.stderr)
         return 130
 
 

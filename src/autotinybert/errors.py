@@ -7,6 +7,9 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 
 class UserError(ValueError):
     """A problem with the user's input, explained in one line."""
@@ -22,3 +25,45 @@ class Preempted(UserError):
     exit_code = 143
     command: str = ""   # the training command that stopped (pretrain / finetune)
     step: int = 0       # the step its checkpoint holds
+
+
+class SetupWarning(UserWarning):
+    """Something about the user's setup that may make results wrong but does not stop the run
+    (e.g. a latency predictor measured on another machine). The command line prints it as one
+    line, ``autotinybert <command>: warning: ...``."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (parsers write several), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def bad_file_errors() -> tuple[type[BaseException], ...]:
+    """What the libraries we read files with raise on a missing, unreadable or corrupt file."""
+    import pickle
+
+    found: list[type[BaseException]] = [OSError, ValueError, EOFError, KeyError, TypeError, pickle.UnpicklingError]
+    for module, name in (("yaml", "YAMLError"), ("safetensors", "SafetensorError")):
+        try:
+            found.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+@contextlib.contextmanager
+def reading(path: object, what: str = "", fix: str = "", also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Turn what a parser raises on a bad file into one `UserError` naming the file and the fix.
+
+    ``what`` names the option the file came from (``--model``); ``also`` adds exception types a
+    particular reader raises on bad bytes (torch's RuntimeError on a torn archive).
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except (*bad_file_errors(), *also) as err:
+        problem = "is not UTF-8 text" if isinstance(err, UnicodeDecodeError) else f"cannot be read ({first_line(err)})"
+        prefix = f"{what} " if what else ""
+        raise UserError(f"{prefix}{path} {problem}" + (f"; {fix}" if fix else "")) from None

@@ -73,7 +73,8 @@ class ProxyEvaluator:
 
     def __init__(self, supernet: str | Path, valid_corpus: list[str], *, metric: str = "mlm_accuracy",
                  teacher: str | None = None, seq_len: int | None = None, batch_size: int = 32, batches: int = 8,
-                 seed: int = 0, cache_dir: str | Path | None = None, device: str = "cpu") -> None:
+                 seed: int = 0, cache_dir: str | Path | None = None, device: str = "cpu",
+                 trust_remote_code: bool = False) -> None:
         from .data import build_dataset
         from .pretrain import Teacher
 
@@ -94,7 +95,7 @@ class ProxyEvaluator:
         _, self.valid, _ = build_dataset(valid_corpus, self.tokenizer, self.seq_len, cache, valid_corpus)
         if len(self.valid) == 0:
             raise UserError(f"--valid-corpus {' '.join(valid_corpus)} holds no text")
-        self.teacher = Teacher(teacher, self.device) if teacher else None
+        self.teacher = Teacher(teacher, self.device, trust_remote_code) if teacher else None
         if self.teacher is not None:
             self.teacher.check_fits(self.space, len(self.tokenizer))
         self.metric, self.batch_size, self.batches, self.seed = metric, batch_size, batches, seed

@@ -17,6 +17,7 @@ loss) at any instant. The rules that keep every file old-and-complete or new-and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -169,3 +170,83 @@ def relocate(value: Any, old_root: str | None, new_root: str | Path) -> Any:
     if isinstance(value, str) and (value == old_root or value.startswith(old_root + os.sep)):
         return new_root + value[len(old_root):]
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDirectory:
+    """Where a resumable run (pretrain, finetune) writes, and how it is published.
+
+    The rules, one place for every such stage:
+
+    * a new run works in ``out`` itself (a partial run there is what ``--resume`` continues);
+    * a non-empty ``out`` is refused unless ``--resume`` (it holds our run: ``marker``) or
+      ``--overwrite``; replacing works in the sibling ``.<name>.partial`` and swaps it in only when
+      complete (`publish`), so an interrupted overwrite loses nothing and ``--resume`` continues it;
+    * ``--resume`` where nothing was written yet starts the run (the resume rule of training.py).
+
+    `plan` only reads the file system (every worker of a multi-process run can call it); `create`
+    (one process) makes the folder once every input has been checked.
+    """
+
+    out: Path
+    work: Path
+    resume: bool
+    marker: str = "config.yaml"
+
+    @property
+    def replacing(self) -> bool:
+        return self.work != self.out
+
+    @classmethod
+    def plan(cls, out: str | Path, *, resume: bool, overwrite: bool, marker: str = "config.yaml") -> "RunDirectory":
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file; give a folder")
+        partial = out.with_name(f".{out.name}.partial")
+        old = out.with_name(f".{out.name}.old")
+        current = old if old.is_dir() and not out.exists() else out  # a kill mid-swap: the old copy counts
+        ours = (current / marker).is_file()
+        if resume:
+            if (partial / marker).is_file():
+                return cls(out, partial, True, marker)
+            if ours or not _has_content(current):
+                return cls(out, out, ours, marker)
+            raise UserError(f"--resume: {out} holds no run (no {marker}) and is not empty; choose another --out, "
+                            "or pass --overwrite instead of --resume to replace it")
+        if _has_content(current):
+            if not overwrite:
+                raise UserError(f"--out {out} already exists and is not empty; pass --resume to continue it, "
+                                f"--overwrite to replace it, or choose another path")
+            return cls(out, partial, False, marker)
+        return cls(out, out, False, marker)
+
+    def create(self) -> Path:
+        """Undo what a killed attempt left, make the working folder; returns it."""
+        old = self.out.with_name(f".{self.out.name}.old")
+        if old.is_dir() and not self.out.exists():
+            os.replace(old, self.out)  # a kill in the middle of the final swap: the old copy comes back first
+        if self.replacing and not self.resume:
+            shutil.rmtree(self.work, ignore_errors=True)
+        if (self.out / self.marker).is_file() or not _has_content(self.out):
+            recover(self.out)  # ours: undo what a killed attempt left behind
+        if self.replacing:
+            recover(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        return self.work
+
+    def publish(self) -> None:
+        """Swap a finished replacement in (a no-op for a run that worked in ``out``)."""
+        if not self.replacing:
+            return
+        old = self.out.with_name(f".{self.out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(self.out, old)
+        os.replace(self.work, self.out)
+        fsync_path(self.out.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _has_content(directory: Path) -> bool:
+    """``directory`` holds something besides leftovers of killed writes (``.*.tmp`` / ``.*.partial``)."""
+    return directory.is_dir() and any(not (e.name.startswith(".") and e.name.endswith((".tmp", ".partial")))
+                                      for e in directory.iterdir())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -47,12 +48,21 @@ class Spec:
     metavar: str | None = None
     cli: bool = True                   # False: a config-file / library option only
     group: str | None = None           # --help group
+    # Paths, checked where they are declared (`path_problem`): "dir" / "file" (must exist),
+    # "source" (a file or folder, or hf:... / builtin:...), "out" (a folder to write: no file in
+    # the way), "outfile" (a file to write: no folder in the way).
+    path: str | None = None
+    text: bool = False                 # an existing file must be UTF-8 text (checked on its first 64 KiB)
+    keywords: tuple = ()               # names that are not paths (paper-mlm, demo, ...)
+    check: Callable[[Any], str | None] | None = None  # a rule no keyword above says (e.g. task names)
 
 
 def option(default: Any = MISSING, doc: str = "", **spec: Any) -> Any:
     """A dataclass field declaring one option (see `Spec` for the keyword arguments)."""
     if not doc:
         raise TypeError("every option needs a one-line doc")
+    if spec.get("path") not in (None, *PATH_KINDS):
+        raise TypeError(f"path= must be one of {PATH_KINDS}")
     metadata = {"option": Spec(doc=doc, **spec)}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
@@ -115,19 +125,87 @@ class OptionError(UserError):
 
     def __init__(self, opt: Opt, problem: str, value: Any, where: str | None = None) -> None:
         self.opt, self.problem, self.value = opt, problem, value
-        super().__init__(f"{where or opt.flag} {problem}; got {value!r}")
+        if isinstance(problem, PathProblem):  # "--model /x/y: no such folder"
+            super().__init__(f"{where or opt.flag} {problem.path}: {problem}")
+        else:
+            super().__init__(f"{where or opt.flag} {problem}; got {value!r}")
 
 
-def check_options(obj: Any) -> None:
-    """Validate every declared option of a dataclass instance (call from ``__post_init__``)."""
+class PathProblem(str):
+    """What is wrong with one path of an option's value (the message names the path first)."""
+
+    path: str
+
+    def __new__(cls, path: Any, problem: str) -> "PathProblem":
+        made = super().__new__(cls, problem)
+        made.path = str(path)
+        return made
+
+
+PATH_KINDS = ("dir", "file", "source", "out", "outfile")
+_NOUNS = {"dir": "folder", "file": "file", "source": "file or folder"}
+
+
+def path_problem(spec: Spec, value: Any) -> PathProblem | None:
+    """Why a path option's value cannot be used, or None (the one place paths are checked)."""
+    text = str(value)
+    if text in spec.keywords or (spec.path == "source" and text.startswith(("hf:", "builtin:"))):
+        return None
+    path = Path(text)
+    if spec.path in ("out", "outfile"):
+        want_dir = spec.path == "out"
+        if path.exists() and path.is_dir() != want_dir:
+            return PathProblem(text, "is a folder; give a file path" if path.is_dir() else
+                               "is a file; give a folder path (new, empty, or a run to continue)")
+        parent = path.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            return PathProblem(text, f"cannot be created: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK) and not path.exists():
+            return PathProblem(text, f"cannot be created: {parent} is not writable")
+        return None
+    if not path.exists():
+        hint = f" (or one of {', '.join(map(str, spec.keywords))})" if spec.keywords else ""
+        return PathProblem(text, f"no such {_NOUNS[spec.path]}{hint}")
+    if spec.path == "dir" and not path.is_dir():
+        return PathProblem(text, "is a file; give a folder")
+    if spec.path == "file" and not path.is_file():
+        return PathProblem(text, "is a folder; give a file")
+    if spec.text and path.is_file():
+        return _text_problem(path)
+    return None
+
+
+def _text_problem(path: Path) -> PathProblem | None:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(65536)
+    except OSError as err:
+        return PathProblem(path, f"cannot be read ({err.strerror})")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4 or len(head) < 65536:  # not just a character cut at the boundary
+            return PathProblem(path, "is not UTF-8 text (a binary file or another encoding)")
+    return None
+
+
+def check_options(obj: Any, *, paths: bool = False) -> None:
+    """Validate every declared option of a dataclass instance (called from ``__post_init__``).
+
+    ``paths``: also check the declared paths against the file system. The command line and the
+    develop config do (`from_namespace`, `check_mapping`): what a user typed must name what it
+    says; a library caller may build settings for files that appear later.
+    """
     for opt in options_of(type(obj)):
-        problem = value_problem(opt, getattr(obj, opt.field))
+        problem = value_problem(opt, getattr(obj, opt.field), paths=paths)
         if problem:
             raise OptionError(opt, problem, getattr(obj, opt.field))
 
 
-def value_problem(opt: Opt, value: Any) -> str | None:
-    """Why ``value`` is not acceptable for ``opt``, or None."""
+def value_problem(opt: Opt, value: Any, *, paths: bool = False) -> str | None:
+    """Why ``value`` is not acceptable for ``opt`` (its paths too with ``paths``), or None."""
     if value is None:
         return None if opt.optional else "must be given"
     if opt.base in (list, tuple):
@@ -135,8 +213,17 @@ def value_problem(opt: Opt, value: Any) -> str | None:
             return "must be a list"
         if opt.base is tuple and len(value) != len(typing.get_args(opt.kind)):
             return f"must be {len(typing.get_args(opt.kind))} values"
-        return next((p for p in (_scalar_problem(opt, v, opt.item) for v in value) if p), None)
-    return _scalar_problem(opt, value, opt.kind)
+        return next((p for p in (_item_problem(opt, v, opt.item, paths) for v in value) if p), None)
+    return _item_problem(opt, value, opt.kind, paths)
+
+
+def _item_problem(opt: Opt, value: Any, kind: Any, paths: bool) -> str | None:
+    problem = _scalar_problem(opt, value, kind)
+    if problem is None and opt.spec.path and paths:
+        return path_problem(opt.spec, value)
+    if problem is None and opt.spec.check:
+        return opt.spec.check(value)
+    return problem
 
 
 def _scalar_problem(opt: Opt, value: Any, kind: Any) -> str | None:
@@ -257,7 +344,9 @@ def from_namespace(cls: type, args: argparse.Namespace, *, prefix: str = "", **f
                 value = opt.default if opt.default is not MISSING else []
             values[opt.field] = value
     try:
-        return cls(**values, **fixed)
+        made = cls(**values, **fixed)
+        check_options(made, paths=True)
+        return made
     except OptionError as err:
         if prefix:  # name the flag as the user typed it
             typed = "--" + (prefix + (err.opt.spec.flag or err.opt.name)).replace("_", "-")
@@ -284,7 +373,7 @@ def to_arguments(obj: Any, *, exclude: Iterable[str] = ()) -> list[str]:
 
 
 # --- config files ------------------------------------------------------------------------------
-def check_mapping(opts: list[Opt], given: dict[str, Any], where: str) -> dict[str, Any]:
+def check_mapping(opts: list[Opt], given: dict[str, Any], where: str, *, paths: bool = True) -> dict[str, Any]:
     """Type-check and validate ``{name: value}`` (from YAML) against ``opts``; fill defaults.
 
     Returns ``{name: value}`` with every option present. Unknown keys are the caller's business.
@@ -294,7 +383,7 @@ def check_mapping(opts: list[Opt], given: dict[str, Any], where: str) -> dict[st
         value = _coerce(opt, given[opt.name]) if opt.name in given else opt.default
         if value is MISSING:
             raise UserError(f"{where}: {opt.name} is required ({opt.spec.doc})")
-        problem = value_problem(opt, value)
+        problem = value_problem(opt, value, paths=paths)
         if problem:
             raise OptionError(opt, problem, value, where=f"{where}.{opt.name}")
         values[opt.name] = value

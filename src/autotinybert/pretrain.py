@@ -46,7 +46,7 @@ import torch
 from torch.nn import functional as F
 
 from . import training
-from .checkpoint import load_supernet, load_tokenizer, publish_supernet
+from .checkpoint import checkpoint_config, load_pretrained, load_supernet, load_tokenizer, publish_supernet
 from .data import (
     IGNORE_INDEX,
     PackedSplit,
@@ -58,7 +58,7 @@ from .data import (
     train_wordpiece,
 )
 from .errors import UserError
-from .files import atomic_write_json, fsync_path, recover, staged_directory, write_stage_config
+from .files import RunDirectory, atomic_write_json, fsync_path, staged_directory, write_stage_config
 from .modeling import SuperBertConfig, SuperBertForPreTraining, new_supernet
 from .settings import OBJECTIVES, SAMPLING_RULES, PretrainSettings  # noqa: F401 - re-exported
 from .space import RELEASED, Arch, Dim, SearchSpace
@@ -134,18 +134,13 @@ def _middle(space: SearchSpace) -> Arch:
 class Teacher:
     """A frozen BERT-family encoder giving last-layer hidden states and pre-softmax attention scores."""
 
-    def __init__(self, path: str | Path, device: torch.device) -> None:
+    def __init__(self, path: str | Path, device: torch.device, trust_remote_code: bool = False) -> None:
         from transformers import AutoModel
 
         from .builtin_data import resolve_model
 
         path = Path(resolve_model(str(path)))  # builtin:all-minilm-l6-v2 names the packaged model
-        if not (path / "config.json").is_file():
-            raise UserError(f"--teacher {path} is not a checkpoint directory (no config.json)")
-        try:
-            self.model = AutoModel.from_pretrained(str(path), trust_remote_code=True).to(device).eval()
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot load the teacher {path}: {str(err).splitlines()[0]}") from None
+        self.model = load_pretrained(AutoModel, path, "--teacher", trust_remote_code).to(device).eval()
         self.config = self.model.config
         self.path = path
         self._query_key_input: torch.Tensor | None = None
@@ -331,20 +326,18 @@ def resolve_space(settings: PretrainSettings) -> SearchSpace:
     return SearchSpace.load(settings.space).with_limits(**settings.space_limits)
 
 
-def _exported_state(path: Path) -> dict[str, torch.Tensor]:
+def _exported_state(path: Path, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
     """Weights of an extracted checkpoint under SuperPLM names (the MLM decoder is tied, so dropped)."""
     from transformers import AutoModelForMaskedLM
 
-    model = AutoModelForMaskedLM.from_pretrained(str(path), trust_remote_code=True)
+    model = load_pretrained(AutoModelForMaskedLM, path, "--init", trust_remote_code)
     return {k: v for k, v in model.state_dict().items() if not k.startswith("cls.predictions.decoder")}
 
 
 def initial_weights(model: SuperBertForPreTraining, settings: PretrainSettings) -> None:
     """``--init``: a SuperPLM (its slice for ``--arch``, else all of it) or an extracted checkpoint."""
     path = Path(settings.init)
-    if not (path / "config.json").is_file():
-        raise UserError(f"--init {path} is not a checkpoint directory (no config.json)")
-    model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    model_type = checkpoint_config(path, "--init").get("model_type")
     if model_type == SuperBertConfig.model_type:
         source = load_supernet(path)
         # One architecture (--arch), or the largest of a space shrunk by --max-* limits: its slice.
@@ -356,7 +349,7 @@ def initial_weights(model: SuperBertForPreTraining, settings: PretrainSettings) 
             state["fit_dense.bias"] = source.fit_dense.bias.detach().clone()
         state = {k: v for k, v in state.items() if not k.startswith("cls.predictions.decoder")}
     else:
-        state = _exported_state(path)
+        state = _exported_state(path, settings.trust_remote_code)
     expected = model.state_dict()
     wrong = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
@@ -440,7 +433,7 @@ def _prepare_tokenizer(settings: PretrainSettings, out: Path, workers: Workers, 
             raise UserError(f"--vocab-size {settings.vocab_size} contradicts the tokenizer's {len(tokenizer)} tokens")
         return tokenizer
     if settings.init and any((Path(settings.init) / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
-        return load_tokenizer(settings.init)
+        return load_tokenizer(settings.init, "--init")
     if settings.vocab_size is None:
         raise UserError("give --tokenizer DIR (e.g. the teacher's) or --vocab-size N to train a WordPiece vocabulary")
     # The tokenizers library breaks frequency ties in hash order, so two trainings on the same text
@@ -492,6 +485,7 @@ class _Run:
     metrics: MetricsLog = field(init=False)
     board: TensorBoard = field(init=False)
     autocast: Any = field(init=False)
+    publish: Callable[[], None] = lambda: None  # swaps a finished --overwrite run into --out
     progress: Any = None
     tokens_seen: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -510,16 +504,10 @@ class _Run:
         return int(self.tokens_seen / max(time.perf_counter() - self.started, 1e-9)) * self.workers.world
 
 
-def _open_out(settings: PretrainSettings, workers: Workers, resume: bool) -> Path:
-    """Check the resume rule (training.py) and undo what a killed attempt left in ``out``."""
-    out = Path(settings.out)
-    if workers.main and (out / "config.yaml").is_file():
-        recover(out)  # ours: a run wrote config.yaml before any other file
-    workers.barrier()
-    if not resume and training.has_checkpoint(out / CHECKPOINT_DIR):
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _plan_out(settings: PretrainSettings, resume: bool, overwrite: bool) -> RunDirectory:
+    """Where the run writes (the rules of `files.RunDirectory`; a run writes config.yaml first).
+    Only reads the file system: nothing is created before every input has been loaded."""
+    return RunDirectory.plan(settings.out, resume=resume, overwrite=overwrite)
 
 
 def _load_data(settings: PretrainSettings, tokenizer, cache_dir: Path, workers: Workers):
@@ -562,19 +550,25 @@ def _inherited_config(settings: PretrainSettings) -> dict[str, Any]:
     return {k: config[k] for k in _INHERITED if k in config}
 
 
-def _start(settings: PretrainSettings, workers: Workers, resume: bool) -> _Run:
-    out = _open_out(settings, workers, resume)
+def _start(settings: PretrainSettings, workers: Workers, resume: bool, overwrite: bool) -> _Run:
+    run_dir = _plan_out(settings, resume, overwrite)
+    resume, out = run_dir.resume, run_dir.work
     space = resolve_space(settings)
     cache_dir = Path(settings.cache_dir or Path.home() / ".cache" / "autotinybert" / "data")
     tokenizer = _prepare_tokenizer(settings, out, workers, resume, cache_dir)
-    teacher = Teacher(settings.teacher, workers.device) if settings.objective in ("kd", "both") else None
+    teacher = Teacher(settings.teacher, workers.device, settings.trust_remote_code) \
+        if settings.objective in ("kd", "both") else None
     if teacher is not None:
         teacher.check_fits(space, len(tokenizer))
     train, valid, cache_entry = _load_data(settings, tokenizer, cache_dir, workers)
     model = _build_model(settings, space, tokenizer, teacher, workers)
     optimizer = adamw(model, settings.lr, settings.weight_decay)
     start = load_checkpoint(out, model, optimizer, settings) if resume else 0
-    run = _Run(settings, workers, out, space, tokenizer, teacher, train, valid, cache_entry, model, optimizer, start)
+    if workers.main:  # every input loaded: now the run folder may be made
+        run_dir.create()
+    workers.barrier()
+    run = _Run(settings, workers, out, space, tokenizer, teacher, train, valid, cache_entry, model, optimizer, start,
+               publish=run_dir.publish)
     if workers.main:
         write_stage_config(out, {**asdict(settings), "resume": resume})
         run.metrics.trim(start)
@@ -583,16 +577,17 @@ def _start(settings: PretrainSettings, workers: Workers, resume: bool) -> _Run:
 
 
 def pretrain(settings: PretrainSettings, resume: bool = False,
-             on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+             on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) pre-training; returns the final summary also written to ``results.json``.
 
     ``resume``: continue from ``out/checkpoint``, or start at step 0 when there is none yet (the
-    resume rule of training.py). ``on_step(step)`` is called after every optimiser step (progress
-    hooks, tests). SIGTERM stops at the next step boundary with a checkpoint: `Preempted`.
+    resume rule of training.py). ``overwrite``: replace a non-empty ``out`` once the new run is
+    complete (`files.RunDirectory`). ``on_step(step)`` is called after every optimiser step
+    (progress hooks, tests). SIGTERM stops at the next step boundary with a checkpoint: `Preempted`.
     """
     settings.check()
     workers = init_workers()
-    run = _start(settings, workers, resume)
+    run = _start(settings, workers, resume, overwrite)
     run.progress = progress_bar(settings.max_steps, run.start, "pretrain", settings.progress and workers.main)
     # Dropout draws from torch's global generator: forked here so the caller's state is untouched,
     # and re-seeded per micro-batch so a resumed run replays the lost steps exactly.
@@ -699,8 +694,10 @@ def _finish(run: _Run) -> dict[str, Any]:
     if workers.main:
         if s.arch:
             _export_fixed(run.model, Arch.parse(s.arch), run.out, run.tokenizer)
-            summary["exported"] = str(run.out / "exported")
+            summary["exported"] = str(Path(s.out) / "exported")
         atomic_write_json(run.out / "results.json", summary)
+        run.publish()
+    workers.barrier()
     return summary
 
 

@@ -96,6 +96,11 @@ def load_run(run_dir: str | Path) -> dict:
     if manifest is None:
         raise UserError(f"{run_dir} is not a develop run (no manifest.json); point at the --out of "
                         "'autotinybert develop' or 'autotinybert demo'")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
+        raise UserError(f"{run_dir / 'manifest.json'} is not a develop manifest; point at the --out of "
+                        "'autotinybert develop' or 'autotinybert demo'")
+    if not any(isinstance(e, dict) and e.get("status") == "done" for e in manifest.get("stages", {}).values()):
+        raise UserError(f"{run_dir} has no finished stage yet (manifest.json); nothing to report")
     from .files import relocate
 
     # Recorded paths are absolute; a run copied elsewhere (e.g. from a cluster) is read where it is now.
@@ -554,23 +559,28 @@ def write_model_cards(run: dict) -> list[Path]:
     return written
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None, title: str | None = None) -> dict[str, Path]:
+def build_report(run_dir: str | Path, out: str | Path | None = None, title: str | None = None,
+                 overwrite: bool = False) -> dict[str, Path]:
     """``out/index.html`` (self-contained: plots as base64 PNG), ``out/summary.md`` (+ PNG files),
     and a README.md model card in every exported checkpoint. Reads files only."""
-    from .files import atomic_write_bytes, atomic_write_text
+    from .files import atomic_write_bytes, atomic_write_text, staged_directory
 
     run = load_run(run_dir)
     out = Path(out) if out else Path(run_dir) / "report"
+    if out.is_dir() and any(out.iterdir()) and not (out / "index.html").is_file() and not overwrite:
+        raise UserError(f"--out {out} is not empty and holds no report; pass --overwrite to replace it or choose "
+                        "another path")
     title = title or f"AutoTinyBERT run {Path(run_dir).absolute().name}"
     images = {name: figure(run) for name, figure in
               (("pareto", pareto_figure), ("latency", latency_figure), ("training", training_figure),
                ("downstream", downstream_figure))}
-    figures = {}
-    for name, png in images.items():
-        if png:
-            atomic_write_bytes(out / f"{name}.png", png)
-            figures[name] = f"{name}.png"
-    atomic_write_text(out / "summary.md", render_markdown(run, title, figures))
-    atomic_write_text(out / "index.html", render_html(run, title, images))
+    figures = {name: f"{name}.png" for name, png in images.items() if png}
+    markdown, html = render_markdown(run, title, figures), render_html(run, title, images)
+    with staged_directory(out, overwrite=True) as tmp:  # a previous report is replaced whole, when done
+        for name, png in images.items():
+            if png:
+                atomic_write_bytes(tmp / f"{name}.png", png)
+        atomic_write_text(tmp / "summary.md", markdown)
+        atomic_write_text(tmp / "index.html", html)
     cards = write_model_cards(run)
     return {"html": out / "index.html", "markdown": out / "summary.md", **{f"card{i}": p for i, p in enumerate(cards)}}

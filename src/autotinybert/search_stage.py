@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UserError
+from .errors import SetupWarning, UserError
 from .files import atomic_write_json, write_stage_config
 from .search import (
     find_candidates,
@@ -53,6 +54,7 @@ class SearchJob:
         if kind == "proxy":
             p, data = self.proxy, self.proxy_data
             return dict(supernet=supernet, valid_corpus=data.valid_corpus or [], metric=p.metric, teacher=p.teacher,
+                        trust_remote_code=p.trust_remote_code,
                         seq_len=data.seq_len, batch_size=p.eval_batch_size, batches=p.eval_batches,
                         seed=self.search.seed, cache_dir=data.cache_dir, device=device)
         t = self.tasks
@@ -74,11 +76,27 @@ def _require(command: Any, *names: str) -> None:
         raise UserError(f"missing {', '.join(missing)}")
 
 
-def _check_out(out: Path, resume: bool, state_path: Path) -> None:
-    if not resume and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out} is not empty; pass --resume to continue there or choose another path")
-    if resume and not state_path.is_file():
-        raise UserError(f"--resume: {state_path} does not exist; run without --resume first")
+def _check_out(out: Path, resume: bool, states: tuple[str, ...]) -> bool:
+    """The resume rule of every stage (training.py): ``--resume`` continues the state files in
+    ``out``, and starts the run where none was written yet (a stop before the first evaluation);
+    without it a non-empty ``out`` is refused. Returns whether there is a state to continue."""
+    content = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not resume:
+        if content:
+            raise UserError(f"--out {out} is not empty; pass --resume to continue there or choose another path")
+        return False
+    if any((out / name).is_file() for name in states):
+        return True
+    if set(content) - {"config.yaml"}:
+        raise UserError(f"--resume: {out} holds no search state ({', '.join(states)}) and is not empty; choose "
+                        "another --out")
+    return False
+
+
+def _create_out(out: Path, arguments: dict[str, Any] | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if arguments is not None:
+        write_stage_config(out, arguments)
 
 
 def run_search_stage(job: SearchJob, *, arguments: dict[str, Any] | None = None) -> dict:
@@ -89,11 +107,12 @@ def run_search_stage(job: SearchJob, *, arguments: dict[str, Any] | None = None)
     processes.
     """
     from .latency import LatencyPredictor
+    from .latency.predictor import brief_space
 
     c = job.command
     _require(c, "supernet", "predictor", "out")
     out = Path(c.out)
-    _check_out(out, c.resume, out / "state.json")
+    resume = _check_out(out, c.resume, ("state.json",))
     # Options first, then files, then the cheap numpy candidates, then the models.
     if c.evaluator == "finetune" and not job.tasks.tasks:
         raise UserError("--evaluator finetune needs at least one --task (e.g. --task sst2)")
@@ -102,12 +121,12 @@ def run_search_stage(job: SearchJob, *, arguments: dict[str, Any] | None = None)
     # Candidates first (cheap, numpy): an infeasible target fails before any model is loaded.
     space = search_grid(_supernet_space(c.supernet), job.targets.grid_step_hidden, job.targets.grid_step_ffn)
     if not latency.covers(space.largest()) or not latency.covers(space.smallest()):
-        print(f"warning: the latency predictor was fitted on space {latency.space}; parts of the SuperPLM's "
-              "space are extrapolated")
+        warnings.warn(f"the latency predictor was fitted on another space ({brief_space(latency.space)}); parts of the "
+                      "SuperPLM's space are extrapolated", SetupWarning, stacklevel=2)
     candidates = find_candidates(space, latency.predict_features, targets, job.search.window)
     with open_evaluator(c.evaluator, job.evaluator_options(c.evaluator), c.workers) as fitness:
         return _search_with(fitness, space=space, targets=targets, candidates=candidates, latency=latency,
-                            settings=job.search, out=out, resume=c.resume, progress=c.progress, plot=c.plot,
+                            settings=job.search, out=out, resume=resume, progress=c.progress, plot=c.plot,
                             metric=job.proxy.metric if c.evaluator == "proxy" else "finetune score",
                             arguments=arguments)
 
@@ -116,9 +135,7 @@ def _search_with(fitness, *, space, targets, candidates, latency, settings, out:
                  progress: bool, plot: bool, arguments) -> dict:
     """Run the search with a ready evaluator and write every output file."""
     state_path = out / "state.json"
-    out.mkdir(parents=True, exist_ok=True)
-    if arguments is not None:
-        write_stage_config(out, arguments)
+    _create_out(out, arguments)
     budget = len(targets) * settings.generations * settings.generation_size
     bar = None
     if progress:
@@ -203,21 +220,16 @@ def run_correlate(job: SearchJob, samples: int, *, arguments: dict[str, Any] | N
     c = job.command
     _require(c, "supernet", "out")
     out = Path(c.out)
-    if samples < 3:
-        raise UserError(f"--samples must be at least 3 for a rank correlation, got {samples}")
-    if not c.resume and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out} is not empty; pass --resume to continue there or choose another path")
+    resume = _check_out(out, c.resume, ("proxy-state.json", "finetune-state.json"))
     archs = _correlate_sample(job, samples)
-    out.mkdir(parents=True, exist_ok=True)
-    if arguments is not None:
-        write_stage_config(out, arguments)
     scores = {}
     with contextlib.ExitStack() as stack:  # both built first: bad options of either fail before any work
         evaluators = {"proxy": stack.enter_context(open_evaluator("proxy", job.evaluator_options("proxy"))),
                       "finetune": stack.enter_context(open_evaluator("finetune", job.evaluator_options("finetune"),
                                                                      c.workers))}
+        _create_out(out, arguments)  # every input checked: now the output may appear
         for kind, fitness in evaluators.items():
-            scores[kind] = _evaluate_sample(fitness, archs, out / f"{kind}-state.json", c.resume, kind, c.progress)
+            scores[kind] = _evaluate_sample(fitness, archs, out / f"{kind}-state.json", resume, kind, c.progress)
     summary = correlation_summary(archs, scores["proxy"], scores["finetune"])
     atomic_write_json(out / "correlate.json", summary)
     return summary

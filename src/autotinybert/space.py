@@ -125,7 +125,10 @@ class Arch:
                 f"malformed architecture {text!r}: write it as L<layers>-H<hidden>-F<ffn>-A<heads>-Q<qkv>, "
                 "e.g. L5-H564-F1054-A8-Q512"
             )
-        return cls(*(int(group) for group in match.groups()))
+        try:
+            return cls(*(int(group) for group in match.groups()))
+        except ArchError as err:  # name the text the user wrote
+            raise ArchError(f"architecture {text}: {err}") from None
 
 
 @dataclass(frozen=True)

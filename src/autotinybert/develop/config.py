@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import settings as S
-from ..errors import UserError
+from ..errors import UserError, reading
 from ..options import Opt, build, check_mapping, options_of
 
-BUILTIN_CONFIGS = ("demo", "cpu-small", "from-pretrained", "paper-mlm", "paper-kd")
+BUILTIN_CONFIGS = S.BUILTIN_CONFIGS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,8 @@ class Part:
 
 
 # Fields the pipeline fills in itself (paths between stages, the run's seed and progress).
-PRETRAIN_PROVIDED = ("out", "corpus", "valid_corpus", "cache_dir", "seed", "progress", "arch", "init")
+PRETRAIN_PROVIDED = ("out", "corpus", "valid_corpus", "cache_dir", "seed", "progress", "arch", "init",
+                     "trust_remote_code")
 FURTHER_TRAIN = ("objective", "teacher", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                  "max_grad_norm", "bf16", "log_every", "eval_every", "eval_batches", "save_every")
 PRETRAIN = Part(S.PretrainSettings, exclude=PRETRAIN_PROVIDED)
@@ -54,7 +55,7 @@ BUDGET = Part(S.FinetuneBudget, prefix="ft_")
 # No teacher in the pipeline's fine-tuning: its distillation options do not apply.
 FINETUNE = Part(S.FinetuneSettings, exclude=("progress", "kd_alpha", "kd_temperature"))
 # Placeholders for required fields when a section is checked before the pipeline knows them.
-_PLACEHOLDERS = {S.PretrainSettings: {"out": "<run>", "corpus": ["<data>"]}}
+_PLACEHOLDERS = {S.PretrainSettings: {"out": "<run>", "corpus": [S.BUILTIN_CORPUS]}}
 
 SECTIONS: dict[str, tuple[Part, ...]] = {
     "run": (Part(S.RunOptions),),
@@ -62,7 +63,8 @@ SECTIONS: dict[str, tuple[Part, ...]] = {
     "pretrain": (Part(S.PretrainStage), START, PRETRAIN),
     "latency": (Part(S.LatencyStage), Part(S.LatencySettings), Part(S.ProfileSettings), Part(S.FitSettings)),
     "search": (Part(S.SearchStage), Part(S.SearchCommand, include=("evaluator", "workers")),
-               Part(S.TargetSettings), SEARCH, Part(S.ProxySettings), BUDGET),
+               Part(S.TargetSettings), SEARCH,
+               Part(S.ProxySettings, exclude=("trust_remote_code",)), BUDGET),
     "extract": (Part(S.ExtractStage), Part(S.ExtractSettings, include=("verify",))),
     "further_train": (Part(S.FurtherTrainStage), FURTHER),
     "finetune": (Part(S.TaskDataSettings, include=("tasks",)), FINETUNE),
@@ -87,20 +89,20 @@ def config_path(name_or_path: str | Path) -> Path:
     return path
 
 
-def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Read, apply ``section.key=value`` overrides, fill defaults and validate."""
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None, *,
+                check_paths: bool = True) -> dict[str, dict[str, Any]]:
+    """Read, apply ``section.key=value`` overrides, fill defaults and validate (with
+    ``check_paths``: every path it names must exist, before a run touches anything)."""
     import yaml
 
     path = config_path(name_or_path)
-    try:
+    with reading(path, "--config", "fix the file"):
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix the file") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)})")
     for item in overrides or []:
         _apply_override(raw, item)
-    return validate_config(raw, str(path))
+    return validate_config(raw, str(path), check_paths=check_paths)
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -119,17 +121,17 @@ def _apply_override(raw: dict, item: str) -> None:
     raw.setdefault(section, {})[name] = parsed
 
 
-def validate_config(raw: dict, source: str = "config") -> dict[str, dict[str, Any]]:
+def validate_config(raw: dict, source: str = "config", *, check_paths: bool = True) -> dict[str, dict[str, Any]]:
     """Every section with every option (defaults filled in), or a `UserError` naming the key."""
     for section in raw:
         if section not in SECTIONS:
             raise UserError(f"{source}: unknown section {section!r}; use {', '.join(SECTIONS)}")
-    config = {section: _validate_section(raw, section, source) for section in SECTIONS}
+    config = {section: _validate_section(raw, section, source, check_paths) for section in SECTIONS}
     _check_across_sections(config, source)
     return config
 
 
-def _validate_section(raw: dict, section: str, source: str) -> dict[str, Any]:
+def _validate_section(raw: dict, section: str, source: str, check_paths: bool) -> dict[str, Any]:
     given = raw.get(section) or {}
     if not isinstance(given, dict):
         raise UserError(f"{source}: {section} must be a mapping of options, got {type(given).__name__}")
@@ -139,7 +141,7 @@ def _validate_section(raw: dict, section: str, source: str) -> dict[str, Any]:
         if key not in known:
             advice = _RENAMED.get((section, key), f"known: {', '.join(sorted(known))}")
             raise UserError(f"{source}: unknown option {section}.{key}; {advice}")
-    values = check_mapping(opts, given, f"{source}: {section}")
+    values = check_mapping(opts, given, f"{source}: {section}", paths=check_paths)
     for part in SECTIONS[section]:  # rules between options of one dataclass (e.g. kd needs a teacher)
         placeholders = dict(_PLACEHOLDERS.get(part.cls, {}))
         teaches = any(f.name == "teacher" for f in dataclasses.fields(part.cls))
@@ -149,8 +151,11 @@ def _validate_section(raw: dict, section: str, source: str) -> dict[str, Any]:
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
             try:
                 part.build(values, **placeholders)
-            except UserError as err:
-                raise UserError(f"{source}: {section}: {err}") from None
+            except UserError as err:  # a rule between options: name them as keys of this file
+                message = str(err)
+                for opt in sorted(part.options(), key=lambda o: -len(o.flag)):
+                    message = message.replace(opt.flag, f"{section}.{opt.name}")
+                raise UserError(f"{source}: {message}") from None
     return values
 
 

@@ -81,7 +81,8 @@ def _pretrain_settings(run: Run, out: Path, further: bool = False, **changes: An
         values.update(_source_teacher(run, values))
     return PRETRAIN.build(values, out=str(out), corpus=data["corpus"], valid_corpus=data["valid_corpus"],
                           seed=run.config["run"]["seed"], cache_dir=run.config["data"]["cache_dir"],
-                          progress=run.config["run"]["progress"], **changes)
+                          progress=run.config["run"]["progress"],
+                          trust_remote_code=run.config["run"]["trust_remote_code"], **changes)
 
 
 def _stage_pretrain(run: Run, out: Path, resume: bool) -> dict:
@@ -200,7 +201,9 @@ def _stage_search(run: Run, out: Path, resume: bool) -> dict:
                                 device=run.config["run"]["device"], workers=s["workers"], resume=again,
                                 progress=run.config["run"]["progress"]),
         targets=build(S.TargetSettings, {**s, "target_ms": target_ms}),
-        search=SEARCH.build(s, seed=run.config["run"]["seed"]), proxy=build(S.ProxySettings, s, **_source_teacher(run, s)),
+        search=SEARCH.build(s, seed=run.config["run"]["seed"]),
+        proxy=build(S.ProxySettings, s, trust_remote_code=run.config["run"]["trust_remote_code"],
+                    **_source_teacher(run, s)),
         proxy_data=S.ProxyDataCommand(valid_corpus=data["valid_corpus"], cache_dir=run.config["data"]["cache_dir"],
                                       seq_len=run.config["pretrain"]["seq_len"]),
         tasks=S.TaskDataSettings(tasks=run.config["finetune"]["tasks"], data_dir=data["tasks_dir"]),
@@ -325,7 +328,8 @@ def _stage_finetune(run: Run, out: Path, resume: bool) -> dict:
         if not _finished(target_dir, f["tasks"]):
             run.log(f"  {target}: fine-tune {model['arch']} on {', '.join(f['tasks'])}")
             command = S.FinetuneCommand(model=Path(model["path"]), out=target_dir, test=False,
-                                        resume=(target_dir / "config.yaml").is_file())
+                                        resume=(target_dir / "config.yaml").is_file(),
+                                        trust_remote_code=run.config["run"]["trust_remote_code"])
             source = S.TaskDataSettings(tasks=f["tasks"], data_dir=Path(run.outputs["data"]["tasks_dir"]))
             run_finetune(command, source, settings, arguments={"model": model["path"], **f})
         results = json.loads((target_dir / "results.json").read_text(encoding="utf-8"))

@@ -101,7 +101,7 @@ def _train(params, x, y, optimizer, schedule, epochs: int) -> float:
     return float(loss.detach())
 
 
-def split_indices(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(n: int, holdout: float, seed: int, source: str = "the latency data") -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     if not 0 < holdout < 1:
@@ -109,7 +109,8 @@ def split_indices(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.nda
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     n_test = max(1, int(round(n * holdout)))
     if n - n_test < 5:
-        raise UserError(f"only {n} measured architectures; profile at least {n_test + 5} (--samples) before fitting")
+        raise UserError(f"{source}: only {n} measured architectures; profile at least {n_test + 5} (--samples) "
+                        "before fitting")
     return order[n_test:], order[:n_test]
 
 
@@ -121,14 +122,19 @@ def fit(data: str | Path | Sequence[dict[str, Any]], *, holdout: float = 0.2, se
     numbers describe exactly the file that is written.
     """
     records = read_records(data) if isinstance(data, (str, Path)) else list(data)
+    source = str(data) if isinstance(data, (str, Path)) else "the latency data"
     samples = [r for r in records if not r.get("reference")]
     references = [r for r in records if r.get("reference")]
     if not samples:
-        raise UserError("no architectures in the latency data; run 'autotinybert latency profile' first")
+        raise UserError(f"{source}: no measured architectures; run 'autotinybert latency profile' first")
     _check_consistent(samples)
     features = features_of(Arch.parse(r["arch"]) for r in samples)
     latency = np.array([r["latency"]["median_ms"] for r in samples], dtype=np.float64)
-    train, test = split_indices(len(samples), holdout, seed)
+    if not np.all(np.isfinite(latency) & (latency > 0)):  # log-latency targets: nan predictors otherwise
+        bad = samples[int(np.argmin(np.isfinite(latency) & (latency > 0)))]
+        raise UserError(f"{source}: {bad['arch']} has latency {bad['latency']['median_ms']!r} ms; latencies must be "
+                        "positive numbers (remeasure with 'latency profile')")
+    train, test = split_indices(len(samples), holdout, seed, source)
     seq_len = int(samples[0]["fingerprint"].get("seq_len", 128))
     inputs = design_inputs(features, seq_len)
     weights, biases, norm = fit_mlp(inputs[train], latency[train], hidden=hidden, epochs=epochs, seed=seed)

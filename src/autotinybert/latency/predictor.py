@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import SetupWarning, UserError
 from ..files import atomic_write_json
 from ..space import FEATURE_NAMES, Arch, SearchSpace
 from .costs import INPUT_NAMES, design_inputs, features_of
@@ -100,7 +100,7 @@ class LatencyPredictor:
         if differences:
             warnings.warn("latency predictor was measured on a different device or setup ("
                           + "; ".join(differences) + "); its predictions may not hold here, "
-                          "re-run 'autotinybert latency profile' and 'fit' on this machine", stacklevel=2)
+                          "re-run 'autotinybert latency profile' and 'fit' on this machine", SetupWarning, stacklevel=2)
         return differences
 
     def covers(self, arch: Arch) -> bool:
@@ -109,8 +109,8 @@ class LatencyPredictor:
 
     def check_space(self, space: SearchSpace) -> None:
         if space.to_dict() != self.space:
-            raise UserError(f"latency predictor was fitted on space {self.space}, not {space.to_dict()}; "
-                            "profile and fit a predictor for this space")
+            raise UserError(f"--space: the latency predictor was fitted on another space ({brief_space(self.space)}, not "
+                            f"{brief_space(space.to_dict())}); profile and fit a predictor for this space")
 
     # --- files -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -193,3 +193,10 @@ def predictions_per_second(predictor: LatencyPredictor, n: int = 1_500_000, seed
     start = time.perf_counter()
     predictor.predict_features(x)
     return n / (time.perf_counter() - start)
+
+
+def brief_space(space: dict[str, Any]) -> str:
+    """A space in a few words: mode and the ranges (``mlm L1-3 H12-36 F13-37 A1-4``)."""
+    letters = {"layers": "L", "hidden": "H", "ffn": "F", "heads": "A", "qkv": "Q"}
+    ranges = [f"{letters[k]}{v['min']}-{v['max']}" for k, v in space.items() if k in letters and isinstance(v, dict)]
+    return " ".join([str(space.get("mode", "?")), *ranges])

@@ -96,32 +96,37 @@ def profile(space: SearchSpace | str, samples: int, out: str | Path, settings: L
 
     One JSON line per measurement, appended and fsynced as it goes. With ``resume`` only
     architectures missing from ``out`` are measured; the plan depends only on (space, samples,
-    seed), so a rerun continues the same list.
+    seed), so a rerun continues the same list. ``overwrite`` measures into the sibling
+    ``.NAME.partial`` and replaces ``out`` only when complete (``resume`` continues that one).
     """
     space = SearchSpace.load(space) if isinstance(space, (str, Path)) else space
     out = Path(out)
     plan = [(BERT_BASE, True)] + [(arch, False) for arch in plan_architectures(space, samples, seed)]
-    done: dict[str, dict[str, Any]] = {}
-    if out.exists() and out.stat().st_size:
-        if not (resume or overwrite):
-            raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to start again")
-        if resume:
-            done = _check_resumable(out, settings, space)
-        else:
-            out.unlink()
+    partial = out.with_name(f".{out.name}.partial")
+    target = partial if resume and partial.is_file() else out
+    if not resume and out.exists() and out.stat().st_size:
+        if not overwrite:
+            raise UserError(f"--out {out} already exists; pass --resume to continue it or --overwrite to start again")
+        target = partial
+        partial.unlink(missing_ok=True)
+    done = _check_resumable(target, settings, space) if resume and target.is_file() and target.stat().st_size else {}
     out.parent.mkdir(parents=True, exist_ok=True)
-    if arguments is not None:
+    if arguments is not None and target == out:  # a replacement records its arguments when it replaces
         write_output_config(out, arguments)
     todo = [(arch, ref) for arch, ref in plan if str(arch) not in done]
     bar = _progress(len(todo), progress, f"latency ({settings.engine})")
     for arch, is_reference in todo:
         record = measure(arch, settings)
         record.update(reference=is_reference, features=arch.to_dict(), space=space.to_dict(), seed=seed)
-        _append_line(out, record)
+        _append_line(target, record)
         done[str(arch)] = record
         bar.update(1)
         bar.set_postfix_str(f"{arch} {record['latency']['median_ms']:.1f} ms")
     bar.close()
+    if target != out:
+        os.replace(target, out)
+        if arguments is not None:
+            write_output_config(out, arguments)
     return [done[str(arch)] for arch, _ in plan]
 
 

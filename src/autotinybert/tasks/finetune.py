@@ -111,24 +111,23 @@ def _task_config_fields(task: Task) -> dict[str, Any]:
             "id2label": dict(enumerate(task.labels)), "label2id": {n: i for i, n in enumerate(task.labels)}}
 
 
-def load_task_model(path: str | Path, task: Task, *, finetuned: bool = False, seed: int = 42):
-    """A task model from a checkpoint directory (`trust_remote_code`: exported non-stock types).
+def load_task_model(path: str | Path, task: Task, *, finetuned: bool = False, seed: int = 42, flag: str = "--model",
+                    trust_remote_code: bool = False):
+    """A task model from a checkpoint directory. Our exported ``autotinybert`` type loads through
+    this package's classes; other custom code in the folder runs only with `trust_remote_code`.
 
     `finetuned=False`: a pre-trained encoder gets a fresh task head, initialised from `seed`
     without touching the global RNG. `finetuned=True`: every weight must come from the files and
     the head must fit `task`.
     """
+    from ..checkpoint import load_pretrained
+
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"--model {path} has no config.json; point it at a Hugging Face checkpoint directory")
     auto = _auto_class(task)
     extra = {} if finetuned else {**_task_config_fields(task), "ignore_mismatched_sizes": True}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
-            model, info = auto.from_pretrained(str(path), trust_remote_code=True, output_loading_info=True, **extra)
-        except (ValueError, KeyError, OSError) as err:
-            raise UserError(f"cannot load {path} as a {auto.__name__} for {task.name}: {str(err).splitlines()[0]}") from None
+        model, info = load_pretrained(auto, path, flag, trust_remote_code, output_loading_info=True, **extra)
     _check_loaded(model, info, path, task, finetuned)
     return model
 
@@ -161,7 +160,7 @@ def build_task_model(encoder, task: Task, *, seed: int = 42):
         setattr(config, name, value)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _auto_class(task).from_config(config, trust_remote_code=True)
+        model = _auto_class(task).from_config(config)  # our own type is registered: no code from any folder
     base = getattr(encoder, encoder.base_model_prefix, encoder)
     target = getattr(model, model.base_model_prefix)
     result = target.load_state_dict(base.state_dict(), strict=False)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..errors import UserError
+from ..errors import UserError, reading
 
 # Long STS-B / QNLI fields exceed the csv module's default 128 KiB field limit in some copies.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -174,7 +174,8 @@ def load_local_split(task: GlueTask, data_dir: str | Path, split: str) -> GlueSp
 
 
 def _read_tsv(task: GlueTask, path: Path, columns: Columns) -> Iterable[GlueExample]:
-    with open(path, encoding="utf-8-sig", newline="") as handle:   # -sig: MRPC's byte-order mark
+    fix = f"give the GLUE {task.name} TSV file (UTF-8 text, tab-separated)"
+    with reading(path, fix=fix, also=(csv.Error,)), open(path, encoding="utf-8-sig", newline="") as handle:  # BOM: MRPC
         rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         position = _column_positions(path, columns, next(rows, None)) if columns.header else columns
         width = max(p for p in (position.text_a, position.text_b, position.label, position.index) if p is not None)

@@ -14,14 +14,13 @@ Layout of a fine-tuning run (`--out RUN`):
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..errors import UserError
-from ..files import atomic_write_json, atomic_write_text, recover, staged_directory, write_stage_config
+from ..checkpoint import check_checkpoint
+from ..errors import UserError, reading
+from ..files import RunDirectory, atomic_write_json, atomic_write_text, staged_directory, write_stage_config
 from ..settings import EvaluateCommand, FinetuneCommand, TaskDataSettings
 from . import glue, metrics, squad
 from .finetune import (FinetuneSettings, RunStore, Task, evaluate_split, finetune_model, load_task_data,
@@ -57,13 +56,18 @@ def data_source(data_dir: Path | None, hub: bool, files_given: bool = False) -> 
     return data_dir
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, flag: str = "--model", trust_remote_code: bool = False):
+    """The tokenizer of a checkpoint folder (``flag`` names where it came from)."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
-    except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"no usable tokenizer in {path} ({type(err).__name__}); pass --tokenizer DIR") from None
+    with reading(path, flag, "it holds no usable tokenizer; pass --tokenizer DIR", also=(RuntimeError,)):
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def _tokenizer(command: Any, model_dir: Path):
+    if command.tokenizer:
+        return load_tokenizer(command.tokenizer, "--tokenizer", command.trust_remote_code)
+    return load_tokenizer(model_dir, "--model", command.trust_remote_code)
 
 
 # --- finetune ------------------------------------------------------------------------------
@@ -71,7 +75,7 @@ def load_tokenizer(path: Path):
 def run_finetune(command: FinetuneCommand, source: TaskDataSettings, settings: FinetuneSettings, *,
                  arguments: dict[str, Any] | None = None) -> dict:
     """Fine-tune ``command.model`` on each task; returns the run's results (also RUN/results.json)."""
-    model, out, tokenizer, teacher, test = command.model, Path(command.out), command.tokenizer, command.teacher, command.test
+    model, out, teacher, test = command.model, Path(command.out), command.teacher, command.test
     resume, overwrite, train_file, dev_file = command.resume, command.overwrite, source.train_file, source.dev_file
     task_list = resolve_tasks(source.tasks)
     data_dir = data_source(source.data_dir, source.hub, files_given=bool(train_file and dev_file))
@@ -80,7 +84,10 @@ def run_finetune(command: FinetuneCommand, source: TaskDataSettings, settings: F
     # Load and check every task's data before training any: bad input fails in seconds, not hours.
     data = {t.name: load_task_data(t, data_dir, train_file=train_file, dev_file=dev_file, settings=settings, test=test)
             for t in task_list}
-    tok = load_tokenizer(tokenizer or model)
+    check_checkpoint(model, "--model", command.trust_remote_code)
+    for task in task_list if teacher else ():
+        check_checkpoint(_teacher_dir(teacher, task), "--teacher", command.trust_remote_code)
+    tok = _tokenizer(command, model)
     work, publish = _work_directory(out, resume, overwrite, arguments or {})
     results = _read_results(work) if resume else _empty_results(model)
     for task in task_list:
@@ -88,7 +95,8 @@ def run_finetune(command: FinetuneCommand, source: TaskDataSettings, settings: F
         if resume and done.is_file():
             results["tasks"][task.name] = json.loads(done.read_text())
             continue
-        record = _finetune_task(model, task, data[task.name], tok, settings, work, teacher, data_dir)
+        record = _finetune_task(model, task, data[task.name], tok, settings, work, teacher, data_dir,
+                                command.trust_remote_code)
         atomic_write_json(done, record)
         results["tasks"][task.name] = record
         _write_results(work, results)
@@ -98,54 +106,14 @@ def run_finetune(command: FinetuneCommand, source: TaskDataSettings, settings: F
 
 
 def _work_directory(out: Path, resume: bool, overwrite: bool, arguments: dict) -> tuple[Path, Callable[[], None]]:
-    """Where the run writes, and how to publish it when done.
-
-    A new run works in `out` itself (a partial run there is what --resume continues). Replacing
-    a non-empty `out` (--overwrite) works in the sibling `.<name>.partial` and swaps it in only
-    when complete, so an interrupted overwrite loses nothing; --resume continues that too.
-    """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory; choose another path")
-    partial = out.with_name(f".{out.name}.partial")
-    old = out.with_name(f".{out.name}.old")
-    if old.is_dir() and not out.exists():
-        os.replace(old, out)  # a kill in the middle of the final swap: the old copy comes back first
-    if (out / "config.yaml").is_file() or _only_leftovers(out):
-        recover(out)  # ours: undo what a killed attempt left behind
-    if resume:
-        work = partial if (partial / "config.yaml").is_file() else out
-        if (work / "config.yaml").is_file():
-            _check_same_arguments(work / "config.yaml", arguments)
-            recover(work)
-            return work, (lambda: _swap(partial, out)) if work == partial else (lambda: None)
-        if out.is_dir() and any(out.iterdir()):
-            raise UserError(f"--resume: {out} holds no run (no config.yaml) and is not empty; choose another --out")
-        # Stopped before it wrote anything: --resume starts the run (the resume rule of training.py).
-        work, finish = out, lambda: None
-    elif out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"--out {out} already exists and is not empty; pass --resume to continue it, "
-                            f"--overwrite to replace it, or choose another path")
-        shutil.rmtree(partial, ignore_errors=True)
-        work, finish = partial, lambda: _swap(partial, out)
-    else:
-        work, finish = out, lambda: None
-    work.mkdir(parents=True, exist_ok=True)
-    write_stage_config(work, arguments)
-    return work, finish
-
-
-def _only_leftovers(out: Path) -> bool:
-    """``out`` holds nothing but temporary files of killed writes (e.g. of its first config.yaml)."""
-    return out.is_dir() and all(e.name.startswith(".") and e.name.endswith((".tmp", ".partial")) for e in out.iterdir())
-
-
-def _swap(new: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)
+    """Where the run writes (the rules of `files.RunDirectory`), and how to publish it when done."""
+    run_dir = RunDirectory.plan(out, resume=resume, overwrite=overwrite)
+    if run_dir.resume:
+        _check_same_arguments(run_dir.work / "config.yaml", arguments)
+    work = run_dir.create()
+    if not run_dir.resume:
+        write_stage_config(work, arguments)
+    return work, run_dir.publish
 
 
 def _check_same_arguments(config_path: Path, arguments: dict) -> None:
@@ -162,10 +130,11 @@ def _check_same_arguments(config_path: Path, arguments: dict) -> None:
 
 
 def _finetune_task(model_path: Path, task: Task, data, tokenizer, settings: FinetuneSettings, out: Path,
-                   teacher_path: Path | None, data_dir: Path | None) -> dict:
+                   teacher_path: Path | None, data_dir: Path | None, trust_remote_code: bool = False) -> dict:
     store = RunStore(out / task.name)
-    model = load_task_model(model_path, task, seed=settings.seed)
-    teacher = load_task_model(_teacher_dir(teacher_path, task), task, finetuned=True) if teacher_path else None
+    model = load_task_model(model_path, task, seed=settings.seed, trust_remote_code=trust_remote_code)
+    teacher = load_task_model(_teacher_dir(teacher_path, task), task, finetuned=True, flag="--teacher",
+                              trust_remote_code=trust_remote_code) if teacher_path else None
     result = finetune_model(model, tokenizer, task, data, settings, teacher=teacher, store=store)
     started = time.perf_counter()
     record = {
@@ -243,25 +212,31 @@ def run_evaluate(command: EvaluateCommand, source: TaskDataSettings, settings: F
                  arguments: dict | None = None) -> dict:
     """Score already fine-tuned models: ``command.model`` is one model directory or a finetune run
     (then `<run>/<task>/model` is used per task). Writes `out/results.json` when `out` is given."""
-    model, out, tokenizer, test, dev_file = command.model, command.out, command.tokenizer, command.test, source.dev_file
+    model, out, test, dev_file = command.model, command.out, command.test, source.dev_file
     task_list = resolve_tasks(source.tasks)
     data_dir = data_source(source.data_dir, source.hub, files_given=dev_file is not None)
+    # Every model folder and data file is checked before the output folder is made.
+    data = {task.name: load_task_data(task, data_dir, train=False, test=test and out is not None, dev_file=dev_file,
+                                      settings=settings) for task in task_list}
+    for task in task_list:
+        check_checkpoint(_task_model_dir(model, task), "--model", command.trust_remote_code)
     if out is None:
-        return _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, None, test)
+        return _evaluate_tasks(command, task_list, data, settings, data_dir, None)
     with staged_directory(out, overwrite=command.overwrite) as work:  # appears complete or not at all
         write_stage_config(work, arguments or {})
-        results = _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, work, test)
+        results = _evaluate_tasks(command, task_list, data, settings, data_dir, work)
         _write_results(work, results)
     return results
 
 
-def _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, out: Path | None, test: bool) -> dict:
+def _evaluate_tasks(command: EvaluateCommand, task_list, data_by_task, settings, data_dir, out: Path | None) -> dict:
+    model = command.model
     results = _empty_results(model)
     for task in task_list:
         model_dir = _task_model_dir(model, task)
-        data = load_task_data(task, data_dir, train=False, test=test and out is not None, dev_file=dev_file, settings=settings)
-        tok = load_tokenizer(tokenizer or model_dir)
-        task_model = load_task_model(model_dir, task, finetuned=True)
+        data = data_by_task[task.name]
+        tok = _tokenizer(command, model_dir)
+        task_model = load_task_model(model_dir, task, finetuned=True, trust_remote_code=command.trust_remote_code)
         started = time.perf_counter()
         scores = {name: evaluate_split(task_model, tok, task, split, settings)[0] for name, split in data.dev.items()}
         record = {"task": task.name, "model": str(model_dir), "scores": scores,
@@ -354,11 +329,9 @@ def _load_results(path: Path) -> dict:
     file = path / "results.json" if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"no results.json in {path}; point --table at finetune/evaluate --out folders")
-    try:
-        results = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{file}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(results.get("tasks"), dict):
+    with reading(file, "--table", "point --table at finetune/evaluate --out folders"):
+        results = json.loads(file.read_text(encoding="utf-8"))
+    if not isinstance(results, dict) or not isinstance(results.get("tasks"), dict):
         raise UserError(f"{file} is not a finetune/evaluate results file (no 'tasks')")
     return results
 

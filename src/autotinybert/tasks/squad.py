@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from ..errors import UserError
+from ..errors import UserError, reading
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,8 @@ def load_json_split(task: SquadTask, path: str | Path, split: str) -> SquadSplit
     path = Path(path)
     if not path.is_file():
         raise UserError(f"missing file {path}")
-    raw = path.read_text(encoding="utf-8")
+    with reading(path, fix=f"give the official SQuAD {task.version} JSON file"):
+        raw = path.read_text(encoding="utf-8")
     try:
         document = json.loads(raw)
     except json.JSONDecodeError as err:
