@@ -546,8 +546,11 @@ def _inherited_config(settings: PretrainSettings) -> dict[str, Any]:
     path = Path(settings.init) / "config.json" if settings.init else None
     if path is None or not path.is_file():
         return {}
-    config = json.loads(path.read_text(encoding="utf-8"))  # a SuperPLM's or an extracted model's
-    return {k: config[k] for k in _INHERITED if k in config}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))  # a SuperPLM's or an extracted model's
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # the checkpoint check that loads --init names what is wrong with the file
+    return {k: config[k] for k in _INHERITED if k in config} if isinstance(config, dict) else {}
 
 
 def _start(settings: PretrainSettings, workers: Workers, resume: bool, overwrite: bool) -> _Run:
