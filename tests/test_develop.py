@@ -102,7 +102,7 @@ def test_develop_is_deterministic(tmp_path):
 def test_shipped_configs_load():
     for name in develop_module.BUILTIN_CONFIGS:
         config = load_config(name, check_paths=False)  # the paper configs name data folders of their own
-        assert config["search"]["speedups"] or config["search"]["range_fractions"]
+        assert config["search"]["speedups"] or config["search"]["range_fractions"] or config["search"]["source_speedups"]
 
 
 @pytest.mark.parametrize("change, fragments", [
