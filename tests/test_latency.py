@@ -185,16 +185,20 @@ def test_plan_is_stratified_deterministic_and_prefix_stable():
 
 
 def _fake_measure(calls):
-    def fake(arch, settings, **_):
-        calls.append(str(arch))
-        return {"arch": str(arch), "latency": latency.summarize([1.0, 2.0]), "parameters": 1, "flops": 1,
-                "fingerprint": latency.fingerprint(settings)}
+    def fake(archs, settings, on_record=None, **_):
+        records = []
+        for arch in archs:
+            calls.append(str(arch))
+            records.append({"arch": str(arch), "latency": latency.summarize([1.0, 2.0]), "parameters": 1, "flops": 1,
+                            "fingerprint": latency.fingerprint(settings)})
+            on_record(records[-1])
+        return records
     return fake
 
 
 def test_profile_resume_measures_only_missing(tmp_path, monkeypatch):
     calls: list[str] = []
-    monkeypatch.setattr(latency.profiling, "measure", _fake_measure(calls))
+    monkeypatch.setattr(latency.profiling, "measure_many", _fake_measure(calls))
     out = tmp_path / "p.jsonl"
     records = latency.profile("paper-mlm", 5, out, seed=1, progress=False)
     assert len(calls) == 6 and calls[0] == str(BERT_BASE) and records[0]["reference"]

@@ -115,7 +115,7 @@ def _run_latency_profile(args: argparse.Namespace) -> int:
     records = profile(o.space, samples, o.out, settings, seed=o.seed, resume=o.resume, overwrite=o.overwrite,
                       progress=o.progress, arguments=_arguments(args))
     reference = next(r for r in records if r["reference"])
-    print(f"{len(records)} measurements ({settings.engine}, {settings.threads} thread(s), batch {settings.batch_size}, "
+    print(f"{len(records)} measurements ({settings.form}, {settings.threads} thread(s), batch {settings.batch_size}, "
           f"seq {settings.seq_len}, {settings.clock} clock) in {o.out}; BERT-base median {reference['latency']['median_ms']:.1f} ms")
     return 0
 
@@ -155,10 +155,12 @@ def _run_latency_check(args: argparse.Namespace) -> int:
     from .latency import check
 
     o, timing = from_namespace(S.PredictCommand, args), from_namespace(S.LatencySettings, args)
-    rows = check(o.predictor, o.archs, warmup=timing.warmup, repeats=timing.repeats)
-    print(f"{'architecture':<24} {'predicted':>10} {'measured':>10} {'error':>8}")
+    rows = check(o.predictor, o.archs, warmup=timing.warmup, repeats=timing.repeats,
+                 timing={k: getattr(timing, k) for k in _ROBUST[2:]})
+    print(f"{'architecture':<24} {'predicted':>10} {'measured':>10} {'error':>8} {'noise':>6}")
     for row in rows:
-        print(f"{row['arch']:<24} {row['predicted_ms']:>8.2f}ms {row['measured_ms']:>8.2f}ms {row['error_pct']:>+7.1f}%")
+        print(f"{row['arch']:<24} {row['predicted_ms']:>8.2f}ms {row['measured_ms']:>8.2f}ms {row['error_pct']:>+7.1f}% "
+              f"{100 * row['noise']:>5.1f}%")
     return 0
 
 
@@ -284,7 +286,8 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 # --- the parser ---------------------------------------------------------------------------------
-_TIMING = ("engine", "threads", "batch_size", "seq_len", "warmup", "repeats", "clock")
+_ROBUST = ("warmup", "repeats", "tolerance", "max_repeats", "noise_limit", "interleave")
+_TIMING = ("engine", "optimize", "quantize", "threads", "batch_size", "seq_len", "clock", *_ROBUST)
 COMMANDS: dict[str, tuple[str, list[Part], Callable[[argparse.Namespace], int]]] = {
     "demo": ("the whole pipeline on the built-in 'demo' config: no data files, offline, ~10 min on 2 CPUs",
              [(S.DemoCommand, {})], _run_demo),
@@ -311,7 +314,7 @@ LATENCY_COMMANDS: dict[str, tuple[str, list[Part], Callable[[argparse.Namespace]
             [(S.FitCommand, {}), (S.FitSettings, {})], _run_latency_fit),
     "predict": ("predicted latency of architectures", [(S.PredictCommand, {})], _run_latency_predict),
     "check": ("measure architectures now and compare with the predictor",
-              [(S.PredictCommand, {"exclude": ("space",)}), (S.LatencySettings, {"include": ("warmup", "repeats")})],
+              [(S.PredictCommand, {"exclude": ("space",)}), (S.LatencySettings, {"include": _ROBUST})],
               _run_latency_check),
 }
 _SEARCH_PARTS: list[Part] = [(S.SearchCommand, {}), (S.TargetSettings, {}), (S.SearchSettings, {}), *_EVALUATOR_PARTS]

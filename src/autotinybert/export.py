@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -102,7 +103,8 @@ def save_export(model: PreTrainedModel, out_dir: str | Path, tokenizer=None) -> 
 
 # --- ONNX ------------------------------------------------------------------------------------
 class _LogitsOnly(torch.nn.Module):
-    """ONNX wants tensors out: MLM logits, or the last hidden state of a bare encoder."""
+    """ONNX wants tensors out: the head's logits (two for question answering), or the last hidden
+    state of a bare encoder."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
@@ -110,11 +112,41 @@ class _LogitsOnly(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        if getattr(out, "start_logits", None) is not None:
+            return out.start_logits, out.end_logits
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def export_onnx(model: PreTrainedModel, path: str | Path, opset: int = 17) -> Path:
-    """Write ``model`` as ONNX with dynamic batch and sequence axes (inputs: ids, mask, token types)."""
+def onnx_output_names(model: PreTrainedModel) -> list[str]:
+    """``start_logits, end_logits`` for question answering, ``logits`` for a classifier, else ``output``."""
+    name = type(model).__name__
+    if name.endswith("ForQuestionAnswering"):
+        return ["start_logits", "end_logits"]
+    return ["logits"] if name.endswith("ForSequenceClassification") else ["output"]
+
+
+@contextlib.contextmanager
+def _eager_attention(model: PreTrainedModel):
+    """Trace stock BERT with its eager attention: ONNX Runtime's transformer optimiser fuses that
+    graph (Attention, EmbedLayerNormalization) but not transformers' SDPA graph (measured in
+    docs/latency.md). The two compute the same function; the model is restored afterwards."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    switch = model.config.model_type == "bert" and previous not in (None, "eager")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(previous)
+
+
+def export_onnx(model: PreTrainedModel, path: str | Path, opset: int = 17, *, fusable: bool = True) -> Path:
+    """Write ``model`` as ONNX with dynamic batch and sequence axes (inputs: ids, mask, token types).
+
+    ``fusable``: trace stock BERT through its eager attention so that ONNX Runtime's transformer
+    optimiser can fuse it (`_eager_attention`); False keeps the model's own attention (SDPA).
+    """
     try:
         import onnx  # noqa: F401  (the exporter needs it; fail early with the fix)
     except ImportError:
@@ -122,9 +154,10 @@ def export_onnx(model: PreTrainedModel, path: str | Path, opset: int = 17) -> Pa
     path = Path(path)
     example = random_inputs(model.config.vocab_size, batch=2, seq_len=16, seed=0)
     wrapper = _LogitsOnly(model).eval()
+    outputs = onnx_output_names(model)
     # The tracer warns about Python-side shape checks in transformers' masking code; the
     # exported graph is verified numerically instead (verify_export), on other shapes too.
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), (_eager_attention(model) if fusable else contextlib.nullcontext()):
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*aten::index.*", category=UserWarning)
         warnings.simplefilter("ignore", category=DeprecationWarning)  # legacy exporter: see the dynamo note
@@ -133,9 +166,9 @@ def export_onnx(model: PreTrainedModel, path: str | Path, opset: int = 17) -> Pa
             (example["input_ids"], example["attention_mask"], example["token_type_ids"]),
             str(path),
             input_names=["input_ids", "attention_mask", "token_type_ids"],
-            output_names=["output"],
-            dynamic_axes={name: {0: "batch", 1: "sequence"}
-                          for name in ("input_ids", "attention_mask", "token_type_ids", "output")},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} if name == "logits" else {0: "batch", 1: "sequence"}
+                          for name in ("input_ids", "attention_mask", "token_type_ids", *outputs)},
             opset_version=opset,
             # The TorchScript exporter is deprecated but still shipped; it handles transformers'
             # masking code with dynamic axes and is much faster than the dynamo exporter here.
@@ -145,16 +178,10 @@ def export_onnx(model: PreTrainedModel, path: str | Path, opset: int = 17) -> Pa
 
 
 def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor], threads: int | None = None) -> torch.Tensor:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UserError("running ONNX needs the onnx extra: pip install 'autotinybert[onnx]'") from None
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds = {name: inputs[name].numpy() for name in ("input_ids", "attention_mask", "token_type_ids")}
-    return torch.from_numpy(session.run(None, feeds)[0])
+    """The first output of the ONNX graph at ``path`` on ``inputs``, with ONNX Runtime (CPU)."""
+    from .deploy import OnnxTaskModel
+
+    return next(iter(vars(OnnxTaskModel(path, threads)(**inputs)).values()))
 
 
 # --- verification ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ OBJECTIVES = ("mlm", "kd", "both")
 SAMPLING_RULES = ("random", "per-worker", "sandwich")
 ENGINES = ("torch", "onnxruntime")
 CLOCKS = ("wall", "cpu")
+QUANTIZATIONS = ("none", "int8")
 METHODS = ("random", "fast", "evolved")
 METRICS = ("mlm_accuracy", "mlm_loss", "kd_loss")
 EVALUATORS = ("proxy", "finetune")
@@ -154,16 +155,35 @@ class LatencySettings(Options):
     vocab_size: int = option(30522, "vocabulary of the timed models", minimum=1, cli=False)
     clock: str = option("wall", "wall (what users wait) or cpu (process CPU time: with --threads 1 it ignores time "
                                 "other processes take on a shared machine)", choices=CLOCKS)
+    optimize: bool = option(False, "onnxruntime: time the graph after ONNX Runtime's transformer optimiser (fused "
+                                   "attention, LayerNorm, GELU), as shipped")
+    quantize: str = option("none", "none or int8: dynamic int8 quantisation of the linear layers (torch "
+                                   "quantize_dynamic / onnxruntime quantize_dynamic), as shipped", choices=QUANTIZATIONS)
+    tolerance: float = option(0.02, "add interleaved rounds of timed runs until each median moves less than this "
+                                    "fraction", minimum=0)
+    max_repeats: int = option(100, "most timed runs per architecture (rounds stop here even if not stable)", minimum=1)
+    noise_limit: float = option(0.1, "re-measure an architecture whose IQR / median exceeds this, and warn if it "
+                                     "stays above (machine too noisy to trust)", above=0)
+    interleave: int = option(8, "architectures timed together in interleaved rounds", minimum=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.clock == "cpu" and self.threads != 1:
             raise UserError("--clock cpu sums CPU time over threads, which is latency only with --threads 1; "
                             "use --clock wall for multi-threaded measurements")
+        if self.optimize and self.engine != "onnxruntime":
+            raise UserError("--optimize is ONNX Runtime's graph optimiser; use it with --engine onnxruntime")
 
     def shape(self) -> dict[str, Any]:
+        """What changes the workload: engine, shapes, threads, clock and the deployed form."""
         return {"engine": self.engine, "batch_size": self.batch_size, "seq_len": self.seq_len, "threads": self.threads,
-                "clock": self.clock}
+                "clock": self.clock, "optimize": self.optimize, "quantize": self.quantize}
+
+    @property
+    def form(self) -> str:
+        """A short name of the deployed form: torch, torch-int8, onnxruntime, onnxruntime-opt-int8 ..."""
+        return "-".join([self.engine] + (["opt"] if self.optimize else []) + ([self.quantize] if self.quantize != "none"
+                                                                              else []))
 
     def timer(self) -> Callable[[], float]:
         """Wall clock (what a user waits) or this process's CPU time.

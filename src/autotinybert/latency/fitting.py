@@ -16,7 +16,7 @@ from .hardware import fingerprint_differences
 from .predictor import LatencyPredictor
 from .profiling import read_records
 from .hardware import settings_of
-from .timing import measure, torch_threads
+from .timing import measure_many, torch_threads
 
 
 def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
@@ -164,16 +164,17 @@ def _check_consistent(records: Sequence[dict[str, Any]]) -> None:
 
 
 def check(predictor: LatencyPredictor | str | Path, archs: Iterable[Arch | str], *, warmup: int = 3,
-          repeats: int = 20) -> list[dict[str, Any]]:
-    """Measure ``archs`` now, with the predictor's engine and shapes, next to its predictions."""
+          repeats: int = 20, timing: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Measure ``archs`` now, with the predictor's engine, shapes and form, next to its predictions
+    (``timing``: further `LatencySettings` fields such as ``tolerance``)."""
     if not isinstance(predictor, LatencyPredictor):
         predictor = LatencyPredictor.load(predictor)
-    settings = settings_of(predictor.fingerprint, warmup=warmup, repeats=repeats)
+    settings = settings_of(predictor.fingerprint, warmup=warmup, repeats=repeats, **(timing or {}))
+    archs = [Arch.parse(a) if isinstance(a, str) else a for a in archs]
     rows = []
-    for arch in archs:
-        arch = Arch.parse(arch) if isinstance(arch, str) else arch
-        measured = measure(arch, settings)["latency"]["median_ms"]
+    for arch, record in zip(archs, measure_many(archs, settings)):  # interleaved: load hits all alike
+        measured = record["latency"]["median_ms"]
         predicted = predictor.predict(arch)
         rows.append({"arch": str(arch), "predicted_ms": predicted, "measured_ms": measured,
-                     "error_pct": 100 * (predicted - measured) / measured})
+                     "error_pct": 100 * (predicted - measured) / measured, "noise": record["latency"]["noise"]})
     return rows
