@@ -122,15 +122,21 @@ def _run_latency_profile(args: argparse.Namespace) -> int:
 
 def _run_latency_fit(args: argparse.Namespace) -> int:
     from .latency import fit, write_output_config
+    from .latency.hardware import shape_of
 
     o, f = from_namespace(S.FitCommand, args), from_namespace(S.FitSettings, args)
-    predictor, report = fit(o.data, holdout=f.holdout, seed=o.seed, hidden=f.hidden, epochs=f.epochs)
+    predictor, report = fit(o.data, holdout=f.holdout, seed=o.seed, hidden=f.hidden, epochs=f.epochs, folds=f.folds)
     predictor.save(o.out)
     write_output_config(o.out, _arguments(args))
-    print(f"fitted on {report['n_train']} architectures, held out {report['n_heldout']}:")
-    for name in ("mlp", "baseline"):
-        m = report[name]
-        print(f"  {name:<9} RMSE {m['rmse_ms']:.2f} ms  MAPE {m['mape_pct']:.2f}%  Spearman {m['spearman']:.4f}")
+    print(f"fitted on {report['n_train']} architectures ({predictor.fingerprint.get('engine')}, form "
+          f"{S.LatencySettings(**shape_of(predictor.fingerprint)).form}), held out {report['n_heldout']}; "
+          f"chosen by {report['folds']}-fold cross-validation: {report['chosen']}")
+    print(f"  {'predictor':<10} {'CV MAPE':>8} {'held-out MAPE':>14} {'RMSE':>9} {'Spearman':>9}")
+    for kind, name in (("mlp", "mlp"), ("costs", "costs"), ("flops", "baseline")):
+        m, cv = report[name], report["cross_validation"][kind]
+        mark = "  <- chosen" if kind == report["chosen"] else ""
+        label = "flops" if kind == "flops" else kind
+        print(f"  {label:<10} {cv['mape_pct']:>7.2f}% {m['mape_pct']:>13.2f}% {m['rmse_ms']:>6.2f} ms {m['spearman']:>9.4f}{mark}")
     if predictor.reference_ms is not None:
         print(f"BERT-base reference {predictor.reference_ms:.1f} ms; predictor written to {o.out}")
     return 0
@@ -310,7 +316,7 @@ LATENCY_COMMANDS: dict[str, tuple[str, list[Part], Callable[[argparse.Namespace]
     "profile": ("measure architectures spread over a space, plus BERT-base (JSONL)",
                 [(S.ProfileCommand, {}), (S.ProfileSettings, {}), (S.LatencySettings, {"include": _TIMING})],
                 _run_latency_profile),
-    "fit": ("fit the MLP latency predictor (and a FLOPs baseline) on profiled data",
+    "fit": ("fit the latency predictors (MLP, costs, FLOPs) on profiled data and keep the one cross-validation picks",
             [(S.FitCommand, {}), (S.FitSettings, {})], _run_latency_fit),
     "predict": ("predicted latency of architectures", [(S.PredictCommand, {})], _run_latency_predict),
     "check": ("measure architectures now and compare with the predictor",

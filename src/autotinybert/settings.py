@@ -217,7 +217,9 @@ class FitSettings(Options):
     holdout: float = option(0.2, "share of profiled architectures held out to report the predictor's error",
                             above=0, below=1)
     hidden: int = option(64, "hidden units of the predictor MLP", minimum=1)
-    epochs: int = option(3000, "full-batch Adam steps of the predictor", minimum=1)
+    epochs: int = option(3000, "full-batch Adam steps of the predictor MLP", minimum=1)
+    folds: int = option(5, "cross-validation folds that choose between the MLP, costs and FLOPs predictors",
+                        minimum=2)
 
 
 @dataclass

@@ -133,12 +133,15 @@ def _stage_latency(run: Run, out: Path, resume: bool) -> dict:
     profile(space_of(run.config["pretrain"]), lat["samples"], data, settings, seed=run.config["run"]["seed"],
             resume=data.is_file(), progress=run.config["run"]["progress"])
     predictor, report = fit(data, holdout=lat["holdout"], seed=run.config["run"]["seed"], hidden=lat["hidden"],
-                            epochs=lat["epochs"])
+                            epochs=lat["epochs"], folds=lat["folds"])
     predictor.save(out / "predictor.json")
     atomic_write_json(out / "results.json", report)
-    run.log(f"  predictor: held-out MAPE {report['mlp']['mape_pct']:.1f}%, BERT-base {predictor.reference_ms:.1f} ms")
+    run.log(f"  predictor ({settings.form}): {report['chosen']} chosen by cross-validation, held-out MAPE "
+            f"{report['selected']['mape_pct']:.1f}% (MLP {report['mlp']['mape_pct']:.1f}%, FLOPs "
+            f"{report['baseline']['mape_pct']:.1f}%), BERT-base {predictor.reference_ms:.1f} ms")
     return {"predictor": str(out / "predictor.json"), "profile": str(data), "reference_ms": predictor.reference_ms,
-            "mape_pct": report["mlp"]["mape_pct"], "_digest": file_hash([out / "predictor.json"])}
+            "mape_pct": report["selected"]["mape_pct"], "form": settings.form,
+            "_digest": file_hash([out / "predictor.json"])}
 
 
 # --- stage: search ----------------------------------------------------------------------------
