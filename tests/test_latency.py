@@ -313,3 +313,121 @@ def test_cli_profile_fit_predict_check(tmp_path, capsys):
     assert json.loads(pred.read_text())["fingerprint"]["seq_len"] == 16
     assert main(["latency", "check", "--predictor", str(pred), "--arch", "L2-H48-F64-A2-Q32", "--repeats", "2"]) == 0
     assert "L2-H48-F64-A2-Q32" in capsys.readouterr().out
+
+
+# --- robust measurement ---------------------------------------------------------------------------
+def _scripted(durations: dict[str, list[float]], log: list[str]):
+    """Callables that advance a fake clock by scripted durations (ms), and that clock."""
+    clock = [0.0]
+    counters = {key: 0 for key in durations}
+
+    def run(key):
+        def call():
+            log.append(key)
+            values = durations[key]
+            clock[0] += values[min(counters[key], len(values) - 1)] / 1000.0
+            counters[key] += 1
+        return call
+    return {key: run(key) for key in durations}, (lambda: clock[0])
+
+
+def test_interleaved_rounds_add_repeats_until_stable_and_remeasure_outliers():
+    from autotinybert.latency.runner import time_interleaved
+
+    log: list[str] = []
+    steady = [10.0] * 200
+    drifting = [float(v) for v in range(1, 201)]          # never stable: stops at max_repeats
+    outlier = [5, 50, 5, 50] + [6.0] * 200  # noisy first pass (stable median, huge IQR), quiet when re-measured
+    runs, timer = _scripted({"steady": steady, "drifting": drifting, "outlier": outlier}, log)
+    result = time_interleaved(runs, warmup=0, repeats=4, max_repeats=12, tolerance=0.02, noise_limit=0.1,
+                              timer=timer, per_round=2)
+    assert len(result["steady"]["times_ms"]) == 4 and not result["steady"]["remeasured"]
+    assert len(result["drifting"]["times_ms"]) == 12 and result["drifting"]["remeasured"]
+    assert result["drifting"]["noisy"]  # still spread after re-measuring: flagged
+    assert result["outlier"]["remeasured"] and not result["outlier"]["noisy"]
+    assert result["outlier"]["times_ms"] == pytest.approx([6.0] * len(result["outlier"]["times_ms"]))
+    assert set(log[:6]) == {"steady", "drifting", "outlier"}  # the first round visits every model
+    assert latency.summarize(result["steady"]["times_ms"])["noise"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_noisy_measurement_warns():
+    spread = iter([0, 1, 1, 11, 11, 12, 12, 40] * 400)  # alternating 1 ms / 10 ms / 28 ms calls
+    clock = [0.0]
+
+    def timer():
+        clock[0] += next(spread) * 1e-4
+        return clock[0]
+    with pytest.warns(UserWarning, match="too busy to trust"):
+        record = latency.measure(TINY, LatencySettings(**FAST), timer=timer)
+    assert record["noisy"] and record["remeasured"] and record["latency"]["noise"] > 0.1
+
+
+# --- deployed forms -------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine, optimize, quantize", [("torch", False, "int8"), ("onnxruntime", True, "int8"),
+                                                        ("onnxruntime", False, "int8")])
+def test_measure_deployed_forms(engine, optimize, quantize):
+    pytest.importorskip("onnxruntime")
+    settings = LatencySettings(engine=engine, optimize=optimize, quantize=quantize, **FAST)
+    record = latency.measure(TINY, settings)
+    fp = record["fingerprint"]
+    assert record["latency"]["median_ms"] > 0 and (fp["optimize"], fp["quantize"]) == (optimize, quantize)
+    assert latency.settings_of(fp).form == settings.form
+    # A predictor of one form warns when compared with another form.
+    other = dict(fp, quantize="none")
+    assert any("quantize" in d for d in latency.fingerprint_differences(fp, other))
+
+
+def test_form_options_are_checked_and_old_records_mean_fp32():
+    with pytest.raises(UserError, match="--engine onnxruntime"):
+        LatencySettings(engine="torch", optimize=True)
+    assert LatencySettings(engine="onnxruntime", optimize=True, quantize="int8").form == "onnxruntime-opt-int8"
+    old = {k: v for k, v in latency.fingerprint(LatencySettings()).items() if k not in ("optimize", "quantize")}
+    assert latency.fingerprint_differences(latency.fingerprint(LatencySettings()), old) == []
+    assert latency.settings_of(old).quantize == "none"
+
+
+# --- a device that cannot run the project ---------------------------------------------------------
+_NO_TORCH = r"""
+import importlib.abc, runpy, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "autotinybert", "transformers", "sklearn"):
+            raise ImportError(name + " is deliberately unavailable on this device")
+sys.meta_path.insert(0, _Block())
+runner = sys.argv[1]
+sys.argv = [runner] + sys.argv[2:]
+try:
+    runpy.run_path(runner, run_name="__main__")
+finally:
+    assert not any(m.split(".")[0] in ("torch", "autotinybert") for m in sys.modules), "torch was imported"
+"""
+
+
+def test_bundle_runner_needs_only_onnxruntime_and_numpy(tmp_path, capsys):
+    """`latency bundle` -> run_bundle.py in a Python that cannot import torch / autotinybert ->
+    `latency fit` reads its JSONL; records carry the device's fingerprint and the form."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime")
+    space = tmp_path / "space.yaml"
+    space.write_text("mode: mlm\nlayers: [1, 2, 1]\nhidden: [32, 64, 16]\nffn: [32, 96, 32]\nheads: [1, 2, 1]\nhead_size: 16\n")
+    bundle = tmp_path / "bundle"
+    assert main(["latency", "bundle", "--space", str(space), "--samples", "6", "--out", str(bundle), "--no-reference",
+                 "--vocab-size", "99", "--seq-len", "16", "--optimize", "--quantize", "int8", "--warmup", "1",
+                 "--repeats", "3", "--max-repeats", "6", "--no-progress"]) == 0
+    assert len(list((bundle / "models").glob("*.onnx"))) == 6 and (bundle / "run_bundle.py").is_file()
+    out = tmp_path / "device" / "profile.jsonl"
+    out.parent.mkdir()
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", _NO_TORCH, str(bundle / "run_bundle.py"), "--out", str(out),
+                             "--clock", "cpu", "--quiet"], capture_output=True, text=True, cwd=out.parent, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = latency.read_records(out)
+    assert len(records) == 6 and all(r["fingerprint"]["quantize"] == "int8" and r["fingerprint"]["optimize"]
+                                     and r["fingerprint"]["clock"] == "cpu" for r in records)
+    assert records[0]["fingerprint"]["versions"].get("torch") is None and records[0]["latency"]["median_ms"] > 0
+    assert main(["latency", "fit", "--data", str(out), "--out", str(tmp_path / "pred.json"), "--epochs", "50",
+                 "--folds", "3"]) == 0
+    assert "onnxruntime-opt-int8" in capsys.readouterr().out

@@ -120,6 +120,18 @@ def _run_latency_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_latency_bundle(args: argparse.Namespace) -> int:
+    from .latency.bundle import RUNNER_FILE, write_bundle
+
+    o = from_namespace(S.BundleCommand, args)
+    settings = from_namespace(S.LatencySettings, args, engine="onnxruntime", vocab_size=o.vocab_size)
+    plan = write_bundle(o.space, from_namespace(S.ProfileSettings, args).samples, o.out, settings, seed=o.seed,
+                        reference=o.reference, overwrite=o.overwrite, progress=o.progress, arguments=_arguments(args))
+    print(f"{len(plan['models'])} ONNX models ({plan['form']}) in {o.out}; on the device: python {RUNNER_FILE} "
+          f"--out profile.jsonl (needs onnxruntime and numpy), then: autotinybert latency fit --data profile.jsonl")
+    return 0
+
+
 def _run_latency_fit(args: argparse.Namespace) -> int:
     from .latency import fit, write_output_config
     from .latency.hardware import shape_of
@@ -316,6 +328,9 @@ LATENCY_COMMANDS: dict[str, tuple[str, list[Part], Callable[[argparse.Namespace]
     "profile": ("measure architectures spread over a space, plus BERT-base (JSONL)",
                 [(S.ProfileCommand, {}), (S.ProfileSettings, {}), (S.LatencySettings, {"include": _TIMING})],
                 _run_latency_profile),
+    "bundle": ("write the ONNX models of a profile plan and a standalone runner for a device that cannot run "
+               "autotinybert", [(S.BundleCommand, {}), (S.ProfileSettings, {}),
+                                (S.LatencySettings, {"include": _TIMING[1:]})], _run_latency_bundle),
     "fit": ("fit the latency predictors (MLP, costs, FLOPs) on profiled data and keep the one cross-validation picks",
             [(S.FitCommand, {}), (S.FitSettings, {})], _run_latency_fit),
     "predict": ("predicted latency of architectures", [(S.PredictCommand, {})], _run_latency_predict),

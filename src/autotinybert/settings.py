@@ -213,6 +213,18 @@ class ProfileCommand(Options):
 
 
 @dataclass
+class BundleCommand(Options):
+    out: Path = option(doc="bundle directory: models/*.onnx, plan.json, run_bundle.py (needs only onnxruntime + numpy)")
+    space: str = option("paper-mlm", "paper-mlm, paper-kd or a YAML/JSON space file")
+    seed: int = option(0, "seed of the planned list of architectures")
+    reference: bool = option(True, "include BERT-base, the speedup reference", negative="no-reference")
+    vocab_size: int = option(30522, "vocabulary of the bundled models (smaller files; a lookup costs the same)",
+                             minimum=1)
+    overwrite: bool = option(False, "replace a non-empty --out directory")
+    progress: bool = option(True, "progress bar")
+
+
+@dataclass
 class FitSettings(Options):
     holdout: float = option(0.2, "share of profiled architectures held out to report the predictor's error",
                             above=0, below=1)
