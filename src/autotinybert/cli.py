@@ -82,11 +82,17 @@ def _run_extract(args: argparse.Namespace) -> int:
     o = from_namespace(S.ExtractSettings, args)
     _quiet_transformers()
     summary = export_checkpoint(supernet_dir=o.supernet, arch=o.arch, out_dir=o.out, encoder_only=o.encoder_only,
-                                onnx=o.onnx, verify=o.verify, overwrite=o.overwrite, arguments=_arguments(args))
+                                onnx=o.onnx, onnx_optimize=o.onnx_optimize, onnx_int8=o.onnx_int8, verify=o.verify,
+                                overwrite=o.overwrite, arguments=_arguments(args))
     print(f"exported {summary['arch']} ({summary['model_type']}, {summary['parameters'] / 1e6:.2f}M parameters) to {o.out}")
     if "max_abs_diff" in summary:
         worst = max(summary["max_abs_diff"].values())
         print(f"verified: max |difference| vs the sliced SuperPLM = {worst:.2e} ({', '.join(summary['max_abs_diff'])})")
+    for form, info in summary.get("onnx_forms", {}).items():
+        print(f"  {info['file']:<20} {', '.join(f'{op} {n}' for op, n in info['operators'].items())}")
+    for engine, agreement in summary.get("int8_agreement", {}).items():
+        print(f"int8 ({engine}) vs fp32: mean |difference| {100 * agreement['relative_mean_diff']:.2f}% of mean |output|, "
+              f"arg-max agreement {100 * agreement['argmax_agreement']:.1f}%")
     return 0
 
 

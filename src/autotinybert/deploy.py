@@ -26,14 +26,14 @@ from types import SimpleNamespace
 from typing import Any, Iterator
 
 from .errors import UserError
+from .settings import ONNX_FORMS
 
 # Fused / quantised operators worth counting in an optimised graph.
 FUSED_OPS = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "SkipLayerNormalization",
              "LayerNormalization", "BiasGelu", "FastGelu", "Gelu", "QAttention", "DynamicQuantizeMatMul",
              "MatMulInteger", "DynamicQuantizeLinear", "MatMul")
 # Files of each ONNX form next to a model (`onnx_forms`).
-FORM_FILES = {"fp32": "model.onnx", "optimized": "model.opt.onnx", "int8": "model.opt.int8.onnx"}
-ONNX_FORMS = tuple(FORM_FILES)
+FORM_FILES = dict(zip(ONNX_FORMS, ("model.onnx", "model.opt.onnx", "model.opt.int8.onnx")))
 
 
 def _needs_onnxruntime() -> None:

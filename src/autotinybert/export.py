@@ -292,10 +292,28 @@ def verify_export(supernet: SuperBertPreTrainedModel, arch: Arch | str, export_d
 
 
 # --- the `extract` command -----------------------------------------------------------------------
+def int8_agreement(reference: torch.Tensor, quantized: torch.Tensor) -> dict[str, float]:
+    """How far an int8 form's outputs are from fp32: max / mean |difference|, the mean relative to
+    mean |fp32|, and the share of positions whose arg-max (e.g. MLM token) agrees."""
+    reference, quantized = reference.float(), quantized.float()
+    diff = (quantized - reference).abs()
+    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+            "relative_mean_diff": (diff.mean() / reference.abs().mean().clamp_min(1e-12)).item(),
+            "argmax_agreement": (quantized.argmax(-1) == reference.argmax(-1)).float().mean().item()}
+
+
 def export_checkpoint(supernet_dir: str | Path, arch: str | Arch, out_dir: str | Path, *, encoder_only: bool = False,
-                      onnx: bool = False, verify: bool = True, overwrite: bool = False, tolerance: float = 1e-4,
+                      onnx: bool = False, onnx_optimize: bool = False, onnx_int8: bool = False, verify: bool = True,
+                      overwrite: bool = False, tolerance: float = 1e-4, isolated: bool = True,
                       arguments: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Extract ``arch`` from a SuperPLM directory into ``out_dir`` (written whole or not at all)."""
+    """Extract ``arch`` from a SuperPLM directory into ``out_dir`` (written whole or not at all).
+
+    ONNX forms: ``onnx`` model.onnx; ``onnx_optimize`` adds model.opt.onnx (verified like fp32);
+    ``onnx_int8`` adds model.opt.int8.onnx, whose agreement with fp32 (and torch dynamic int8's)
+    is reported under ``int8_agreement`` rather than held to ``tolerance``.
+    """
+    from .deploy import FORM_FILES, fusion_counts, onnx_forms
+
     from .files import atomic_write_json, staged_directory, write_stage_config
 
     arch = Arch.parse(arch) if isinstance(arch, str) else arch
@@ -314,11 +332,26 @@ def export_checkpoint(supernet_dir: str | Path, arch: str | Arch, out_dir: str |
         "supernet": str(supernet_dir),
         "tokenizer": tokenizer is not None,
     }
+    forms = ("fp32",) + (("optimized",) if onnx_optimize or onnx_int8 else ()) + (("int8",) if onnx_int8 else ())
     with staged_directory(out_dir, overwrite) as tmp:
         save_export(model, tmp, tokenizer)
-        onnx_path = export_onnx(model, tmp / ONNX_FILE) if onnx else None
+        paths = onnx_forms(model, tmp, forms) if onnx or len(forms) > 1 else {}
+        if len(paths) > 1:
+            summary["onnx_forms"] = {form: {"file": FORM_FILES[form], "operators": fusion_counts(path)}
+                                     for form, path in paths.items()}
         if verify:
-            report = verify_export(supernet, arch, tmp, encoder_only=encoder_only, onnx_path=onnx_path)
+            report = verify_export(supernet, arch, tmp, encoder_only=encoder_only, onnx_path=paths.get("fp32"),
+                                   isolated=isolated)
+            if "optimized" in paths:
+                inputs = random_inputs(supernet.config.vocab_size, type_vocab_size=supernet.config.type_vocab_size)
+                reference = _model_output(model, inputs)
+                report["onnx_optimized"] = (run_onnx(paths["optimized"], inputs) - reference).abs().max().item()
+                if "int8" in paths:
+                    from .deploy import quantize_torch
+
+                    summary["int8_agreement"] = {
+                        "onnxruntime": int8_agreement(reference, run_onnx(paths["int8"], inputs)),
+                        "torch": int8_agreement(reference, _model_output(quantize_torch(model), inputs))}
             summary["max_abs_diff"] = report
             worst = max(report.values())
             if not worst <= tolerance:  # also catches NaN

@@ -27,6 +27,7 @@ SAMPLING_RULES = ("random", "per-worker", "sandwich")
 ENGINES = ("torch", "onnxruntime")
 CLOCKS = ("wall", "cpu")
 QUANTIZATIONS = ("none", "int8")
+ONNX_FORMS = ("fp32", "optimized", "int8")  # deploy.FORM_FILES: int8 = the optimised graph, quantised
 METHODS = ("random", "fast", "evolved")
 METRICS = ("mlm_accuracy", "mlm_loss", "kd_loss")
 EVALUATORS = ("proxy", "finetune")
@@ -69,6 +70,10 @@ class ExtractSettings(Options):
     out: Path = option(doc=_OUT)
     encoder_only: bool = option(False, "export the bare encoder (BertModel) without the MLM head")
     onnx: bool = option(False, "also write model.onnx (needs the [onnx] extra)")
+    onnx_optimize: bool = option(False, "also write model.opt.onnx: ONNX Runtime's transformer optimiser (fused "
+                                        "attention, LayerNorm, GELU); implies --onnx")
+    onnx_int8: bool = option(False, "also write model.opt.int8.onnx (dynamic int8 of the optimised graph) and report "
+                                    "int8 vs fp32 agreement, torch dynamic int8 too; implies --onnx-optimize")
     verify: bool = option(True, "check the exported files numerically against the sliced SuperPLM",
                           negative="no-verify")
     overwrite: bool = option(False, "replace a non-empty --out directory")
@@ -423,7 +428,11 @@ class ModelCommand(Options):
 
 @dataclass(kw_only=True)
 class EvaluateCommand(ModelCommand):
-    model: Path | None = option(None, "a fine-tuned model directory, or a finetune --out run")
+    model: Path | None = option(None, "a fine-tuned model directory, a finetune --out run, or an ONNX file of a "
+                                      "fine-tuned model (scored with ONNX Runtime)")
+    onnx: str = option("none", "score through ONNX Runtime in this form: fp32, optimized (transformer fusions) or "
+                               "int8 (optimised + dynamic int8); the graphs go to <out>/<task>/onnx/",
+                       choices=("none", *ONNX_FORMS))
     out: Path | None = option(None, "write results.json, config.yaml and predictions here")
     table: list[Path] | None = option(None, "instead: print a markdown table of these finetune/evaluate runs' "
                                             "results.json", metavar="RUN")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -247,24 +248,46 @@ def run_evaluate(command: EvaluateCommand, source: TaskDataSettings, settings: F
     task_list = resolve_tasks(source.tasks)
     data_dir = data_source(source.data_dir, source.hub, files_given=dev_file is not None)
     if out is None:
-        return _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, None, test)
+        return _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, None, test, command.onnx)
     with staged_directory(out, overwrite=command.overwrite) as work:  # appears complete or not at all
         write_stage_config(work, arguments or {})
-        results = _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, work, test)
+        results = _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, work, test, command.onnx)
         _write_results(work, results)
     return results
 
 
-def _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, out: Path | None, test: bool) -> dict:
+def _scored_model(model: Path, task: Task, onnx: str, out: Path | None) -> tuple[Any, Path, str]:
+    """(the model to score, its directory, its form): a torch task model, or an ONNX Runtime session
+    (`deploy.OnnxTaskModel`) of an ``.onnx`` file or of the model exported in form ``onnx``."""
+    from ..deploy import OnnxTaskModel, onnx_forms
+
+    if Path(model).suffix == ".onnx":
+        if not Path(model).is_file():
+            raise UserError(f"--model {model} does not exist; point it at an exported ONNX file")
+        scored, model_dir, form = OnnxTaskModel(model), Path(model).parent, f"onnx:{Path(model).name}"
+    else:
+        model_dir = _task_model_dir(model, task)
+        scored, form = load_task_model(model_dir, task, finetuned=True), "torch"
+        if onnx != "none":
+            target = out / task.name / "onnx" if out is not None else Path(tempfile.mkdtemp(prefix="autotinybert-onnx-"))
+            scored, form = OnnxTaskModel(onnx_forms(scored, target, (onnx,))[onnx]), f"onnx-{onnx}"
+    width = getattr(scored, "num_labels", None)
+    if isinstance(scored, OnnxTaskModel) and not isinstance(task, squad.SquadTask) and width not in (None, task.num_labels):
+        raise UserError(f"{model} has {width} outputs but {task.name} needs {task.num_labels}; "
+                        f"is it fine-tuned on another task?")
+    return scored, model_dir, form
+
+
+def _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, out: Path | None, test: bool,
+                    onnx: str = "none") -> dict:
     results = _empty_results(model)
     for task in task_list:
-        model_dir = _task_model_dir(model, task)
+        task_model, model_dir, form = _scored_model(model, task, onnx, out)
         data = load_task_data(task, data_dir, train=False, test=test and out is not None, dev_file=dev_file, settings=settings)
         tok = load_tokenizer(tokenizer or model_dir)
-        task_model = load_task_model(model_dir, task, finetuned=True)
         started = time.perf_counter()
         scores = {name: evaluate_split(task_model, tok, task, split, settings)[0] for name, split in data.dev.items()}
-        record = {"task": task.name, "model": str(model_dir), "scores": scores,
+        record = {"task": task.name, "model": str(model_dir), "form": form, "scores": scores,
                   "score": scores[task.main_dev_split]["f1"] if isinstance(task, squad.SquadTask)
                   else metrics.task_score(scores[task.main_dev_split]),
                   "dev_examples": {name: len(split.examples) for name, split in data.dev.items()},
