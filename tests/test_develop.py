@@ -151,7 +151,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_smaller_budget(tmp_path, capsys):
     small = ["pretrain.max_steps=3", "pretrain.batch_size=4", "pretrain.eval_every=3", "pretrain.save_every=3",
-             "pretrain.eval_batches=1", "latency.samples=7", "latency.repeats=1", "latency.warmup=0",
+             "pretrain.eval_batches=1", "latency.samples=7", "latency.repeats=1", "latency.max_repeats=2", "latency.warmup=0",
              "latency.epochs=600", "search.generation_size=2", "search.eval_batches=1", "search.eval_batch_size=4",
              "extract.latency_repeats=1", "further_train.max_steps=1", "further_train.batch_size=2",
              "further_train.eval_batches=1", "finetune.max_steps=2", "finetune.max_eval_examples=40",

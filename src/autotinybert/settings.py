@@ -526,6 +526,13 @@ class ExtractStage(Options):
 
 
 @dataclass
+class FinetuneStage(Options):
+    int8_eval: bool | str = option("auto", "also score each fine-tuned model as its int8 ONNX Runtime graph (optimised "
+                                           "+ dynamic int8) next to fp32: true, false, or auto (when onnxruntime is "
+                                           "installed)", choices=(True, False, "auto"))
+
+
+@dataclass
 class FurtherTrainStage(Options):
     max_steps: int = option(0, "further-training steps per exported model; 0 skips the stage", minimum=0)
 
