@@ -256,7 +256,7 @@ def run_evaluate(command: EvaluateCommand, source: TaskDataSettings, settings: F
     return results
 
 
-def _scored_model(model: Path, task: Task, onnx: str, out: Path | None) -> tuple[Any, Path, str]:
+def _scored_model(model: Path, task: Task, onnx: str, out: Path | None, scratch: Path) -> tuple[Any, Path, str]:
     """(the model to score, its directory, its form): a torch task model, or an ONNX Runtime session
     (`deploy.OnnxTaskModel`) of an ``.onnx`` file or of the model exported in form ``onnx``."""
     from ..deploy import OnnxTaskModel, onnx_forms
@@ -269,7 +269,7 @@ def _scored_model(model: Path, task: Task, onnx: str, out: Path | None) -> tuple
         model_dir = _task_model_dir(model, task)
         scored, form = load_task_model(model_dir, task, finetuned=True), "torch"
         if onnx != "none":
-            target = out / task.name / "onnx" if out is not None else Path(tempfile.mkdtemp(prefix="autotinybert-onnx-"))
+            target = (out if out is not None else scratch) / task.name / "onnx"
             scored, form = OnnxTaskModel(onnx_forms(scored, target, (onnx,))[onnx]), f"onnx-{onnx}"
     width = getattr(scored, "num_labels", None)
     if isinstance(scored, OnnxTaskModel) and not isinstance(task, squad.SquadTask) and width not in (None, task.num_labels):
@@ -280,9 +280,15 @@ def _scored_model(model: Path, task: Task, onnx: str, out: Path | None) -> tuple
 
 def _evaluate_tasks(model, task_list, settings, data_dir, tokenizer, dev_file, out: Path | None, test: bool,
                     onnx: str = "none") -> dict:
+    with tempfile.TemporaryDirectory(prefix="autotinybert-onnx-") as scratch:  # ONNX graphs when there is no --out
+        return _evaluate_each(model, task_list, settings, data_dir, tokenizer, dev_file, out, test, onnx, Path(scratch))
+
+
+def _evaluate_each(model, task_list, settings, data_dir, tokenizer, dev_file, out: Path | None, test: bool, onnx: str,
+                   scratch: Path) -> dict:
     results = _empty_results(model)
     for task in task_list:
-        task_model, model_dir, form = _scored_model(model, task, onnx, out)
+        task_model, model_dir, form = _scored_model(model, task, onnx, out, scratch)
         data = load_task_data(task, data_dir, train=False, test=test and out is not None, dev_file=dev_file, settings=settings)
         tok = load_tokenizer(tokenizer or model_dir)
         started = time.perf_counter()
