@@ -45,7 +45,7 @@ def tiny_config(root: Path) -> dict:
                  "cache_dir": str(root / "cache")},
         "pretrain": {"space": paths["space"], "vocab_size": 120, "seq_len": 24, "max_steps": 6, "batch_size": 4,
                      "lr": 0.001, "log_every": 2, "eval_every": 3, "eval_batches": 1, "save_every": 2},
-        "latency": {"samples": 8, "warmup": 0, "repeats": 2, "epochs": 600, "hidden": 16},
+        "latency": {"samples": 8, "warmup": 0, "repeats": 2, "max_repeats": 4, "epochs": 600, "hidden": 16},
         "search": {"range_fractions": [0.7], "method": "random", "generation_size": 3, "generations": 1,
                    "grid_step_hidden": 4, "grid_step_ffn": 4, "eval_batch_size": 2, "eval_batches": 1,
                    "window": [0.5, 1.5]},

@@ -22,7 +22,9 @@ def _quiet(_message):
 
 
 def test_develop_resumes_an_interrupted_stage_and_reruns_only_what_changed(tmp_path, monkeypatch):
-    config = validate_config(tiny_config(tmp_path / "fixtures"))
+    tiny = tiny_config(tmp_path / "fixtures")
+    # The deployed form is int8 (torch dynamic): the predictor, hence the search, optimise int8 latency.
+    config = validate_config({**tiny, "latency": {**tiny["latency"], "quantize": "int8"}})
     out = tmp_path / "run"
     real_save = pretrain_module.save_checkpoint
 
@@ -52,6 +54,17 @@ def test_develop_resumes_an_interrupted_stage_and_reruns_only_what_changed(tmp_p
     assert (out / "report" / "index.html").is_file() and (out / "config.yaml").is_file()
     assert json.loads((out / "results.json").read_text())["models"] == models
     assert not list(out.rglob("checkpoint"))  # finished stages drop their optimizer states
+    predictor = json.loads((out / "latency" / "predictor.json").read_text())
+    assert predictor["fingerprint"]["quantize"] == "int8" and predictor["kind"] in ("mlp", "costs", "flops")
+    (model_dir,) = (out / "extract").glob("target-*")
+    measured = json.loads((model_dir / "latency.json").read_text())
+    assert measured["form"] == "torch-int8" and set(measured["forms"]) >= {"fp32", "int8"}
+    summary = (out / "report" / "summary.md").read_text()
+    assert "torch-int8" in summary and "int8 ms" in summary
+    pytest.importorskip("onnxruntime")
+    (int8_eval,) = (out / "finetune").glob("target-*/int8-eval/results.json")
+    assert json.loads(int8_eval.read_text())["tasks"]["sst2"]["form"] == "onnx-int8"
+    assert "(int8 ONNX Runtime)" in summary
 
     calls = []
     for name, function in list(develop_module._STAGE_FUNCTIONS.items()):
@@ -151,7 +164,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_smaller_budget(tmp_path, capsys):
     small = ["pretrain.max_steps=3", "pretrain.batch_size=4", "pretrain.eval_every=3", "pretrain.save_every=3",
-             "pretrain.eval_batches=1", "latency.samples=7", "latency.repeats=1", "latency.warmup=0", "latency.clock=cpu",
+             "pretrain.eval_batches=1", "latency.samples=7", "latency.repeats=1", "latency.max_repeats=2", "latency.warmup=0", "latency.clock=cpu",
              "latency.epochs=600", "search.generation_size=2", "search.window=[0.5, 1.5]", "search.eval_batches=1", "search.eval_batch_size=4",
              "extract.latency_repeats=1", "further_train.max_steps=1", "further_train.batch_size=2",
              "further_train.eval_batches=1", "finetune.max_steps=2", "finetune.max_eval_examples=40",

@@ -19,7 +19,7 @@ REQUIRED = {"pretrain": ["--out", "o", "--corpus", "c"], "extract": ["--supernet
                                                                      "--out", "o"],
             "init": ["--out", "o"], "finetune": ["--model", "m", "--out", "o"], "develop": ["--config", "demo",
                                                                                         "--out", "o"],
-            "report": ["run"], "latency profile": ["--out", "o"], "latency fit": ["--data", "d", "--out", "o"],
+            "report": ["run"], "latency profile": ["--out", "o"], "latency bundle": ["--out", "o"], "latency fit": ["--data", "d", "--out", "o"],
             "latency predict": ["--predictor", "p", "--arch", "a"], "latency check": ["--predictor", "p", "--arch", "a"]}
 
 

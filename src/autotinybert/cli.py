@@ -90,11 +90,17 @@ def _run_extract(args: argparse.Namespace) -> int:
     o = from_namespace(S.ExtractSettings, args)
     _quiet_transformers()
     summary = export_checkpoint(supernet_dir=o.supernet, arch=o.arch, out_dir=o.out, encoder_only=o.encoder_only,
-                                onnx=o.onnx, verify=o.verify, overwrite=o.overwrite, arguments=_arguments(args))
+                                onnx=o.onnx, onnx_optimize=o.onnx_optimize, onnx_int8=o.onnx_int8, verify=o.verify,
+                                overwrite=o.overwrite, arguments=_arguments(args))
     print(f"exported {summary['arch']} ({summary['model_type']}, {summary['parameters'] / 1e6:.2f}M parameters) to {o.out}")
     if "max_abs_diff" in summary:
         worst = max(summary["max_abs_diff"].values())
         print(f"verified: max |difference| vs the sliced SuperPLM = {worst:.2e} ({', '.join(summary['max_abs_diff'])})")
+    for form, info in summary.get("onnx_forms", {}).items():
+        print(f"  {info['file']:<20} {', '.join(f'{op} {n}' for op, n in info['operators'].items())}")
+    for engine, agreement in summary.get("int8_agreement", {}).items():
+        print(f"int8 ({engine}) vs fp32: mean |difference| {100 * agreement['relative_mean_diff']:.2f}% of mean |output|, "
+              f"arg-max agreement {100 * agreement['argmax_agreement']:.1f}%")
     return 0
 
 
@@ -124,24 +130,42 @@ def _run_latency_profile(args: argparse.Namespace) -> int:
     records = profile(o.space, samples, o.out, settings, seed=o.seed, resume=o.resume, overwrite=o.overwrite,
                       progress=o.progress, arguments=_arguments(args))
     reference = next(r for r in records if r["reference"])
-    print(f"{len(records)} measurements ({settings.engine}, {settings.threads} thread(s), batch {settings.batch_size}, "
+    print(f"{len(records)} measurements ({settings.form}, {settings.threads} thread(s), batch {settings.batch_size}, "
           f"seq {settings.seq_len}, {settings.clock} clock) in {o.out}; BERT-base median {reference['latency']['median_ms']:.1f} ms")
+    return 0
+
+
+def _run_latency_bundle(args: argparse.Namespace) -> int:
+    from .latency.bundle import RUNNER_FILE, write_bundle
+
+    o = from_namespace(S.BundleCommand, args)
+    settings = from_namespace(S.LatencySettings, args, engine="onnxruntime", vocab_size=o.vocab_size)
+    plan = write_bundle(o.space, from_namespace(S.ProfileSettings, args).samples, o.out, settings, seed=o.seed,
+                        reference=o.reference, overwrite=o.overwrite, progress=o.progress, arguments=_arguments(args))
+    print(f"{len(plan['models'])} ONNX models ({plan['form']}) in {o.out}; on the device: python {RUNNER_FILE} "
+          f"--out profile.jsonl (needs onnxruntime and numpy), then: autotinybert latency fit --data profile.jsonl")
     return 0
 
 
 def _run_latency_fit(args: argparse.Namespace) -> int:
     from .latency import fit, write_output_config
+    from .latency.hardware import shape_of
 
     o, f = from_namespace(S.FitCommand, args), from_namespace(S.FitSettings, args)
     if o.out.exists() and not o.overwrite:
         raise UserError(f"--out {o.out} already exists; pass --overwrite to replace it or choose another path")
-    predictor, report = fit(o.data, holdout=f.holdout, seed=o.seed, hidden=f.hidden, epochs=f.epochs)
+    predictor, report = fit(o.data, holdout=f.holdout, seed=o.seed, hidden=f.hidden, epochs=f.epochs, folds=f.folds)
     predictor.save(o.out)
     write_output_config(o.out, _arguments(args))
-    print(f"fitted on {report['n_train']} architectures, held out {report['n_heldout']}:")
-    for name in ("mlp", "baseline"):
-        m = report[name]
-        print(f"  {name:<9} RMSE {m['rmse_ms']:.2f} ms  MAPE {m['mape_pct']:.2f}%  Spearman {m['spearman']:.4f}")
+    print(f"fitted on {report['n_train']} architectures ({predictor.fingerprint.get('engine')}, form "
+          f"{S.LatencySettings(**shape_of(predictor.fingerprint)).form}), held out {report['n_heldout']}; "
+          f"chosen by {report['folds']}-fold cross-validation: {report['chosen']}")
+    print(f"  {'predictor':<10} {'CV MAPE':>8} {'held-out MAPE':>14} {'RMSE':>9} {'Spearman':>9}")
+    for kind, name in (("mlp", "mlp"), ("costs", "costs"), ("flops", "baseline")):
+        m, cv = report[name], report["cross_validation"][kind]
+        mark = "  <- chosen" if kind == report["chosen"] else ""
+        label = "flops" if kind == "flops" else kind
+        print(f"  {label:<10} {cv['mape_pct']:>7.2f}% {m['mape_pct']:>13.2f}% {m['rmse_ms']:>6.2f} ms {m['spearman']:>9.4f}{mark}")
     if predictor.reference_ms is not None:
         print(f"BERT-base reference {predictor.reference_ms:.1f} ms; predictor written to {o.out}")
     return 0
@@ -166,10 +190,12 @@ def _run_latency_check(args: argparse.Namespace) -> int:
     from .latency import check
 
     o, timing = from_namespace(S.PredictCommand, args), from_namespace(S.LatencySettings, args)
-    rows = check(o.predictor, o.archs, warmup=timing.warmup, repeats=timing.repeats)
-    print(f"{'architecture':<24} {'predicted':>10} {'measured':>10} {'error':>8}")
+    rows = check(o.predictor, o.archs, warmup=timing.warmup, repeats=timing.repeats,
+                 timing={k: getattr(timing, k) for k in _ROBUST[2:]})
+    print(f"{'architecture':<24} {'predicted':>10} {'measured':>10} {'error':>8} {'noise':>6}")
     for row in rows:
-        print(f"{row['arch']:<24} {row['predicted_ms']:>8.2f}ms {row['measured_ms']:>8.2f}ms {row['error_pct']:>+7.1f}%")
+        print(f"{row['arch']:<24} {row['predicted_ms']:>8.2f}ms {row['measured_ms']:>8.2f}ms {row['error_pct']:>+7.1f}% "
+              f"{100 * row['noise']:>5.1f}%")
     return 0
 
 
@@ -297,7 +323,8 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 # --- the parser ---------------------------------------------------------------------------------
-_TIMING = ("engine", "threads", "batch_size", "seq_len", "warmup", "repeats", "clock")
+_ROBUST = ("warmup", "repeats", "tolerance", "max_repeats", "noise_limit", "interleave")
+_TIMING = ("engine", "optimize", "quantize", "threads", "batch_size", "seq_len", "clock", *_ROBUST)
 COMMANDS: dict[str, tuple[str, list[Part], Callable[[argparse.Namespace], int]]] = {
     "demo": ("the whole pipeline on the built-in 'demo' config: no data files, offline, ~10 min on 2 CPUs",
              [(S.DemoCommand, {})], _run_demo),
@@ -321,11 +348,14 @@ LATENCY_COMMANDS: dict[str, tuple[str, list[Part], Callable[[argparse.Namespace]
     "profile": ("measure architectures spread over a space, plus BERT-base (JSONL)",
                 [(S.ProfileCommand, {}), (S.ProfileSettings, {}), (S.LatencySettings, {"include": _TIMING})],
                 _run_latency_profile),
-    "fit": ("fit the MLP latency predictor (and a FLOPs baseline) on profiled data",
+    "bundle": ("write the ONNX models of a profile plan and a standalone runner for a device that cannot run "
+               "autotinybert", [(S.BundleCommand, {}), (S.ProfileSettings, {}),
+                                (S.LatencySettings, {"include": _TIMING[1:]})], _run_latency_bundle),
+    "fit": ("fit the latency predictors (MLP, costs, FLOPs) on profiled data and keep the one cross-validation picks",
             [(S.FitCommand, {}), (S.FitSettings, {})], _run_latency_fit),
     "predict": ("predicted latency of architectures", [(S.PredictCommand, {})], _run_latency_predict),
     "check": ("measure architectures now and compare with the predictor",
-              [(S.PredictCommand, {"exclude": ("space",)}), (S.LatencySettings, {"include": ("warmup", "repeats")})],
+              [(S.PredictCommand, {"exclude": ("space",)}), (S.LatencySettings, {"include": _ROBUST})],
               _run_latency_check),
 }
 _SEARCH_PARTS: list[Part] = [(S.SearchCommand, {}), (S.TargetSettings, {}), (S.SearchSettings, {}), *_EVALUATOR_PARTS]

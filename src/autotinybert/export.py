@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -102,7 +103,8 @@ def save_export(model: PreTrainedModel, out_dir: str | Path, tokenizer=None) -> 
 
 # --- ONNX ------------------------------------------------------------------------------------
 class _LogitsOnly(torch.nn.Module):
-    """ONNX wants tensors out: MLM logits, or the last hidden state of a bare encoder."""
+    """ONNX wants tensors out: the head's logits (two for question answering), or the last hidden
+    state of a bare encoder."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
@@ -110,11 +112,41 @@ class _LogitsOnly(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        if getattr(out, "start_logits", None) is not None:
+            return out.start_logits, out.end_logits
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def export_onnx(model: PreTrainedModel, path: str | Path, opset: int = 17) -> Path:
-    """Write ``model`` as ONNX with dynamic batch and sequence axes (inputs: ids, mask, token types)."""
+def onnx_output_names(model: PreTrainedModel) -> list[str]:
+    """``start_logits, end_logits`` for question answering, ``logits`` for a classifier, else ``output``."""
+    name = type(model).__name__
+    if name.endswith("ForQuestionAnswering"):
+        return ["start_logits", "end_logits"]
+    return ["logits"] if name.endswith("ForSequenceClassification") else ["output"]
+
+
+@contextlib.contextmanager
+def _eager_attention(model: PreTrainedModel):
+    """Trace stock BERT with its eager attention: ONNX Runtime's transformer optimiser fuses that
+    graph (Attention, EmbedLayerNormalization) but not transformers' SDPA graph (measured in
+    docs/latency.md). The two compute the same function; the model is restored afterwards."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    switch = model.config.model_type == "bert" and previous not in (None, "eager")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(previous)
+
+
+def export_onnx(model: PreTrainedModel, path: str | Path, opset: int = 17, *, fusable: bool = True) -> Path:
+    """Write ``model`` as ONNX with dynamic batch and sequence axes (inputs: ids, mask, token types).
+
+    ``fusable``: trace stock BERT through its eager attention so that ONNX Runtime's transformer
+    optimiser can fuse it (`_eager_attention`); False keeps the model's own attention (SDPA).
+    """
     try:
         import onnx  # noqa: F401  (the exporter needs it; fail early with the fix)
     except ImportError:
@@ -122,9 +154,10 @@ def export_onnx(model: PreTrainedModel, path: str | Path, opset: int = 17) -> Pa
     path = Path(path)
     example = random_inputs(model.config.vocab_size, batch=2, seq_len=16, seed=0)
     wrapper = _LogitsOnly(model).eval()
+    outputs = onnx_output_names(model)
     # The tracer warns about Python-side shape checks in transformers' masking code; the
     # exported graph is verified numerically instead (verify_export), on other shapes too.
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), (_eager_attention(model) if fusable else contextlib.nullcontext()):
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*aten::index.*", category=UserWarning)
         warnings.simplefilter("ignore", category=DeprecationWarning)  # legacy exporter: see the dynamo note
@@ -133,9 +166,9 @@ def export_onnx(model: PreTrainedModel, path: str | Path, opset: int = 17) -> Pa
             (example["input_ids"], example["attention_mask"], example["token_type_ids"]),
             str(path),
             input_names=["input_ids", "attention_mask", "token_type_ids"],
-            output_names=["output"],
-            dynamic_axes={name: {0: "batch", 1: "sequence"}
-                          for name in ("input_ids", "attention_mask", "token_type_ids", "output")},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} if name == "logits" else {0: "batch", 1: "sequence"}
+                          for name in ("input_ids", "attention_mask", "token_type_ids", *outputs)},
             opset_version=opset,
             # The TorchScript exporter is deprecated but still shipped; it handles transformers'
             # masking code with dynamic axes and is much faster than the dynamo exporter here.
@@ -145,16 +178,10 @@ def export_onnx(model: PreTrainedModel, path: str | Path, opset: int = 17) -> Pa
 
 
 def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor], threads: int | None = None) -> torch.Tensor:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UserError("running ONNX needs the onnx extra: pip install 'autotinybert[onnx]'") from None
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds = {name: inputs[name].numpy() for name in ("input_ids", "attention_mask", "token_type_ids")}
-    return torch.from_numpy(session.run(None, feeds)[0])
+    """The first output of the ONNX graph at ``path`` on ``inputs``, with ONNX Runtime (CPU)."""
+    from .deploy import OnnxTaskModel
+
+    return next(iter(vars(OnnxTaskModel(path, threads)(**inputs)).values()))
 
 
 # --- verification ----------------------------------------------------------------------------------
@@ -265,10 +292,28 @@ def verify_export(supernet: SuperBertPreTrainedModel, arch: Arch | str, export_d
 
 
 # --- the `extract` command -----------------------------------------------------------------------
+def int8_agreement(reference: torch.Tensor, quantized: torch.Tensor) -> dict[str, float]:
+    """How far an int8 form's outputs are from fp32: max / mean |difference|, the mean relative to
+    mean |fp32|, and the share of positions whose arg-max (e.g. MLM token) agrees."""
+    reference, quantized = reference.float(), quantized.float()
+    diff = (quantized - reference).abs()
+    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+            "relative_mean_diff": (diff.mean() / reference.abs().mean().clamp_min(1e-12)).item(),
+            "argmax_agreement": (quantized.argmax(-1) == reference.argmax(-1)).float().mean().item()}
+
+
 def export_checkpoint(supernet_dir: str | Path, arch: str | Arch, out_dir: str | Path, *, encoder_only: bool = False,
-                      onnx: bool = False, verify: bool = True, overwrite: bool = False, tolerance: float = 1e-4,
+                      onnx: bool = False, onnx_optimize: bool = False, onnx_int8: bool = False, verify: bool = True,
+                      overwrite: bool = False, tolerance: float = 1e-4, isolated: bool = True,
                       arguments: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Extract ``arch`` from a SuperPLM directory into ``out_dir`` (written whole or not at all)."""
+    """Extract ``arch`` from a SuperPLM directory into ``out_dir`` (written whole or not at all).
+
+    ONNX forms: ``onnx`` model.onnx; ``onnx_optimize`` adds model.opt.onnx (verified like fp32);
+    ``onnx_int8`` adds model.opt.int8.onnx, whose agreement with fp32 (and torch dynamic int8's)
+    is reported under ``int8_agreement`` rather than held to ``tolerance``.
+    """
+    from .deploy import FORM_FILES, fusion_counts, onnx_forms
+
     from .files import atomic_write_json, staged_directory, write_stage_config
 
     arch = Arch.parse(arch) if isinstance(arch, str) else arch
@@ -287,11 +332,26 @@ def export_checkpoint(supernet_dir: str | Path, arch: str | Arch, out_dir: str |
         "supernet": str(supernet_dir),
         "tokenizer": tokenizer is not None,
     }
+    forms = ("fp32",) + (("optimized",) if onnx_optimize or onnx_int8 else ()) + (("int8",) if onnx_int8 else ())
     with staged_directory(out_dir, overwrite) as tmp:
         save_export(model, tmp, tokenizer)
-        onnx_path = export_onnx(model, tmp / ONNX_FILE) if onnx else None
+        paths = onnx_forms(model, tmp, forms) if onnx or len(forms) > 1 else {}
+        if len(paths) > 1:
+            summary["onnx_forms"] = {form: {"file": FORM_FILES[form], "operators": fusion_counts(path)}
+                                     for form, path in paths.items()}
         if verify:
-            report = verify_export(supernet, arch, tmp, encoder_only=encoder_only, onnx_path=onnx_path)
+            report = verify_export(supernet, arch, tmp, encoder_only=encoder_only, onnx_path=paths.get("fp32"),
+                                   isolated=isolated)
+            if "optimized" in paths:
+                inputs = random_inputs(supernet.config.vocab_size, type_vocab_size=supernet.config.type_vocab_size)
+                reference = _model_output(model, inputs)
+                report["onnx_optimized"] = (run_onnx(paths["optimized"], inputs) - reference).abs().max().item()
+                if "int8" in paths:
+                    from .deploy import quantize_torch
+
+                    summary["int8_agreement"] = {
+                        "onnxruntime": int8_agreement(reference, run_onnx(paths["int8"], inputs)),
+                        "torch": int8_agreement(reference, _model_output(quantize_torch(model), inputs))}
             summary["max_abs_diff"] = report
             worst = max(report.values())
             if not worst <= tolerance:  # also catches NaN

@@ -151,6 +151,7 @@ def _model_rows(extract: dict, further: dict, finetune: dict, search: dict) -> l
             "latency": _read_json(Path(model["path"]) / "latency.json", {}),
             "search": best.get(target, {}),
             "finetune": _read_json(Path(run_dir) / "results.json", None) if run_dir else None,
+            "finetune_int8": _read_json(Path(run_dir) / "int8-eval" / "results.json", None) if run_dir else None,
             "finetune_dir": run_dir,
         })
     return rows
@@ -314,8 +315,8 @@ def _space_rows(run: dict) -> list[list[str]]:
 
 
 def _model_table(run: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["target", "architecture", "params (M)", "GFLOPs", "predicted ms", "measured ms", "error", "speedup vs BERT-base",
-              "proxy fitness", "model"]
+    header = ["target", "architecture", "params (M)", "GFLOPs", "form searched", "predicted ms", "measured ms", "error",
+              "speedup vs BERT-base", "fp32 ms", "int8 ms", "fp32 score", "int8 score", "proxy fitness", "model"]
     reference = run.get("reference")
     if reference:
         header += ["speedup vs source", "params vs source", "score vs source"]
@@ -325,10 +326,14 @@ def _model_table(run: dict) -> tuple[list[str], list[list[str]]]:
         measured = lat.get("latency", {}).get("median_ms")
         predicted = lat.get("predicted_ms")
         bert_base = lat.get("reference_ms")
+        forms = lat.get("forms") or {}
         rows.append([m["target"], m["arch"], _fmt(m["export"].get("parameters"), 1e-6, 2), _fmt(lat.get("flops"), 1e-9, 2),
-                     _fmt(predicted, 1, 2), _fmt(measured, 1, 2),
+                     lat.get("form", "-"), _fmt(predicted, 1, 2), _fmt(measured, 1, 2),
                      f"{100 * (predicted - measured) / measured:+.1f}%" if predicted and measured else "-",
                      f"{bert_base / measured:.1f}x" if bert_base and measured else "-",
+                     _fmt(forms.get("fp32", {}).get("median_ms"), 1, 2), _fmt(forms.get("int8", {}).get("median_ms"), 1, 2),
+                     _fmt(_mean_score(m["finetune"]) if m["finetune"] and m["finetune"].get("tasks") else None, 1, 2),
+                     _fmt(_mean_score(m["finetune_int8"]) if m.get("finetune_int8") else None, 1, 2),
                      _fmt(m["search"].get("fitness"), 1, 4), str(m["final"])])
         if reference:
             rows[-1] += _versus(m, reference)
@@ -381,18 +386,23 @@ def _task_table(run: dict) -> str | None:
     models = [m for m in run["models"] if m["finetune"] and m["finetune"].get("tasks")]
     if not models:
         return None
+    int8 = [m for m in models if m.get("finetune_int8") and m["finetune_int8"].get("tasks")]
+    runs = [m["finetune"] for m in models] + [m["finetune_int8"] for m in int8]
+    names = ([f"{m['target']} {m['arch']}" for m in models]
+             + [f"{m['target']} {m['arch']} (int8 ONNX Runtime)" for m in int8])
     reference = run.get("reference")
     if reference and reference["finetune"] and reference["finetune"].get("tasks"):
-        return results_table([m["finetune"] for m in models], names=[f"{m['target']} {m['arch']}" for m in models],
-                             reference=reference["finetune"], reference_name=f"source {reference['arch']}")
-    return results_table([m["finetune"] for m in models], names=[f"{m['target']} {m['arch']}" for m in models])
+        return results_table(runs, names=names, reference=reference["finetune"],
+                             reference_name=f"source {reference['arch']}")
+    return results_table(runs, names=names)
 
 
 def _fingerprint_line(latency: dict) -> str:
     fp = latency.get("fingerprint") or {}
     return (f"{fp.get('cpu_model', '?')} ({fp.get('logical_cpus', '?')} logical CPUs), {fp.get('engine', '?')} "
             f"{fp.get('engine_version', '')}, {fp.get('threads', '?')} thread(s), batch {fp.get('batch_size', '?')}, "
-            f"sequence {fp.get('seq_len', '?')}, {fp.get('clock', 'wall')} clock")
+            f"sequence {fp.get('seq_len', '?')}, {fp.get('clock', 'wall')} clock, deployed form "
+            f"{latency.get('form', fp.get('engine', '?'))}")
 
 
 # --- markdown / HTML ---------------------------------------------------------------------------

@@ -26,6 +26,8 @@ OBJECTIVES = ("mlm", "kd", "both")
 SAMPLING_RULES = ("random", "per-worker", "sandwich")
 ENGINES = ("torch", "onnxruntime")
 CLOCKS = ("wall", "cpu")
+QUANTIZATIONS = ("none", "int8")
+ONNX_FORMS = ("fp32", "optimized", "int8")  # deploy.FORM_FILES: int8 = the optimised graph, quantised
 METHODS = ("random", "fast", "evolved")
 METRICS = ("mlm_accuracy", "mlm_loss", "kd_loss")
 EVALUATORS = ("proxy", "finetune")
@@ -102,6 +104,10 @@ class ExtractSettings(Options):
     out: Path = option(doc=_OUT, path="out")
     encoder_only: bool = option(False, "export the bare encoder (BertModel) without the MLM head")
     onnx: bool = option(False, "also write model.onnx (needs the [onnx] extra)")
+    onnx_optimize: bool = option(False, "also write model.opt.onnx: ONNX Runtime's transformer optimiser (fused "
+                                        "attention, LayerNorm, GELU); implies --onnx")
+    onnx_int8: bool = option(False, "also write model.opt.int8.onnx (dynamic int8 of the optimised graph) and report "
+                                    "int8 vs fp32 agreement, torch dynamic int8 too; implies --onnx-optimize")
     verify: bool = option(True, "check the exported files numerically against the sliced SuperPLM",
                           negative="no-verify")
     overwrite: bool = option(False, "replace a non-empty --out directory")
@@ -197,16 +203,35 @@ class LatencySettings(Options):
     vocab_size: int = option(30522, "vocabulary of the timed models", minimum=1, cli=False)
     clock: str = option("wall", "wall (what users wait) or cpu (process CPU time: with --threads 1 it ignores time "
                                 "other processes take on a shared machine)", choices=CLOCKS)
+    optimize: bool = option(False, "onnxruntime: time the graph after ONNX Runtime's transformer optimiser (fused "
+                                   "attention, LayerNorm, GELU), as shipped")
+    quantize: str = option("none", "none or int8: dynamic int8 quantisation of the linear layers (torch "
+                                   "quantize_dynamic / onnxruntime quantize_dynamic), as shipped", choices=QUANTIZATIONS)
+    tolerance: float = option(0.02, "add interleaved rounds of timed runs until each median moves less than this "
+                                    "fraction", minimum=0)
+    max_repeats: int = option(100, "most timed runs per architecture (rounds stop here even if not stable)", minimum=1)
+    noise_limit: float = option(0.1, "re-measure an architecture whose IQR / median exceeds this, and warn if it "
+                                     "stays above (machine too noisy to trust)", above=0)
+    interleave: int = option(8, "architectures timed together in interleaved rounds", minimum=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.clock == "cpu" and self.threads != 1:
             raise UserError("--clock cpu sums CPU time over threads, which is latency only with --threads 1; "
                             "use --clock wall for multi-threaded measurements")
+        if self.optimize and self.engine != "onnxruntime":
+            raise UserError("--optimize is ONNX Runtime's graph optimiser; use it with --engine onnxruntime")
 
     def shape(self) -> dict[str, Any]:
+        """What changes the workload: engine, shapes, threads, clock and the deployed form."""
         return {"engine": self.engine, "batch_size": self.batch_size, "seq_len": self.seq_len, "threads": self.threads,
-                "clock": self.clock}
+                "clock": self.clock, "optimize": self.optimize, "quantize": self.quantize}
+
+    @property
+    def form(self) -> str:
+        """A short name of the deployed form: torch, torch-int8, onnxruntime, onnxruntime-opt-int8 ..."""
+        return "-".join([self.engine] + (["opt"] if self.optimize else []) + ([self.quantize] if self.quantize != "none"
+                                                                              else []))
 
     def timer(self) -> Callable[[], float]:
         """Wall clock (what a user waits) or this process's CPU time.
@@ -237,11 +262,25 @@ class ProfileCommand(Options):
 
 
 @dataclass
+class BundleCommand(Options):
+    out: Path = option(doc="bundle directory: models/*.onnx, plan.json, run_bundle.py (needs only onnxruntime + numpy)")
+    space: str = option("paper-mlm", "paper-mlm, paper-kd or a YAML/JSON space file")
+    seed: int = option(0, "seed of the planned list of architectures")
+    reference: bool = option(True, "include BERT-base, the speedup reference", negative="no-reference")
+    vocab_size: int = option(30522, "vocabulary of the bundled models (smaller files; a lookup costs the same)",
+                             minimum=1)
+    overwrite: bool = option(False, "replace a non-empty --out directory")
+    progress: bool = option(True, "progress bar")
+
+
+@dataclass
 class FitSettings(Options):
     holdout: float = option(0.2, "share of profiled architectures held out to report the predictor's error",
                             above=0, below=1)
     hidden: int = option(64, "hidden units of the predictor MLP", minimum=1)
-    epochs: int = option(3000, "full-batch Adam steps of the predictor", minimum=1)
+    epochs: int = option(3000, "full-batch Adam steps of the predictor MLP", minimum=1)
+    folds: int = option(5, "cross-validation folds that choose between the MLP, costs and FLOPs predictors",
+                        minimum=2)
 
 
 @dataclass
@@ -438,7 +477,11 @@ class ModelCommand(Options):
 
 @dataclass(kw_only=True)
 class EvaluateCommand(ModelCommand):
-    model: Path | None = option(None, "a fine-tuned model directory, or a finetune --out run", path="dir")
+    model: Path | None = option(None, "a fine-tuned model directory, a finetune --out run, or an ONNX file of a "
+                                      "fine-tuned model (scored with ONNX Runtime)", path="source")
+    onnx: str = option("none", "score through ONNX Runtime in this form: fp32, optimized (transformer fusions) or "
+                               "int8 (optimised + dynamic int8); the graphs go to <out>/<task>/onnx/",
+                       choices=("none", *ONNX_FORMS))
     out: Path | None = option(None, "write results.json, config.yaml and predictions here", path="out")
     table: list[Path] | None = option(None, "instead: print a markdown table of these finetune/evaluate runs' "
                                             "results.json", metavar="RUN", path="source")
@@ -542,6 +585,13 @@ class ExtractStage(Options):
                               choices=(True, False, "auto"))
     latency_repeats: int = option(20, "timed runs when measuring each exported model (predicted vs measured)",
                                   minimum=1)
+
+
+@dataclass
+class FinetuneStage(Options):
+    int8_eval: bool | str = option("auto", "also score each fine-tuned model as its int8 ONNX Runtime graph (optimised "
+                                           "+ dynamic int8) next to fp32: true, false, or auto (when onnxruntime is "
+                                           "installed)", choices=(True, False, "auto"))
 
 
 @dataclass

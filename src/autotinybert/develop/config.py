@@ -65,9 +65,9 @@ SECTIONS: dict[str, tuple[Part, ...]] = {
     "search": (Part(S.SearchStage), Part(S.SearchCommand, include=("evaluator", "workers")),
                Part(S.TargetSettings), SEARCH,
                Part(S.ProxySettings, exclude=("trust_remote_code",)), BUDGET),
-    "extract": (Part(S.ExtractStage), Part(S.ExtractSettings, include=("verify",))),
+    "extract": (Part(S.ExtractStage), Part(S.ExtractSettings, include=("onnx_optimize", "onnx_int8", "verify"))),
     "further_train": (Part(S.FurtherTrainStage), FURTHER),
-    "finetune": (Part(S.TaskDataSettings, include=("tasks",)), FINETUNE),
+    "finetune": (Part(S.TaskDataSettings, include=("tasks",)), Part(S.FinetuneStage), FINETUNE),
     "report": (Part(S.ReportStage),),
 }
 # Keys of earlier versions, with the advice that replaces them.

@@ -166,12 +166,15 @@ def _stage_latency(run: Run, out: Path, resume: bool) -> dict:
     profile(space_of(run.config["pretrain"]), lat["samples"], data, settings, seed=run.config["run"]["seed"],
             resume=data.is_file(), progress=run.config["run"]["progress"])
     predictor, report = fit(data, holdout=lat["holdout"], seed=run.config["run"]["seed"], hidden=lat["hidden"],
-                            epochs=lat["epochs"])
+                            epochs=lat["epochs"], folds=lat["folds"])
     predictor.save(out / "predictor.json")
     atomic_write_json(out / "results.json", report)
-    run.log(f"  predictor: held-out MAPE {report['mlp']['mape_pct']:.1f}%, BERT-base {predictor.reference_ms:.1f} ms")
+    run.log(f"  predictor ({settings.form}): {report['chosen']} chosen by cross-validation, held-out MAPE "
+            f"{report['selected']['mape_pct']:.1f}% (MLP {report['mlp']['mape_pct']:.1f}%, FLOPs "
+            f"{report['baseline']['mape_pct']:.1f}%), BERT-base {predictor.reference_ms:.1f} ms")
     return {"predictor": str(out / "predictor.json"), "profile": str(data), "reference_ms": predictor.reference_ms,
-            "mape_pct": report["mlp"]["mape_pct"], "_digest": file_hash([out / "predictor.json"])}
+            "mape_pct": report["selected"]["mape_pct"], "form": settings.form,
+            "_digest": file_hash([out / "predictor.json"])}
 
 
 # --- stage: search ----------------------------------------------------------------------------
@@ -227,6 +230,7 @@ def _stage_extract(run: Run, out: Path, resume: bool) -> dict:
         if not (model_dir / "results.json").is_file():
             run.log(f"  {target}: extract {arch}" + (" (+ ONNX)" if onnx else ""))
             export_checkpoint(run.outputs["pretrain"]["supernet"], arch, model_dir, onnx=onnx, verify=e["verify"],
+                              onnx_optimize=onnx and e["onnx_optimize"], onnx_int8=onnx and e["onnx_int8"],
                               overwrite=True)
         if not (model_dir / "latency.json").is_file():
             atomic_write_json(model_dir / "latency.json", measure_exported(run, arch))
@@ -257,13 +261,27 @@ def _reference(run: Run, out: Path) -> dict | None:
 
 
 def measure_exported(run: Run, arch: str) -> dict:
-    """Measured latency of an exported architecture, with the predictor's settings, next to its prediction."""
+    """Measured latency of an exported architecture in the predictor's form (engine, optimisation,
+    quantisation), next to its prediction; ``forms`` adds its fp32 and int8 forms on the same engine
+    (those that need onnxruntime only where it is installed)."""
+    import dataclasses
+
     from ..latency import LatencyPredictor, measure, settings_of
 
     predictor = LatencyPredictor.load(run.outputs["latency"]["predictor"], check_fingerprint=False)
-    record = measure(arch, settings_of(predictor.fingerprint, warmup=3, repeats=run.config["extract"]["latency_repeats"]))
+    settings = settings_of(predictor.fingerprint, warmup=3, repeats=run.config["extract"]["latency_repeats"],
+                           **{k: run.config["latency"][k] for k in ("tolerance", "max_repeats", "noise_limit")})
+    record = measure(arch, settings)
     record["predicted_ms"] = predictor.predict(arch)
     record["reference_ms"] = predictor.reference_ms
+    record["form"] = settings.form
+    record["forms"] = {}
+    for name, quantize in (("fp32", "none"), ("int8", "int8")):
+        form = dataclasses.replace(settings, quantize=quantize)
+        if form.engine == "onnxruntime" and not _onnx_available():
+            continue
+        same = form.quantize == settings.quantize
+        record["forms"][name] = {"form": form.form, **(record if same else measure(arch, form))["latency"]}
     return record
 
 
@@ -312,7 +330,7 @@ def _stage_further_train(run: Run, out: Path, resume: bool) -> dict:
 
 # --- stage: finetune ---------------------------------------------------------------------------
 def _stage_finetune(run: Run, out: Path, resume: bool) -> dict:
-    from ..tasks.run import run_finetune
+    from ..tasks.run import run_evaluate, run_finetune
 
     f = run.config["finetune"]
     if not f["tasks"]:
@@ -332,10 +350,23 @@ def _stage_finetune(run: Run, out: Path, resume: bool) -> dict:
                                         trust_remote_code=run.config["run"]["trust_remote_code"])
             source = S.TaskDataSettings(tasks=f["tasks"], data_dir=Path(run.outputs["data"]["tasks_dir"]))
             run_finetune(command, source, settings, arguments={"model": model["path"], **f})
+        int8_dir = target_dir / INT8_EVAL
+        if _int8_eval(f) and not (int8_dir / "results.json").is_file():
+            run.log(f"  {target}: score the int8 ONNX Runtime form on {', '.join(f['tasks'])}")
+            run_evaluate(S.EvaluateCommand(model=target_dir, out=int8_dir, onnx="int8", test=False, overwrite=True),
+                         S.TaskDataSettings(tasks=f["tasks"], data_dir=Path(run.outputs["data"]["tasks_dir"])),
+                         settings, arguments={"model": str(target_dir), "onnx": "int8"})
         results = json.loads((target_dir / "results.json").read_text(encoding="utf-8"))
         runs[target] = str(target_dir)
         digests.append({t: r["score"] for t, r in results["tasks"].items()})
     return {"runs": runs, "_digest": stable_hash(digests)}
+
+
+INT8_EVAL = "int8-eval"  # <finetune run>/int8-eval/results.json: the int8 ONNX Runtime form's dev scores
+
+
+def _int8_eval(f: dict) -> bool:
+    return _onnx_available() if f["int8_eval"] == "auto" else bool(f["int8_eval"])
 
 
 def _finished(target_dir: Path, tasks: list[str]) -> bool:

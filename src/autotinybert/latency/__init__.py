@@ -36,12 +36,13 @@ from .predictor import PREDICTOR_FORMAT, PREDICTOR_VERSION, LatencyPredictor, pr
 from .profiling import plan_architectures, profile, read_records, write_output_config
 from ..settings import CLOCKS, ENGINES, LatencySettings
 from .hardware import settings_of
-from .timing import build_model, measure, summarize, torch_threads
+from .timing import build_model, measure, measure_many, summarize, torch_threads
 
 __all__ = [
     "CLOCKS", "DERIVED_INPUTS", "ENGINES", "INPUT_NAMES", "PREDICTOR_FORMAT", "PREDICTOR_VERSION",
     "LatencyPredictor", "LatencySettings", "build_model", "check", "design_inputs", "features_of", "fingerprint",
-    "fingerprint_differences", "fit", "fit_baseline", "fit_mlp", "flops", "flops_array", "measure", "metrics",
+    "fingerprint_differences", "fit", "fit_baseline", "fit_mlp", "flops", "flops_array", "measure", "measure_many",
+    "metrics",
     "plan_architectures", "predict_baseline", "predictions_per_second", "profile", "read_records", "settings_of",
     "split_indices", "summarize", "torch_threads", "write_output_config",
 ]

@@ -53,3 +53,23 @@ def flops_array(features: np.ndarray, batch_size: int = 1, seq_len: int = 128) -
     T = float(seq_len)
     per_layer = T * (3 * d * q + q * d + 2 * d * f) + 2 * T * T * q
     return 2.0 * batch_size * (L * per_layer + d * d)
+
+
+COST_TERMS = ("projection_gmacs", "ffn_gmacs", "attention_gmacs", "hidden_melements", "ffn_melements",
+              "score_melements", "layers", "pooler_gmacs")
+
+
+def cost_terms(features: np.ndarray, seq_len: int) -> np.ndarray:
+    """(N, 5) hyper-parameters -> (N, 8) work terms of one forward, each linear in time on a CPU.
+
+    Matmuls (billions of multiply-accumulates): Q/K/V/output projections ``L·T·4·d_m·d_qkv``, FFN
+    ``L·T·2·d_m·d_f``, attention scores and context ``L·T²·2·d_qkv``, pooler ``d_m²``; element-wise
+    work (millions of elements: LayerNorm / residual ``L·T·d_m``, GELU ``L·T·d_f``, softmax
+    ``L·T²·h``) and a per-layer overhead (operator dispatch). A non-negative combination of these
+    is the "costs" predictor (`fitting.fit_costs`): an analytic model whose coefficients are
+    per-unit costs measured on the device.
+    """
+    L, d, f, h, q = (features[:, i].astype(np.float64) for i in range(5))
+    T = float(seq_len)
+    return np.column_stack([L * T * 4 * d * q / 1e9, L * T * 2 * d * f / 1e9, L * T * T * 2 * q / 1e9,
+                            L * T * d / 1e6, L * T * f / 1e6, L * T * T * h / 1e6, L, d * d / 1e9])

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from ..errors import UserError
 from ..space import Arch
-from .costs import design_inputs, features_of, flops_array
+from .costs import COST_TERMS, design_inputs, features_of
 from .hardware import fingerprint_differences
-from .predictor import LatencyPredictor
+from .predictor import LatencyPredictor, linear_design, predict_linear
 from .profiling import read_records
 from .hardware import settings_of
-from .timing import measure, torch_threads
+from .timing import measure_many, torch_threads
 
 
 def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
@@ -31,19 +32,31 @@ def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
 
 
 def fit_baseline(features: np.ndarray, latency_ms: np.ndarray, seq_len: int = 128) -> dict[str, Any]:
-    """Least-squares ``latency ≈ a·GFLOPs + b·layers + c``: the analytic baseline."""
-    design = _baseline_design(features, seq_len)
-    coef, *_ = np.linalg.lstsq(design, latency_ms, rcond=None)
-    return {"formula": "a*GFLOPs + b*layers + c", "seq_len": seq_len, "coefficients": coef.tolist()}
-
-
-def _baseline_design(features: np.ndarray, seq_len: int) -> np.ndarray:
-    gflops = flops_array(features, 1, seq_len) / 1e9
-    return np.stack([gflops, features[:, 0], np.ones(len(features))], axis=1)
+    """Least-squares ``latency ≈ a·GFLOPs + b·layers + c``: the analytic FLOPs baseline."""
+    coef, *_ = np.linalg.lstsq(linear_design("flops", features, seq_len), latency_ms, rcond=None)
+    return {"formula": "a*GFLOPs + b*layers + c", "terms": "flops", "seq_len": seq_len, "coefficients": coef.tolist()}
 
 
 def predict_baseline(baseline: dict[str, Any], features: np.ndarray) -> np.ndarray:
-    return _baseline_design(features, baseline["seq_len"]) @ np.asarray(baseline["coefficients"])
+    return predict_linear({"terms": "flops", **baseline}, features, baseline["seq_len"])
+
+
+def fit_costs(features: np.ndarray, latency_ms: np.ndarray, seq_len: int = 128) -> dict[str, Any]:
+    """Non-negative least squares of latency on the work terms of `cost_terms` (scikit-learn's
+    ``LinearRegression(positive=True)``), weighted by 1/latency² so that it minimises *relative*
+    squared error (what MAPE measures) rather than the error of the slowest models.
+
+    Non-negative per-unit costs keep it physical: it cannot predict that more work takes less time,
+    so it extrapolates sanely from few samples where an MLP does not (issue 14: 30-60 samples).
+    """
+    from sklearn.linear_model import LinearRegression
+
+    design = linear_design("costs", features, seq_len)[:, :-1]
+    scale = np.where(design.max(0) > 0, design.max(0), 1.0)  # unit-free columns: better conditioned NNLS
+    model = LinearRegression(positive=True).fit(design / scale, latency_ms, sample_weight=1.0 / latency_ms ** 2)
+    coefficients = np.append(model.coef_ / scale, model.intercept_)
+    return {"terms": "costs", "names": [*COST_TERMS, "intercept"], "seq_len": seq_len,
+            "coefficients": coefficients.tolist()}
 
 
 def fit_mlp(features: np.ndarray, latency_ms: np.ndarray, *, hidden: int = 64, epochs: int = 3000, lr: float = 1e-2,
@@ -114,12 +127,49 @@ def split_indices(n: int, holdout: float, seed: int, source: str = "the latency 
     return order[n_test:], order[:n_test]
 
 
-def fit(data: str | Path | Sequence[dict[str, Any]], *, holdout: float = 0.2, seed: int = 0, hidden: int = 64,
-        epochs: int = 3000) -> tuple[LatencyPredictor, dict[str, Any]]:
-    """Fit the MLP and the baseline on the non-reference records; metrics on a held-out split.
+CANDIDATES = ("mlp", "costs", "flops")
 
-    The saved predictor is the one trained on the training split, so its reported held-out
-    numbers describe exactly the file that is written.
+
+def _fit_candidate(kind: str, features: np.ndarray, latency: np.ndarray, seq_len: int, hidden: int, epochs: int,
+                   seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Fit one kind of predictor; returns its ``features -> ms`` function."""
+    if kind == "mlp":
+        predictor = _mlp_predictor(features, latency, seq_len, hidden, epochs, seed)
+        return predictor.predict_features
+    linear = fit_costs(features, latency, seq_len) if kind == "costs" else fit_baseline(features, latency, seq_len)
+    return lambda x: predict_linear(linear, x, seq_len)
+
+
+def _mlp_predictor(features, latency, seq_len, hidden, epochs, seed, **fields) -> LatencyPredictor:
+    weights, biases, norm = fit_mlp(design_inputs(features, seq_len), latency, hidden=hidden, epochs=epochs, seed=seed)
+    return LatencyPredictor(weights=weights, biases=biases, feature_mean=norm["feature_mean"],
+                            feature_std=norm["feature_std"], target_mean=norm["target_mean"],
+                            target_std=norm["target_std"], seq_len=seq_len, **{"fingerprint": {}, "space": {}, **fields})
+
+
+def cross_validate(features: np.ndarray, latency: np.ndarray, seq_len: int, *, folds: int = 5, hidden: int = 64,
+                   epochs: int = 3000, seed: int = 0, candidates: Sequence[str] = CANDIDATES) -> dict[str, dict]:
+    """K-fold cross-validated MAPE / Spearman of each candidate kind (scikit-learn's ``KFold``, shuffled
+    with ``seed``): out-of-fold predictions of every sample, scored together."""
+    from sklearn.model_selection import KFold
+
+    folds = max(2, min(folds, len(latency)))
+    out_of_fold = {kind: np.empty(len(latency)) for kind in candidates}
+    for train, test in KFold(folds, shuffle=True, random_state=seed).split(features):
+        for kind in candidates:
+            predict = _fit_candidate(kind, features[train], latency[train], seq_len, hidden, epochs, seed)
+            out_of_fold[kind][test] = predict(features[test])
+    return {kind: {**metrics(out_of_fold[kind], latency), "folds": folds} for kind in candidates}
+
+
+def fit(data: str | Path | Sequence[dict[str, Any]], *, holdout: float = 0.2, seed: int = 0, hidden: int = 64,
+        epochs: int = 3000, folds: int = 5, candidates: Sequence[str] = CANDIDATES) -> tuple[LatencyPredictor, dict[str, Any]]:
+    """Fit every candidate (MLP, costs, FLOPs) on the non-reference records, choose one by K-fold
+    cross-validation on the training split, and report all of them on a held-out split.
+
+    The choice uses the training split only, so the held-out numbers are an honest estimate of the
+    chosen predictor (and of each alternative). The saved predictor is the chosen kind trained on
+    the whole training split; it also carries the MLP and the FLOPs baseline for comparison.
     """
     records = read_records(data) if isinstance(data, (str, Path)) else list(data)
     source = str(data) if isinstance(data, (str, Path)) else "the latency data"
@@ -127,6 +177,9 @@ def fit(data: str | Path | Sequence[dict[str, Any]], *, holdout: float = 0.2, se
     references = [r for r in records if r.get("reference")]
     if not samples:
         raise UserError(f"{source}: no measured architectures; run 'autotinybert latency profile' first")
+    unknown = set(candidates) - set(CANDIDATES)
+    if unknown or not candidates:
+        raise UserError(f"predictor candidates must be among {', '.join(CANDIDATES)}; got {list(candidates)}")
     _check_consistent(samples)
     features = features_of(Arch.parse(r["arch"]) for r in samples)
     latency = np.array([r["latency"]["median_ms"] for r in samples], dtype=np.float64)
@@ -136,26 +189,38 @@ def fit(data: str | Path | Sequence[dict[str, Any]], *, holdout: float = 0.2, se
                         "positive numbers (remeasure with 'latency profile')")
     train, test = split_indices(len(samples), holdout, seed, source)
     seq_len = int(samples[0]["fingerprint"].get("seq_len", 128))
-    inputs = design_inputs(features, seq_len)
-    weights, biases, norm = fit_mlp(inputs[train], latency[train], hidden=hidden, epochs=epochs, seed=seed)
+    cv = cross_validate(features[train], latency[train], seq_len, folds=folds, hidden=hidden, epochs=epochs, seed=seed,
+                        candidates=candidates)
+    chosen = min(candidates, key=lambda kind: (cv[kind]["mape_pct"], CANDIDATES.index(kind)))
     baseline = fit_baseline(features[train], latency[train], seq_len)
-    predictor = LatencyPredictor(
-        weights=weights, biases=biases, feature_mean=norm["feature_mean"], feature_std=norm["feature_std"],
-        target_mean=norm["target_mean"], target_std=norm["target_std"], fingerprint=samples[0]["fingerprint"],
-        seq_len=seq_len,
+    linear = {"costs": lambda: fit_costs(features[train], latency[train], seq_len), "flops": lambda: baseline,
+              "mlp": lambda: None}[chosen]()
+    predictor = _mlp_predictor(
+        features[train], latency[train], seq_len, hidden, epochs, seed, fingerprint=samples[0]["fingerprint"],
         space=samples[0].get("space") or {}, reference_ms=references[0]["latency"]["median_ms"] if references else None,
-        baseline=baseline)
+        baseline=baseline, kind=chosen, linear=linear)
+    predictions = {"mlp": lambda x: _as_kind(predictor, "mlp").predict_features(x),
+                   "flops": lambda x: predict_baseline(baseline, x),
+                   "costs": _fit_candidate("costs", features[train], latency[train], seq_len, hidden, epochs, seed)}
+    heldout = {kind: metrics(predictions[kind](features[test]), latency[test]) for kind in CANDIDATES}
     report = {
-        "n_train": int(len(train)), "n_heldout": int(len(test)),
-        "mlp": metrics(predictor.predict_features(features[test]), latency[test]),
-        "baseline": metrics(predict_baseline(baseline, features[test]), latency[test]),
-        "mlp_train": metrics(predictor.predict_features(features[train]), latency[train]),
+        "n_train": int(len(train)), "n_heldout": int(len(test)), "chosen": chosen, "folds": cv[chosen]["folds"],
+        "selected": metrics(predictor.predict_features(features[test]), latency[test]),
+        "mlp": heldout["mlp"], "baseline": heldout["flops"], "costs": heldout["costs"],
+        "cross_validation": cv,
+        "mlp_train": metrics(predictions["mlp"](features[train]), latency[train]),
         "heldout": {"arch": [samples[i]["arch"] for i in test], "measured_ms": latency[test].tolist(),
-                    "mlp_ms": predictor.predict_features(features[test]).tolist(),
+                    "predicted_ms": predictor.predict_features(features[test]).tolist(),
+                    **{f"{kind}_ms": predictions[kind](features[test]).tolist() for kind in ("mlp", "costs")},
                     "baseline_ms": predict_baseline(baseline, features[test]).tolist()},
     }
-    predictor.metrics = {k: report[k] for k in ("n_train", "n_heldout", "mlp", "baseline", "mlp_train")}
+    predictor.metrics = {k: report[k] for k in ("n_train", "n_heldout", "chosen", "selected", "mlp", "baseline",
+                                                "costs", "cross_validation", "mlp_train")}
     return predictor, report
+
+
+def _as_kind(predictor: LatencyPredictor, kind: str) -> LatencyPredictor:
+    return dataclasses.replace(predictor, kind=kind, linear=None if kind == "mlp" else predictor.linear)
 
 
 def _check_consistent(records: Sequence[dict[str, Any]]) -> None:
@@ -170,16 +235,17 @@ def _check_consistent(records: Sequence[dict[str, Any]]) -> None:
 
 
 def check(predictor: LatencyPredictor | str | Path, archs: Iterable[Arch | str], *, warmup: int = 3,
-          repeats: int = 20) -> list[dict[str, Any]]:
-    """Measure ``archs`` now, with the predictor's engine and shapes, next to its predictions."""
+          repeats: int = 20, timing: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Measure ``archs`` now, with the predictor's engine, shapes and form, next to its predictions
+    (``timing``: further `LatencySettings` fields such as ``tolerance``)."""
     if not isinstance(predictor, LatencyPredictor):
         predictor = LatencyPredictor.load(predictor)
-    settings = settings_of(predictor.fingerprint, warmup=warmup, repeats=repeats)
+    settings = settings_of(predictor.fingerprint, warmup=warmup, repeats=repeats, **(timing or {}))
+    archs = [Arch.parse(a) if isinstance(a, str) else a for a in archs]
     rows = []
-    for arch in archs:
-        arch = Arch.parse(arch) if isinstance(arch, str) else arch
-        measured = measure(arch, settings)["latency"]["median_ms"]
+    for arch, record in zip(archs, measure_many(archs, settings)):  # interleaved: load hits all alike
+        measured = record["latency"]["median_ms"]
         predicted = predictor.predict(arch)
         rows.append({"arch": str(arch), "predicted_ms": predicted, "measured_ms": measured,
-                     "error_pct": 100 * (predicted - measured) / measured})
+                     "error_pct": 100 * (predicted - measured) / measured, "noise": record["latency"]["noise"]})
     return rows

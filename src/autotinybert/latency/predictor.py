@@ -14,20 +14,27 @@ import numpy as np
 from ..errors import SetupWarning, UserError
 from ..files import atomic_write_json
 from ..space import FEATURE_NAMES, Arch, SearchSpace
-from .costs import INPUT_NAMES, design_inputs, features_of
+from .costs import INPUT_NAMES, cost_terms, design_inputs, features_of, flops_array
 from .hardware import fingerprint, fingerprint_differences
 from .hardware import settings_of
 
 PREDICTOR_FORMAT = "autotinybert-latency-predictor"
-PREDICTOR_VERSION = 1
+# 2: the predictor is the one chosen by cross-validation ("kind": mlp, costs or flops), the deployed
+# form is in the fingerprint. Version-1 files (always an MLP) still load.
+PREDICTOR_VERSION = 2
+KINDS = ("mlp", "costs", "flops")
 
 
 @dataclasses.dataclass
 class LatencyPredictor:
-    """MLP predicting log-latency (paper §4.1, official ``latency_predictor``) from normalised
-    (L, d_m, d_f, h, d_qkv) plus analytic log-costs (`design_inputs`), with the normalisation,
-    fingerprint, space and BERT-base latency it was fitted with. Prediction is a numpy forward
-    pass (no torch needed)."""
+    """Latency from (L, d_m, d_f, h, d_qkv), with the fingerprint (device, engine, deployed form),
+    space and BERT-base latency it was fitted with; numpy only (no torch needed).
+
+    ``kind`` is what cross-validation chose (`fitting.fit`): ``mlp`` (paper §4.1, official
+    ``latency_predictor``: an MLP on normalised features plus analytic log-costs, `design_inputs`,
+    predicting standardised log-latency), ``costs`` (a non-negative linear model of the work terms
+    of `cost_terms`) or ``flops`` (``a·GFLOPs + b·layers + c``). ``linear`` holds the
+    coefficients of the two linear kinds."""
 
     weights: list[np.ndarray]
     biases: list[np.ndarray]
@@ -41,6 +48,8 @@ class LatencyPredictor:
     reference_ms: float | None = None
     baseline: dict[str, Any] | None = None
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    kind: str = "mlp"
+    linear: dict[str, Any] | None = None
 
     # --- prediction ------------------------------------------------------------------------
     def predict_features(self, features: np.ndarray, chunk: int = 16384) -> np.ndarray:
@@ -49,7 +58,10 @@ class LatencyPredictor:
         float32 in cache-sized chunks: the search only ranks and windows candidates, and float32
         GEMMs are several times faster than float64 here.
         """
-        x = design_inputs(np.asarray(features, dtype=np.float64).reshape(-1, 5), self.seq_len)  # (N, 8)
+        features = np.asarray(features, dtype=np.float64).reshape(-1, 5)
+        if self.kind != "mlp":
+            return predict_linear(self.linear, features, self.seq_len)
+        x = design_inputs(features, self.seq_len)  # (N, 8)
         x = ((x - self.feature_mean) / self.feature_std).astype(np.float32)
         out = np.empty(len(x), dtype=np.float64)
         for start in range(0, len(x), chunk):
@@ -122,7 +134,7 @@ class LatencyPredictor:
             "target_mean": self.target_mean, "target_std": self.target_std,
             "layers": [{"weight": w.tolist(), "bias": b.tolist()} for w, b in zip(self.weights, self.biases)],
             "fingerprint": self.fingerprint, "space": self.space, "reference_ms": self.reference_ms,
-            "baseline": self.baseline, "metrics": self.metrics,
+            "baseline": self.baseline, "metrics": self.metrics, "kind": self.kind, "linear": self.linear,
         }
 
     def save(self, path: str | Path) -> None:
@@ -150,9 +162,16 @@ class LatencyPredictor:
         fix = "re-create it with 'autotinybert latency fit'"
         if not isinstance(data, dict) or data.get("format") != PREDICTOR_FORMAT:
             raise UserError(f"{source} is not an autotinybert latency predictor; {fix}")
-        if data.get("version") != PREDICTOR_VERSION or data.get("inputs") != list(INPUT_NAMES):
-            raise UserError(f"{source} has predictor version {data.get('version')} / inputs "
+        version = data.get("version")
+        if isinstance(version, int) and version > PREDICTOR_VERSION:
+            raise UserError(f"{source} is a version-{version} latency predictor, written by a newer autotinybert "
+                            f"(this one reads versions 1-{PREDICTOR_VERSION}); upgrade autotinybert or {fix}")
+        if version not in (1, PREDICTOR_VERSION) or data.get("inputs") != list(INPUT_NAMES):
+            raise UserError(f"{source} has predictor version {version} / inputs "
                             f"{data.get('inputs')}, not {PREDICTOR_VERSION} / {list(INPUT_NAMES)}; {fix}")
+        kind = data.get("kind", "mlp")  # version 1: always the MLP
+        if kind not in KINDS:
+            raise UserError(f"{source} is a latency predictor of unknown kind {kind!r}; {fix}")
         try:
             weights = [np.asarray(layer["weight"], dtype=np.float64) for layer in data["layers"]]
             biases = [np.asarray(layer["bias"], dtype=np.float64) for layer in data["layers"]]
@@ -162,7 +181,10 @@ class LatencyPredictor:
                             target_mean=float(data["target_mean"]), target_std=float(data["target_std"]),
                             fingerprint=dict(data["fingerprint"]), space=dict(data["space"]), seq_len=int(data["seq_len"]),
                             reference_ms=None if data.get("reference_ms") is None else float(data["reference_ms"]),
-                            baseline=data.get("baseline"), metrics=dict(data.get("metrics") or {}))
+                            baseline=data.get("baseline"), metrics=dict(data.get("metrics") or {}), kind=kind,
+                            linear=data.get("linear"))
+            if kind != "mlp":
+                predict_linear(predictor.linear, np.ones((1, 5)), predictor.seq_len)  # checks the coefficients
             SearchSpace.from_dict(predictor.space)
             _check_shapes(predictor)
         except (KeyError, TypeError, ValueError) as err:
@@ -200,3 +222,22 @@ def brief_space(space: dict[str, Any]) -> str:
     letters = {"layers": "L", "hidden": "H", "ffn": "F", "heads": "A", "qkv": "Q"}
     ranges = [f"{letters[k]}{v['min']}-{v['max']}" for k, v in space.items() if k in letters and isinstance(v, dict)]
     return " ".join([str(space.get("mode", "?")), *ranges])
+
+
+# --- the linear kinds ----------------------------------------------------------------------------
+def linear_design(terms: str, features: np.ndarray, seq_len: int) -> np.ndarray:
+    """Columns of a linear predictor: ``flops`` = (GFLOPs, layers, 1); ``costs`` = `cost_terms` and 1."""
+    if terms == "flops":
+        return np.stack([flops_array(features, 1, seq_len) / 1e9, features[:, 0], np.ones(len(features))], axis=1)
+    if terms == "costs":
+        return np.column_stack([cost_terms(features, seq_len), np.ones(len(features))])
+    raise ValueError(f"unknown linear terms {terms!r}")
+
+
+def predict_linear(linear: dict[str, Any], features: np.ndarray, seq_len: int) -> np.ndarray:
+    """Latency in ms of a linear predictor ``{"terms": ..., "coefficients": [...]}``."""
+    design = linear_design(linear["terms"], features, seq_len)
+    coefficients = np.asarray(linear["coefficients"], dtype=np.float64)
+    if coefficients.shape != (design.shape[1],) or not np.isfinite(coefficients).all():
+        raise ValueError(f"{linear['terms']} predictor needs {design.shape[1]} finite coefficients")
+    return design @ coefficients

@@ -16,7 +16,8 @@ from ..errors import UserError
 from ..files import atomic_write_text
 from ..space import BERT_BASE, Arch, SearchSpace
 from ..settings import LatencySettings
-from .timing import measure
+from .hardware import shape_of
+from .timing import measure_many
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -114,14 +115,19 @@ def profile(space: SearchSpace | str, samples: int, out: str | Path, settings: L
     if arguments is not None and target == out:  # a replacement records its arguments when it replaces
         write_output_config(out, arguments)
     todo = [(arch, ref) for arch, ref in plan if str(arch) not in done]
-    bar = _progress(len(todo), progress, f"latency ({settings.engine})")
-    for arch, is_reference in todo:
-        record = measure(arch, settings)
-        record.update(reference=is_reference, features=arch.to_dict(), space=space.to_dict(), seed=seed)
+    references = {str(arch) for arch, ref in todo if ref}
+    bar = _progress(len(todo), progress, f"latency ({settings.form})")
+
+    def record_done(record: dict[str, Any]) -> None:
+        arch = Arch.parse(record["arch"])
+        record.update(reference=record["arch"] in references, features=arch.to_dict(), space=space.to_dict(), seed=seed)
         _append_line(target, record)
-        done[str(arch)] = record
+        done[record["arch"]] = record
         bar.update(1)
         bar.set_postfix_str(f"{arch} {record['latency']['median_ms']:.1f} ms")
+
+    # Interleaved chunks (settings.interleave at a time); each record is appended as its chunk ends.
+    measure_many([arch for arch, _ in todo], settings, on_record=record_done)
     bar.close()
     if target != out:
         os.replace(target, out)
@@ -135,7 +141,7 @@ def _check_resumable(out: Path, settings: LatencySettings, space: SearchSpace) -
     # Rewrite without a torn last line, so the next append starts on a fresh line.
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
     for record in records:
-        old = {key: record["fingerprint"].get(key) for key in settings.shape()}
+        old = shape_of(record["fingerprint"])
         if old != settings.shape():
             raise UserError(f"{out} was measured with {old}, not {settings.shape()}; use another --out or the same options")
         if not record.get("reference") and record.get("space") != space.to_dict():

@@ -8,13 +8,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 
 from ..errors import UserError
 from ..space import Arch, parameter_count
+from ..settings import LatencySettings
 from .costs import flops
 from .hardware import fingerprint
-from ..settings import LatencySettings
+from .runner import onnx_feeds, onnx_session, summarize, time_interleaved
 
 
 def build_model(arch: Arch, vocab_size: int = 30522, seq_len: int = 128):
@@ -66,76 +66,92 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 # --- timing -----------------------------------------------------------------------------------
-def summarize(times_ms: Sequence[float]) -> dict[str, float]:
-    """Median and p90 are the numbers we use; min/max/quartiles make outliers visible."""
-    t = np.asarray(times_ms, dtype=np.float64)
-    q1, median, q3, p90 = np.percentile(t, [25, 50, 75, 90])
-    return {"median_ms": float(median), "p90_ms": float(p90), "mean_ms": float(t.mean()), "min_ms": float(t.min()),
-            "max_ms": float(t.max()), "q1_ms": float(q1), "q3_ms": float(q3), "iqr_ms": float(q3 - q1),
-            "repeats": int(t.size)}
+def _torch_run(arch: Arch, settings: LatencySettings) -> Callable[[], Any]:
+    model = build_model(arch, settings.vocab_size, settings.seq_len)
+    if settings.quantize == "int8":
+        from ..deploy import quantize_torch
 
-
-def _time_calls(run: Callable[[], Any], settings: LatencySettings, timer: Callable[[], float]) -> list[float]:
-    for _ in range(settings.warmup):
-        run()
-    times = []
-    for _ in range(settings.repeats):
-        start = timer()
-        run()
-        times.append((timer() - start) * 1000.0)
-    return times
-
-
-def _torch_times(model, settings: LatencySettings, timer: Callable[[], float],
-                 probe: Callable[[], None] | None) -> list[float]:
-    import torch
-
+        model = quantize_torch(model)
     inputs = _inputs(settings)
-    with torch_threads(settings.threads), torch.inference_mode():
-        if probe is not None:
-            probe()
-        return _time_calls(lambda: model(**inputs), settings, timer)
+    return lambda: model(**inputs)
 
 
-def _onnx_times(model, settings: LatencySettings, timer: Callable[[], float]) -> list[float]:
+def _onnx_run(arch: Arch, settings: LatencySettings, directory: Path) -> Callable[[], Any]:
+    """The shipped ONNX form of ``arch``: exported, optimised and/or quantised, in a session."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
         raise UserError("the onnxruntime engine needs the onnx extra: pip install 'autotinybert[onnx]'") from None
-    from ..export import export_onnx
+    path = onnx_form_file(build_model(arch, settings.vocab_size, settings.seq_len), settings, directory)
+    session = onnx_session(path, settings.threads)
+    feeds = onnx_feeds(settings.batch_size, settings.seq_len, settings.vocab_size)
+    return lambda: session.run(None, feeds)
 
-    feeds = {name: tensor.numpy() for name, tensor in _inputs(settings).items()}
-    with tempfile.TemporaryDirectory(prefix="autotinybert-latency-") as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer chatter about constant shapes; the graph is checked elsewhere
-            path = export_onnx(model, Path(tmp) / "model.onnx")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = settings.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return _time_calls(lambda: session.run(None, feeds), settings, timer)
+
+def onnx_form_file(model, settings: LatencySettings, directory: Path) -> Path:
+    """Write ``model`` in the ONNX form of ``settings`` (fp32 / optimised / int8) under ``directory``."""
+    from ..deploy import onnx_forms, quantize_onnx
+
+    form = "optimized" if settings.optimize else "fp32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about constant shapes; the graph is checked elsewhere
+        path = onnx_forms(model, directory, (form,))[form]
+    if settings.quantize == "int8":  # int8 of the graph as it is (optimised or not)
+        path = quantize_onnx(path, directory / (path.stem + ".int8.onnx"))
+    return path
+
+
+def measure_many(archs: Sequence[Arch | str], settings: LatencySettings = LatencySettings(), *,
+                 timer: Callable[[], float] | None = None, probe: Callable[[], None] | None = None,
+                 on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Time ``archs`` as deployed, ``settings.interleave`` at a time in interleaved rounds (`time_interleaved`):
+    repeats are added until each median is stable to ``settings.tolerance``, outliers re-measured,
+    the noise (IQR / median) recorded, and a warning given when it stays above ``settings.noise_limit``.
+
+    ``timer`` defaults to ``settings.timer()``; ``probe`` runs inside the timed context (tests
+    check thread settings with it); ``on_record`` receives each record as its chunk finishes.
+    """
+    import torch
+
+    archs = [Arch.parse(a) if isinstance(a, str) else a for a in archs]
+    timer = timer or settings.timer()
+    fp = fingerprint(settings)
+    records = []
+    for begin in range(0, len(archs), settings.interleave):
+        chunk = archs[begin:begin + settings.interleave]
+        with tempfile.TemporaryDirectory(prefix="autotinybert-latency-") as tmp, torch_threads(settings.threads), \
+                torch.inference_mode():
+            runs = {}
+            for i, arch in enumerate(chunk):
+                runs[i] = (_torch_run(arch, settings) if settings.engine == "torch"
+                           else _onnx_run(arch, settings, Path(tmp) / str(i)))
+            if probe is not None:
+                probe()
+            timed = time_interleaved(runs, warmup=settings.warmup, repeats=settings.repeats,
+                                     max_repeats=settings.max_repeats, tolerance=settings.tolerance,
+                                     noise_limit=settings.noise_limit, timer=timer, seed=begin)
+        noisy = [str(chunk[i]) for i, result in timed.items() if result["noisy"]]
+        if noisy:
+            warnings.warn(f"{len(noisy)} latency measurement(s) stayed noisier than {settings.noise_limit:.0%} "
+                          f"IQR / median after re-measuring ({', '.join(noisy)}): the machine is too busy to trust "
+                          "them; use --clock cpu with --threads 1, or a quieter machine", stacklevel=2)
+        for i, arch in enumerate(chunk):
+            result = timed[i]
+            record = {
+                "arch": str(arch),
+                "latency": summarize(result["times_ms"]),
+                "rounds": result["rounds"], "remeasured": result["remeasured"], "noisy": result["noisy"],
+                "parameters": parameter_count(arch, settings.vocab_size, max(512, settings.seq_len), pooler=True),
+                "flops": flops(arch, settings.batch_size, settings.seq_len),
+                "fingerprint": fp,
+            }
+            records.append(record)
+            if on_record is not None:
+                on_record(record)
+    return records
 
 
 def measure(arch: Arch | str, settings: LatencySettings = LatencySettings(), *,
             timer: Callable[[], float] | None = None, probe: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Time ``arch`` as deployed; returns latency statistics, parameters, FLOPs and the fingerprint.
-
-    ``timer`` defaults to ``settings.timer()``; ``probe`` (torch engine) runs inside the timed
-    context; tests use both to check timing and thread settings.
-    """
-    arch = Arch.parse(arch) if isinstance(arch, str) else arch
-    timer = timer or settings.timer()
-    model = build_model(arch, settings.vocab_size, settings.seq_len)
-    if settings.engine == "torch":
-        times = _torch_times(model, settings, timer, probe)
-    else:
-        times = _onnx_times(model, settings, timer)
-    return {
-        "arch": str(arch),
-        "latency": summarize(times),
-        "parameters": parameter_count(arch, settings.vocab_size, max(512, settings.seq_len), pooler=True),
-        "flops": flops(arch, settings.batch_size, settings.seq_len),
-        "fingerprint": fingerprint(settings),
-    }
+    """Time one ``arch`` as deployed (`measure_many`); latency statistics, parameters, FLOPs, fingerprint."""
+    return measure_many([arch], settings, timer=timer, probe=probe)[0]

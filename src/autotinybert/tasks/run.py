@@ -14,6 +14,7 @@ Layout of a fine-tuning run (`--out RUN`):
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -210,16 +211,18 @@ def _write_results(out: Path, results: dict) -> None:
 
 def run_evaluate(command: EvaluateCommand, source: TaskDataSettings, settings: FinetuneSettings, *,
                  arguments: dict | None = None) -> dict:
-    """Score already fine-tuned models: ``command.model`` is one model directory or a finetune run
-    (then `<run>/<task>/model` is used per task). Writes `out/results.json` when `out` is given."""
+    """Score already fine-tuned models: ``command.model`` is one model directory, a finetune run
+    (then `<run>/<task>/model` is used per task) or an ONNX file; ``command.onnx`` scores a torch
+    model through ONNX Runtime in that form. Writes `out/results.json` when `out` is given."""
     model, out, test, dev_file = command.model, command.out, command.test, source.dev_file
     task_list = resolve_tasks(source.tasks)
     data_dir = data_source(source.data_dir, source.hub, files_given=dev_file is not None)
     # Every model folder and data file is checked before the output folder is made.
     data = {task.name: load_task_data(task, data_dir, train=False, test=test and out is not None, dev_file=dev_file,
                                       settings=settings) for task in task_list}
-    for task in task_list:
-        check_checkpoint(_task_model_dir(model, task), "--model", command.trust_remote_code)
+    if Path(model).suffix != ".onnx":
+        for task in task_list:
+            check_checkpoint(_task_model_dir(model, task), "--model", command.trust_remote_code)
     if out is None:
         return _evaluate_tasks(command, task_list, data, settings, data_dir, None)
     with staged_directory(out, overwrite=command.overwrite) as work:  # appears complete or not at all
@@ -229,17 +232,45 @@ def run_evaluate(command: EvaluateCommand, source: TaskDataSettings, settings: F
     return results
 
 
-def _evaluate_tasks(command: EvaluateCommand, task_list, data_by_task, settings, data_dir, out: Path | None) -> dict:
-    model = command.model
-    results = _empty_results(model)
-    for task in task_list:
+def _scored_model(command: EvaluateCommand, task: Task, out: Path | None, scratch: Path) -> tuple[Any, Path, str]:
+    """(the model to score, its directory, its form): a torch task model, or an ONNX Runtime session
+    (`deploy.OnnxTaskModel`) of an ``.onnx`` file or of the model exported in form ``command.onnx``."""
+    from ..deploy import OnnxTaskModel, onnx_forms
+
+    model, onnx = command.model, command.onnx
+    if Path(model).suffix == ".onnx":
+        if not Path(model).is_file():
+            raise UserError(f"--model {model} does not exist; point it at an exported ONNX file")
+        scored, model_dir, form = OnnxTaskModel(model), Path(model).parent, f"onnx:{Path(model).name}"
+    else:
         model_dir = _task_model_dir(model, task)
+        scored = load_task_model(model_dir, task, finetuned=True, trust_remote_code=command.trust_remote_code)
+        form = "torch"
+        if onnx != "none":
+            target = (out if out is not None else scratch) / task.name / "onnx"
+            scored, form = OnnxTaskModel(onnx_forms(scored, target, (onnx,))[onnx]), f"onnx-{onnx}"
+    width = getattr(scored, "num_labels", None)
+    if isinstance(scored, OnnxTaskModel) and not isinstance(task, squad.SquadTask) and width not in (None, task.num_labels):
+        raise UserError(f"{model} has {width} outputs but {task.name} needs {task.num_labels}; "
+                        f"is it fine-tuned on another task?")
+    return scored, model_dir, form
+
+
+def _evaluate_tasks(command: EvaluateCommand, task_list, data_by_task, settings, data_dir, out: Path | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="autotinybert-onnx-") as scratch:  # ONNX graphs when there is no --out
+        return _evaluate_each(command, task_list, data_by_task, settings, data_dir, out, Path(scratch))
+
+
+def _evaluate_each(command: EvaluateCommand, task_list, data_by_task, settings, data_dir, out: Path | None,
+                   scratch: Path) -> dict:
+    results = _empty_results(command.model)
+    for task in task_list:
+        task_model, model_dir, form = _scored_model(command, task, out, scratch)
         data = data_by_task[task.name]
         tok = _tokenizer(command, model_dir)
-        task_model = load_task_model(model_dir, task, finetuned=True, trust_remote_code=command.trust_remote_code)
         started = time.perf_counter()
         scores = {name: evaluate_split(task_model, tok, task, split, settings)[0] for name, split in data.dev.items()}
-        record = {"task": task.name, "model": str(model_dir), "scores": scores,
+        record = {"task": task.name, "model": str(model_dir), "form": form, "scores": scores,
                   "score": scores[task.main_dev_split]["f1"] if isinstance(task, squad.SquadTask)
                   else metrics.task_score(scores[task.main_dev_split]),
                   "dev_examples": {name: len(split.examples) for name, split in data.dev.items()},
