@@ -228,7 +228,7 @@ def test_cli_refuses_to_clobber_or_resume_differently(glue_dir, model_dir, tmp_p
     code, _, err = _cli(capsys, *args[:-3], "--max-steps", 2, "--resume")
     assert code == 2 and "--resume with different arguments: max_steps was 1, now 2" in err
     code, _, err = _cli(capsys, "evaluate", "--model", tmp_path / "nothing", "--task", "rte", "--data-dir", glue_dir)
-    assert code == 2 and "--model" in err and "nothing: no such folder" in err
+    assert code == 2 and "--model" in err and "nothing: no such file or folder" in err
     (tmp_path / "nothing").mkdir()
     code, _, err = _cli(capsys, "evaluate", "--model", tmp_path / "nothing", "--task", "rte", "--data-dir", glue_dir)
     assert code == 2 and "neither a model directory" in err
