@@ -268,23 +268,25 @@ def test_profile_resume_measures_only_missing(tmp_path, monkeypatch):
 
 def test_profile_overwrite_replaces_the_file_only_when_complete(tmp_path, monkeypatch):
     calls: list[str] = []
-    monkeypatch.setattr(latency.profiling, "measure", _fake_measure(calls))
     out = tmp_path / "p.jsonl"
     out.write_text("the old profile\n")
     stop_after = 3
 
-    def interrupted(arch, settings, **kw):
-        if len(calls) == stop_after:
-            raise KeyboardInterrupt
-        return _fake_measure(calls)(arch, settings, **kw)
+    def interrupted(archs, settings, on_record=None, **kw):
+        def record_until_stopped(record):
+            if stop_after is not None and len(calls) > stop_after:
+                raise KeyboardInterrupt
+            on_record(record)
+        return _fake_measure(calls)(archs, settings, on_record=record_until_stopped, **kw)
 
-    monkeypatch.setattr(latency.profiling, "measure", interrupted)
+    monkeypatch.setattr(latency.profiling, "measure_many", interrupted)
     with pytest.raises(KeyboardInterrupt):
         latency.profile("paper-mlm", 5, out, seed=1, overwrite=True, progress=False)
     assert out.read_text() == "the old profile\n"  # untouched until the new one is complete
     stop_after = None
     records = latency.profile("paper-mlm", 5, out, seed=1, resume=True, progress=False)  # continues the replacement
-    assert len(calls) == 6 and len(records) == 6 and len(latency.read_records(out)) == 6
+    # 3 recorded, 1 lost to the interruption and measured again, 3 more: 7 measurements, 6 records
+    assert len(calls) == 7 and len(records) == 6 and len(latency.read_records(out)) == 6
     assert not (tmp_path / ".p.jsonl.partial").exists()
 
 
