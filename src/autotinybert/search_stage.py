@@ -195,15 +195,7 @@ def open_evaluator(kind: str, options: dict[str, Any], workers: int = 1) -> Iter
 
 def _supernet_space(supernet: Path) -> SearchSpace:
     """The SuperPLM's space from its config.json, without loading torch or the weights."""
-    import json
-
-    config = Path(supernet) / "config.json"
-    try:
-        return SearchSpace.from_dict(json.loads(config.read_text(encoding="utf-8"))["space"])
-    except FileNotFoundError:
-        raise UserError(f"--supernet {supernet} is not a SuperPLM checkpoint directory (no config.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"{config} is not a SuperPLM config ({type(err).__name__}: {err})") from None
+    return SearchSpace.of_checkpoint(supernet, "--supernet")
 
 
 # --- trust check: does the proxy rank architectures like fine-tuning does? ------------------------

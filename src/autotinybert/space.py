@@ -294,20 +294,23 @@ class SearchSpace:
         if name.startswith("paper-") and name[len("paper-"):] in MODES:
             return cls.paper(name[len("paper-"):])
         if Path(name).is_dir():
-            return cls._of_checkpoint(Path(name))
+            return cls.of_checkpoint(Path(name), "search space")
         if not Path(name).exists():
             raise UserError(f"search space {name!r} is neither paper-mlm, paper-kd, an existing YAML/JSON file nor a "
                             "SuperPLM directory")
         return cls.from_file(name)
 
     @classmethod
-    def _of_checkpoint(cls, directory: Path) -> SearchSpace:
-        config = directory / "config.json"
+    def of_checkpoint(cls, directory: str | Path, option: str) -> SearchSpace:
+        """The space of a SuperPLM checkpoint directory, from its config.json alone (no torch, no
+        weights); ``option`` names where the directory came from in the error."""
+        config = Path(directory) / "config.json"
         try:
             return cls.from_dict(json.loads(config.read_text(encoding="utf-8"))["space"])
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"search space {directory}: a directory must be a SuperPLM checkpoint (config.json with "
-                            "a space)") from None
+        except FileNotFoundError:
+            raise UserError(f"{option} {directory} is not a SuperPLM checkpoint directory (no config.json)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UserError(f"{config} is not a SuperPLM config ({type(err).__name__}: {err})") from None
 
     def with_limits(self, *, layers: int | None = None, hidden: int | None = None, ffn: int | None = None,
                     heads: int | None = None, qkv: int | None = None) -> SearchSpace:
