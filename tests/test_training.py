@@ -191,3 +191,28 @@ def test_two_processes_with_half_batches_equal_one_process(tmp_path, monkeypatch
                 assert torch.equal(other[name], initial[name]), f"{layout}: {name} moved"
     assert torch.equal(one["bert.pooler.dense.weight"], initial["bert.pooler.dense.weight"])  # never used
     assert not torch.equal(one["bert.embeddings.word_embeddings.weight"], initial["bert.embeddings.word_embeddings.weight"])
+
+
+def test_a_run_killed_as_its_folder_appears_can_be_resumed(tmp_path, monkeypatch):
+    """config.yaml (what marks a folder as our run) is written with the folder, before any other file:
+    a kill at the first instant anything else could appear leaves a folder `--resume` accepts."""
+    import autotinybert.pretrain as pretrain_module
+    from autotinybert.files import RunDirectory
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 5, encoding="utf-8")
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"mode": "kd", "layers": [1, 2], "hidden": [12, 16, 4], "ffn": [12, 16, 4],
+                                 "heads": [2, 2], "qkv": [8, 16, 4]}))
+    out = tmp_path / "run"
+    settings = PretrainSettings(out=str(out), corpus=[str(corpus)], vocab_size=150, space=str(space), max_steps=2,
+                                batch_size=2, seq_len=16, cache_dir=str(tmp_path / "cache"), progress=False)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for SIGKILL: nothing after this instant runs
+
+    monkeypatch.setattr(pretrain_module, "_Run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(settings)
+    assert (out / "config.yaml").is_file()
+    assert RunDirectory.plan(out, resume=True, overwrite=False).work == out

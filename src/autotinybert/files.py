@@ -220,8 +220,10 @@ class RunDirectory:
             return cls(out, partial, False, marker)
         return cls(out, out, False, marker)
 
-    def create(self) -> Path:
-        """Undo what a killed attempt left, make the working folder; returns it."""
+    def create(self, arguments: dict[str, Any]) -> Path:
+        """Undo what a killed attempt left, make the working folder and record ``arguments`` in its
+        marker before anything else is written there (a kill at any later instant leaves a folder
+        ``--resume`` recognises as ours); returns the folder."""
         old = self.out.with_name(f".{self.out.name}.old")
         if old.is_dir() and not self.out.exists():
             os.replace(old, self.out)  # a kill in the middle of the final swap: the old copy comes back first
@@ -232,6 +234,7 @@ class RunDirectory:
         if self.replacing:
             recover(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
+        write_stage_config(self.work, arguments)
         return self.work
 
     def publish(self) -> None:

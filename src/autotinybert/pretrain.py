@@ -58,7 +58,7 @@ from .data import (
     train_wordpiece,
 )
 from .errors import UserError
-from .files import RunDirectory, atomic_write_json, fsync_path, staged_directory, write_stage_config
+from .files import RunDirectory, atomic_write_json, fsync_path, staged_directory
 from .modeling import SuperBertConfig, SuperBertForPreTraining, new_supernet
 from .settings import OBJECTIVES, SAMPLING_RULES, PretrainSettings  # noqa: F401 - re-exported
 from .space import RELEASED, Arch, Dim, SearchSpace
@@ -567,13 +567,12 @@ def _start(settings: PretrainSettings, workers: Workers, resume: bool, overwrite
     model = _build_model(settings, space, tokenizer, teacher, workers)
     optimizer = adamw(model, settings.lr, settings.weight_decay)
     start = load_checkpoint(out, model, optimizer, settings) if resume else 0
-    if workers.main:  # every input loaded: now the run folder may be made
-        run_dir.create()
+    if workers.main:  # every input loaded: now the run folder may be made, config.yaml first
+        run_dir.create({**asdict(settings), "resume": resume})
     workers.barrier()
     run = _Run(settings, workers, out, space, tokenizer, teacher, train, valid, cache_entry, model, optimizer, start,
                publish=run_dir.publish)
     if workers.main:
-        write_stage_config(out, {**asdict(settings), "resume": resume})
         run.metrics.trim(start)
         _save_tokenizer(tokenizer, out)
     return run

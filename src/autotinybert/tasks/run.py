@@ -111,10 +111,7 @@ def _work_directory(out: Path, resume: bool, overwrite: bool, arguments: dict) -
     run_dir = RunDirectory.plan(out, resume=resume, overwrite=overwrite)
     if run_dir.resume:
         _check_same_arguments(run_dir.work / "config.yaml", arguments)
-    work = run_dir.create()
-    if not run_dir.resume:
-        write_stage_config(work, arguments)
-    return work, run_dir.publish
+    return run_dir.create(arguments), run_dir.publish
 
 
 def _check_same_arguments(config_path: Path, arguments: dict) -> None:
