@@ -277,8 +277,13 @@ def _superplm_config(path: Path) -> dict:
 
 
 def finetune_job(args, arch: str, seed: int) -> Job:
-    out = args.work / "finetune" / arch / f"seed{seed}"
-    model = args.work / "further" / arch / "exported"
+    return finetune_run(args, f"finetune-{arch}-seed{seed}", args.work / "further" / arch / "exported",
+                        args.work / "finetune" / arch / f"seed{seed}", seed)
+
+
+def finetune_run(args, name: str, model: Path, out: Path, seed: int) -> Job:
+    """``finetune`` of ``model`` on args.tasks with the bench's budget (args.glue, max_train_examples,
+    epochs, lr), 1 thread; it waits until ``model`` exists and is done when every task is scored."""
     argv = ["finetune", "--model", str(model), "--out", str(out), "--data-dir", str(args.glue),
             *[x for t in args.tasks for x in ("--task", t)], "--max-train-examples", str(args.max_train_examples),
             "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", "32", "--warmup-ratio", "0.1",
@@ -288,7 +293,7 @@ def finetune_job(args, arch: str, seed: int) -> Job:
         results = out / "results.json"
         return results.is_file() and set(args.tasks) <= set(json.loads(results.read_text()).get("tasks", {}))
 
-    return Job(f"finetune-{arch}-seed{seed}", argv, out, done, lambda: (out / "config.yaml").is_file(),
+    return Job(name, argv, out, done, lambda: (out / "config.yaml").is_file(),
                lambda: (model / "config.json").is_file())
 
 

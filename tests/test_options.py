@@ -155,3 +155,13 @@ def test_to_arguments_round_trips_every_kind_of_option(tmp_path, monkeypatch):
     add_options(parser, S.TargetSettings)
     assert to_arguments(targets) == ["--speedup", "2.0", "--speedup", "3.5", "--target-ms", "1.0"]
     assert from_namespace(S.TargetSettings, parser.parse_args(to_arguments(targets))) == targets
+
+
+@pytest.mark.parametrize("cls", [S.PretrainSettings, S.ProxySettings])
+def test_every_kd_teacher_option_takes_the_packaged_model_by_name(cls):
+    """`pretrain --teacher` and the proxy's `--teacher` load the same Teacher: both accept
+    builtin:all-minilm-l6-v2 (a path-only declaration refused it as 'no such folder')."""
+    from autotinybert.options import path_problem
+
+    teacher = next(o for o in options_of(cls) if o.name == "teacher")
+    assert path_problem(teacher.spec, "builtin:all-minilm-l6-v2") is None

@@ -101,7 +101,7 @@ class ProxyEvaluator:
         self.metric, self.batch_size, self.batches, self.seed = metric, batch_size, batches, seed
         self.key = (f"proxy:{metric}:supernet={file_digest(supernet / 'model.safetensors')}:seq={self.seq_len}"
                     f":bs={batch_size}:batches={batches}:seed={seed}:valid={len(self.valid)}"
-                    + (f":teacher={Path(teacher).resolve()}" if teacher else ""))
+                    + (f":teacher={self.teacher.path.resolve()}" if self.teacher else ""))
         self.seconds: list[float] = []
 
     def __call__(self, arch: Arch) -> float:

@@ -351,7 +351,8 @@ class ProxySettings(Options):
 
     metric: str = option("mlm_accuracy", "proxy fitness: mlm_accuracy, mlm_loss or kd_loss", choices=METRICS,
                          group="proxy evaluator")
-    teacher: str | None = option(None, "teacher checkpoint for --metric kd_loss", group="proxy evaluator", path="dir")
+    teacher: str | None = option(None, "teacher checkpoint for --metric kd_loss (builtin:all-minilm-l6-v2: the "
+                                       "packaged model)", group="proxy evaluator", path="source")
     trust_remote_code: bool = trust_remote_code_option()
     eval_batch_size: int = option(32, "proxy evaluation batch size", minimum=1, group="proxy evaluator")
     eval_batches: int = option(8, "fixed held-out batches per architecture", minimum=1, group="proxy evaluator")
