@@ -494,14 +494,17 @@ def write_summary(args, pairs: list[dict], predictor: dict) -> None:
     summary = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                             if k not in ("baselines",)} | {"baselines": [str(b) for b in args.baselines]},
                "predictor": predictor, "pairs": rows, "development": dev}
-    table = markdown(rows, dev, args.tasks)
+    publish(args, summary, markdown(rows, dev, args.tasks))
+
+
+def publish(args, summary: dict, table: str) -> None:
+    """summary.json and table.md in --work, copies at --json / --markdown, the table on stdout."""
     for path, write in ((args.work / "summary.json", lambda p: atomic_write_json(p, summary)),
-                        (args.work / "table.md", lambda p: atomic_write_text(p, table))):
-        write(path)
-    if args.json:
-        atomic_write_json(args.json, summary)
-    if args.markdown:
-        atomic_write_text(args.markdown, table)
+                        (args.work / "table.md", lambda p: atomic_write_text(p, table)),
+                        (args.json, lambda p: atomic_write_json(p, summary)),
+                        (args.markdown, lambda p: atomic_write_text(p, table))):
+        if path:
+            write(path)
     print(table)
 
 
