@@ -114,7 +114,8 @@ def predictor(args: argparse.Namespace) -> dict:
     samples = [r for r in records if not r.get("reference")]
     reference = [r for r in records if r.get("reference")]
     features = latency.features_of(Arch.parse(r["arch"]) for r in samples)
-    measured = np.array([r["latency"]["median_ms"] for r in samples])
+    corrected = latency.drift_corrected_ms(records)  # what `latency fit` learns from (as measured without an anchor)
+    measured = np.array([corrected[i] for i, r in enumerate(records) if not r.get("reference")])
     noise = [r["latency"]["iqr_ms"] / r["latency"]["median_ms"] for r in samples]
     out = {"data": str(args.data), "profiled": len(samples), "median_noise": float(np.median(noise)), "sizes": {}}
     print(f"{args.data}: {len(samples)} architectures, median IQR/median {100 * np.median(noise):.1f}%")

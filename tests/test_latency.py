@@ -455,3 +455,40 @@ def test_bundle_runner_needs_only_onnxruntime_and_numpy(tmp_path, capsys):
     assert main(["latency", "fit", "--data", str(out), "--out", str(tmp_path / "pred.json"), "--epochs", "50",
                  "--folds", "3"]) == 0
     assert "onnxruntime-opt-int8" in capsys.readouterr().out
+
+
+def test_drift_anchor_is_timed_in_every_chunk_and_divides_out_drift():
+    """A machine that runs twice as slow from the second chunk on: every raw median doubles with it,
+    the anchor timed in each chunk sees the same, and the corrected latencies are all equal again."""
+    clock = {"speed": 0, "now": 0.0}
+
+    def next_chunk():  # called once per chunk, inside the timed context
+        clock["speed"] += 1
+
+    def timer():  # every timed call lasts 0.5 ms x the chunk's slowness
+        clock["now"] += clock["speed"] * 0.0005
+        return clock["now"]
+
+    settings = dataclasses.replace(LatencySettings(**FAST), interleave=2)
+    archs = [TINY, Arch(1, 24, 24, 2, 24)] * 2
+    records = latency.measure_many(archs, settings, timer=timer, probe=next_chunk, anchor=latency.timing.DRIFT_ANCHOR)
+    raw = [r["latency"]["median_ms"] for r in records]
+    assert raw == pytest.approx([0.5, 0.5, 1.0, 1.0])
+    assert [r["anchor"]["median_ms"] for r in records] == pytest.approx([0.5, 0.5, 1.0, 1.0])
+    assert latency.drift_corrected_ms(records) == pytest.approx([0.75] * 4)
+    assert "anchor" not in latency.measure_many(archs[:1], settings, timer=timer)[0]
+
+
+def test_fit_learns_from_drift_corrected_latency():
+    """The same profile with slow stretches (latency and anchor x1.3 on every other record): fit
+    sees the corrected numbers, so it learns exactly what it learns from the steady profile."""
+    steady = _synthetic_records(40, _known)
+    drifted = json.loads(json.dumps(steady))
+    for i, record in enumerate(drifted):
+        slow = 1.3 if i % 2 else 1.0  # the typical (median) anchor over the file stays 1.0
+        record["anchor"] = {"median_ms": slow}
+        record["latency"]["median_ms"] *= slow
+    _, reference = latency.fit(steady, epochs=50, folds=3)
+    _, report = latency.fit(drifted, epochs=50, folds=3)
+    assert report["heldout"]["measured_ms"] == pytest.approx(reference["heldout"]["measured_ms"])
+    assert report["selected"]["mape_pct"] == pytest.approx(reference["selected"]["mape_pct"])

@@ -126,9 +126,9 @@ def _run_latency_profile(args: argparse.Namespace) -> int:
     from .latency import profile
 
     o, settings = from_namespace(S.ProfileCommand, args), from_namespace(S.LatencySettings, args)
-    samples = from_namespace(S.ProfileSettings, args).samples
-    records = profile(o.space, samples, o.out, settings, seed=o.seed, resume=o.resume, overwrite=o.overwrite,
-                      progress=o.progress, arguments=_arguments(args))
+    plan = from_namespace(S.ProfileSettings, args)
+    records = profile(o.space, plan.samples, o.out, settings, seed=o.seed, resume=o.resume, overwrite=o.overwrite,
+                      progress=o.progress, arguments=_arguments(args), drift_anchor=plan.drift_anchor)
     reference = next(r for r in records if r["reference"])
     print(f"{len(records)} measurements ({settings.form}, {settings.threads} thread(s), batch {settings.batch_size}, "
           f"seq {settings.seq_len}, {settings.clock} clock) in {o.out}; BERT-base median {reference['latency']['median_ms']:.1f} ms")
@@ -349,7 +349,7 @@ LATENCY_COMMANDS: dict[str, tuple[str, list[Part], Callable[[argparse.Namespace]
                 [(S.ProfileCommand, {}), (S.ProfileSettings, {}), (S.LatencySettings, {"include": _TIMING})],
                 _run_latency_profile),
     "bundle": ("write the ONNX models of a profile plan and a standalone runner for a device that cannot run "
-               "autotinybert", [(S.BundleCommand, {}), (S.ProfileSettings, {}),
+               "autotinybert", [(S.BundleCommand, {}), (S.ProfileSettings, {"include": ("samples",)}),
                                 (S.LatencySettings, {"include": _TIMING[1:]})], _run_latency_bundle),
     "fit": ("fit the latency predictors (MLP, costs, FLOPs) on profiled data and keep the one cross-validation picks",
             [(S.FitCommand, {}), (S.FitSettings, {})], _run_latency_fit),

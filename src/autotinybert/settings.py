@@ -248,6 +248,9 @@ class LatencySettings(Options):
 class ProfileSettings(Options):
     samples: int = option(40, "architectures of the space to time (besides BERT-base, the speedup reference)",
                           minimum=1)
+    drift_anchor: bool = option(True, "time a fixed anchor architecture in every interleaved chunk; 'latency fit' "
+                                      "divides each chunk's timings by the anchor's drift (a shared machine slowing "
+                                      "down and speeding up as neighbours come and go)", negative="no-drift-anchor")
 
 
 @dataclass

@@ -164,7 +164,7 @@ def _stage_latency(run: Run, out: Path, resume: bool) -> dict:
     data = out / "profile.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     profile(space_of(run.config["pretrain"]), lat["samples"], data, settings, seed=run.config["run"]["seed"],
-            resume=data.is_file(), progress=run.config["run"]["progress"])
+            resume=data.is_file(), progress=run.config["run"]["progress"], drift_anchor=lat["drift_anchor"])
     predictor, report = fit(data, holdout=lat["holdout"], seed=run.config["run"]["seed"], hidden=lat["hidden"],
                             epochs=lat["epochs"], folds=lat["folds"])
     predictor.save(out / "predictor.json")

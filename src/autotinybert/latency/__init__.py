@@ -30,7 +30,7 @@ Everything callers use is re-exported here: ``from autotinybert.latency import X
 from __future__ import annotations
 
 from .costs import DERIVED_INPUTS, INPUT_NAMES, design_inputs, features_of, flops, flops_array
-from .fitting import check, fit, fit_baseline, fit_mlp, metrics, predict_baseline, split_indices
+from .fitting import check, drift_corrected_ms, fit, fit_baseline, fit_mlp, metrics, predict_baseline, split_indices
 from .hardware import fingerprint, fingerprint_differences
 from .predictor import PREDICTOR_FORMAT, PREDICTOR_VERSION, LatencyPredictor, predictions_per_second
 from .profiling import plan_architectures, profile, read_records, write_output_config
@@ -40,7 +40,8 @@ from .timing import build_model, measure, measure_many, summarize, torch_threads
 
 __all__ = [
     "CLOCKS", "DERIVED_INPUTS", "ENGINES", "INPUT_NAMES", "PREDICTOR_FORMAT", "PREDICTOR_VERSION",
-    "LatencyPredictor", "LatencySettings", "build_model", "check", "design_inputs", "features_of", "fingerprint",
+    "LatencyPredictor", "LatencySettings", "build_model", "check", "design_inputs", "drift_corrected_ms", "features_of",
+    "fingerprint",
     "fingerprint_differences", "fit", "fit_baseline", "fit_mlp", "flops", "flops_array", "measure", "measure_many",
     "metrics",
     "plan_architectures", "predict_baseline", "predictions_per_second", "profile", "read_records", "settings_of",

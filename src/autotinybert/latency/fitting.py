@@ -182,7 +182,8 @@ def fit(data: str | Path | Sequence[dict[str, Any]], *, holdout: float = 0.2, se
         raise UserError(f"predictor candidates must be among {', '.join(CANDIDATES)}; got {list(candidates)}")
     _check_consistent(samples)
     features = features_of(Arch.parse(r["arch"]) for r in samples)
-    latency = np.array([r["latency"]["median_ms"] for r in samples], dtype=np.float64)
+    corrected = drift_corrected_ms(records)
+    latency = np.array([corrected[i] for i, r in enumerate(records) if not r.get("reference")], dtype=np.float64)
     if not np.all(np.isfinite(latency) & (latency > 0)):  # log-latency targets: nan predictors otherwise
         bad = samples[int(np.argmin(np.isfinite(latency) & (latency > 0)))]
         raise UserError(f"{source}: {bad['arch']} has latency {bad['latency']['median_ms']!r} ms; latencies must be "
@@ -197,7 +198,8 @@ def fit(data: str | Path | Sequence[dict[str, Any]], *, holdout: float = 0.2, se
               "mlp": lambda: None}[chosen]()
     predictor = _mlp_predictor(
         features[train], latency[train], seq_len, hidden, epochs, seed, fingerprint=samples[0]["fingerprint"],
-        space=samples[0].get("space") or {}, reference_ms=references[0]["latency"]["median_ms"] if references else None,
+        space=samples[0].get("space") or {},
+        reference_ms=float(corrected[records.index(references[0])]) if references else None,
         baseline=baseline, kind=chosen, linear=linear)
     predictions = {"mlp": lambda x: _as_kind(predictor, "mlp").predict_features(x),
                    "flops": lambda x: predict_baseline(baseline, x),
@@ -217,6 +219,23 @@ def fit(data: str | Path | Sequence[dict[str, Any]], *, holdout: float = 0.2, se
     predictor.metrics = {k: report[k] for k in ("n_train", "n_heldout", "chosen", "selected", "mlp", "baseline",
                                                 "costs", "cross_validation", "mlp_train")}
     return predictor, report
+
+
+def drift_corrected_ms(records: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Each record's median latency as if the machine had run at its typical speed throughout.
+
+    Records of a profile with a drift anchor carry the anchor's median in their chunk; a chunk
+    whose anchor ran ``x`` times slower than the anchor's median over the whole file was timed on a
+    machine ``x`` times slower, so its medians are divided by ``x``. Records without an anchor
+    (older files, `measure`) are used as measured.
+    """
+    measured = np.array([float(r["latency"]["median_ms"]) for r in records], dtype=np.float64)
+    anchors = np.array([float(r.get("anchor", {}).get("median_ms", np.nan)) for r in records], dtype=np.float64)
+    has_anchor = np.isfinite(anchors) & (anchors > 0)
+    if not has_anchor.any():
+        return measured
+    typical = float(np.median(anchors[has_anchor]))
+    return np.where(has_anchor, measured * typical / np.where(has_anchor, anchors, 1.0), measured)
 
 
 def _as_kind(predictor: LatencyPredictor, kind: str) -> LatencyPredictor:

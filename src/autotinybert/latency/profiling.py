@@ -17,7 +17,7 @@ from ..files import atomic_write_text
 from ..space import BERT_BASE, Arch, SearchSpace
 from ..settings import LatencySettings
 from .hardware import shape_of
-from .timing import measure_many
+from .timing import DRIFT_ANCHOR, measure_many
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -92,13 +92,15 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
 
 def profile(space: SearchSpace | str, samples: int, out: str | Path, settings: LatencySettings = LatencySettings(),
             *, seed: int = 0, resume: bool = False, overwrite: bool = False, progress: bool = True,
-            arguments: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+            arguments: dict[str, Any] | None = None, drift_anchor: bool = True) -> list[dict[str, Any]]:
     """Measure BERT-base (the speedup reference) and ``samples`` planned architectures into ``out``.
 
     One JSON line per measurement, appended and fsynced as it goes. With ``resume`` only
     architectures missing from ``out`` are measured; the plan depends only on (space, samples,
     seed), so a rerun continues the same list. ``overwrite`` measures into the sibling
     ``.NAME.partial`` and replaces ``out`` only when complete (``resume`` continues that one).
+    ``drift_anchor``: every chunk also times `timing.DRIFT_ANCHOR` (records carry its median as
+    ``anchor``; `fitting.drift_corrected_ms` divides the drift out).
     """
     space = SearchSpace.load(space) if isinstance(space, (str, Path)) else space
     out = Path(out)
@@ -127,7 +129,8 @@ def profile(space: SearchSpace | str, samples: int, out: str | Path, settings: L
         bar.set_postfix_str(f"{arch} {record['latency']['median_ms']:.1f} ms")
 
     # Interleaved chunks (settings.interleave at a time); each record is appended as its chunk ends.
-    measure_many([arch for arch, _ in todo], settings, on_record=record_done)
+    measure_many([arch for arch, _ in todo], settings, on_record=record_done,
+                 anchor=DRIFT_ANCHOR if drift_anchor else None)
     bar.close()
     if target != out:
         os.replace(target, out)

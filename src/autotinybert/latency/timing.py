@@ -17,6 +17,11 @@ from .hardware import fingerprint
 from .runner import onnx_feeds, onnx_session, summarize, time_interleaved
 
 
+# Timed in every chunk of a profile: mid-sized and BERT-shaped, so every engine and form runs it the
+# way it runs the rest; its median per chunk tracks how fast the machine is at that moment.
+DRIFT_ANCHOR = Arch(4, 256, 1024, 4, 256)
+
+
 def build_model(arch: Arch, vocab_size: int = 30522, seq_len: int = 128):
     """The encoder a user would deploy for ``arch`` (random weights, eval mode).
 
@@ -103,13 +108,17 @@ def onnx_form_file(model, settings: LatencySettings, directory: Path) -> Path:
 
 def measure_many(archs: Sequence[Arch | str], settings: LatencySettings = LatencySettings(), *,
                  timer: Callable[[], float] | None = None, probe: Callable[[], None] | None = None,
-                 on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                 on_record: Callable[[dict[str, Any]], None] | None = None,
+                 anchor: Arch | None = None) -> list[dict[str, Any]]:
     """Time ``archs`` as deployed, ``settings.interleave`` at a time in interleaved rounds (`time_interleaved`):
     repeats are added until each median is stable to ``settings.tolerance``, outliers re-measured,
     the noise (IQR / median) recorded, and a warning given when it stays above ``settings.noise_limit``.
 
     ``timer`` defaults to ``settings.timer()``; ``probe`` runs inside the timed context (tests
     check thread settings with it); ``on_record`` receives each record as its chunk finishes.
+    ``anchor``: also timed in every chunk, interleaved with it; each record of the chunk carries
+    the anchor's median (``anchor``), which `fitting.drift_corrected_ms` uses to divide out slow
+    drift of the machine between chunks.
     """
     import torch
 
@@ -122,7 +131,7 @@ def measure_many(archs: Sequence[Arch | str], settings: LatencySettings = Latenc
         with tempfile.TemporaryDirectory(prefix="autotinybert-latency-") as tmp, torch_threads(settings.threads), \
                 torch.inference_mode():
             runs = {}
-            for i, arch in enumerate(chunk):
+            for i, arch in enumerate(chunk + ([anchor] if anchor is not None else [])):
                 runs[i] = (_torch_run(arch, settings) if settings.engine == "torch"
                            else _onnx_run(arch, settings, Path(tmp) / str(i)))
             if probe is not None:
@@ -130,6 +139,7 @@ def measure_many(archs: Sequence[Arch | str], settings: LatencySettings = Latenc
             timed = time_interleaved(runs, warmup=settings.warmup, repeats=settings.repeats,
                                      max_repeats=settings.max_repeats, tolerance=settings.tolerance,
                                      noise_limit=settings.noise_limit, timer=timer, seed=begin)
+        drift = _anchor_record(anchor, timed.pop(len(chunk))) if anchor is not None else None
         noisy = [str(chunk[i]) for i, result in timed.items() if result["noisy"]]
         if noisy:
             warnings.warn(f"{len(noisy)} latency measurement(s) stayed noisier than {settings.noise_limit:.0%} "
@@ -144,11 +154,17 @@ def measure_many(archs: Sequence[Arch | str], settings: LatencySettings = Latenc
                 "parameters": parameter_count(arch, settings.vocab_size, max(512, settings.seq_len), pooler=True),
                 "flops": flops(arch, settings.batch_size, settings.seq_len),
                 "fingerprint": fp,
+                **({"anchor": drift} if drift else {}),
             }
             records.append(record)
             if on_record is not None:
                 on_record(record)
     return records
+
+
+def _anchor_record(anchor: Arch, result: dict[str, Any]) -> dict[str, Any]:
+    latency = summarize(result["times_ms"])
+    return {"arch": str(anchor), "median_ms": latency["median_ms"], "noise": latency["noise"]}
 
 
 def measure(arch: Arch | str, settings: LatencySettings = LatencySettings(), *,
