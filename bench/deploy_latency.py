@@ -110,12 +110,15 @@ def predictor(args: argparse.Namespace) -> dict:
     from autotinybert import latency
     from autotinybert.space import Arch
 
-    records = latency.read_records(args.data)
+    # Drift corrected once over the whole file (what `latency fit` does for a user's whole profile),
+    # so that every draw below trains and scores on the same numbers.
+    raw = latency.read_records(args.data)
+    records = [{**{k: v for k, v in r.items() if k != "anchor"}, "latency": {**r["latency"], "median_ms": float(ms)}}
+               for r, ms in zip(raw, latency.drift_corrected_ms(raw))]
     samples = [r for r in records if not r.get("reference")]
     reference = [r for r in records if r.get("reference")]
     features = latency.features_of(Arch.parse(r["arch"]) for r in samples)
-    corrected = latency.drift_corrected_ms(records)  # what `latency fit` learns from (as measured without an anchor)
-    measured = np.array([corrected[i] for i, r in enumerate(records) if not r.get("reference")])
+    measured = np.array([r["latency"]["median_ms"] for r in samples])
     noise = [r["latency"]["iqr_ms"] / r["latency"]["median_ms"] for r in samples]
     out = {"data": str(args.data), "profiled": len(samples), "median_noise": float(np.median(noise)), "sizes": {}}
     print(f"{args.data}: {len(samples)} architectures, median IQR/median {100 * np.median(noise):.1f}%")
