@@ -259,3 +259,34 @@ def test_metrics_go_to_tensorboard_when_installed(tmp_path, corpus, space_file):
     pytest.importorskip("tensorboard")
     pretrain(_settings(tmp_path, corpus, space_file, max_steps=2))
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("distill_from", ["teacher", "largest"])
+def test_in_place_distillation_teaches_the_smaller_sub_models_with_the_largest(tmp_path, corpus, space_file,
+                                                                               monkeypatch, distill_from):
+    """--distill-from largest: in a sandwich step the largest sub-model learns from the teacher and
+    every other sub-model from the largest's own (gradient-free) outputs; teacher: all from the teacher."""
+    import autotinybert.pretrain as pretrain_module
+
+    tokenizer = train_wordpiece([corpus], 150, tmp_path / "tok")
+    teacher = _tiny_teacher(tmp_path, len(tokenizer))
+    targets: list[torch.Tensor] = []
+    real_kd_loss = pretrain_module.kd_loss
+
+    def recording(student_scores, teacher_scores, student_fit, teacher_hidden, *args):
+        targets.append(teacher_hidden)
+        return real_kd_loss(student_scores, teacher_scores, student_fit, teacher_hidden, *args)
+
+    monkeypatch.setattr(pretrain_module, "kd_loss", recording)
+    settings = _settings(tmp_path, corpus, space_file, vocab_size=None, tokenizer=str(tmp_path / "tok"),
+                         objective="kd", teacher=str(teacher), sampling="sandwich", distill_from=distill_from,
+                         max_steps=1, eval_every=100)
+    pretrain(settings)
+    largest, smallest, random_draw = targets[:3]  # step 1's sandwich, in training order
+    assert not any(t.requires_grad for t in targets[:3])
+    if distill_from == "largest":
+        assert torch.equal(smallest, random_draw) and not torch.allclose(smallest, largest)
+        with pytest.raises(UserError, match="--sampling sandwich"):
+            replace(settings, sampling="random")
+    else:
+        assert torch.equal(largest, smallest) and torch.equal(smallest, random_draw)

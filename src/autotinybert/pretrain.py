@@ -175,6 +175,25 @@ class Teacher:
         return hidden, scores
 
 
+class InPlaceTargets:
+    """In-place distillation's teacher (BigNAS): the KD targets of one batch from the step's largest
+    sub-model, computed once without gradient and dropout, in the teacher's shape (the fit layer's
+    output and the last layer's attention scores), for every smaller sub-model of the step."""
+
+    def __init__(self, model: SuperBertForPreTraining, largest: Arch, batch: dict[str, torch.Tensor]) -> None:
+        training = model.training
+        model.set_arch(largest)
+        model.eval()
+        with torch.no_grad():
+            out = model(batch["original_ids"], batch["attention_mask"], output_attention_scores=True,
+                        compute_logits=False)
+        model.train(training)
+        self.hidden, self.scores = out.fit_hidden_state.detach(), out.attention_scores.detach()
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.hidden, self.scores
+
+
 def kd_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, student_fit: torch.Tensor,
             teacher_hidden: torch.Tensor, attention_mask: torch.Tensor,
             shares: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
@@ -191,7 +210,7 @@ def kd_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, student_
 
 
 def step_loss(model: SuperBertForPreTraining, batch: dict[str, torch.Tensor], objective: str,
-              teacher: Teacher | None, shares: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              teacher: Teacher | InPlaceTargets | None, shares: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of the active sub-model on one batch, with its parts for logging.
 
     MLM reads the masked ids; KD reads the original text, as the teacher does. ``shares``
@@ -620,11 +639,14 @@ def _train_step(run: _Run, step: int, stop: StopOnSigterm) -> tuple[list[Arch], 
     losses: dict[str, float] = {"loss": 0.0}
     for micro, (batch, shares) in enumerate(zip(batches, loss_shares(batches, workers))):
         run.tokens_seen += int(batch["attention_mask"].sum()) * len(archs)
+        # Sandwich order: archs[0] is the largest; with in-place distillation it teaches the rest.
+        targets = InPlaceTargets(run.model, archs[0], batch) if s.distill_from == "largest" else None
         for index, arch in enumerate(archs):
             torch.manual_seed(derive_seed(s.seed, step, workers.rank, micro, index, 2))
             run.model.set_arch(arch)
+            teacher = targets if targets is not None and index > 0 else run.teacher
             with run.autocast:
-                loss, parts = step_loss(run.model, batch, s.objective, run.teacher, shares)
+                loss, parts = step_loss(run.model, batch, s.objective, teacher, shares)
             if loss.requires_grad:
                 (loss / len(archs)).backward()
             for key, value in {"loss": loss.item(), **parts}.items():

@@ -146,6 +146,10 @@ class PretrainSettings(Options):
     sampling: str = option("random", "random (one sub-model per step, the paper), per-worker or sandwich",
                            choices=SAMPLING_RULES, group="model")
     samples_per_batch: int = option(1, "sub-models per step, gradients summed", minimum=1, group="model")
+    distill_from: str = option("teacher", "KD target of the sub-models after the largest in a sandwich step: teacher, "
+                                          "or largest (in-place distillation: the step's largest sub-model, no "
+                                          "gradient, as in BigNAS; the largest itself learns from the teacher)",
+                               choices=("teacher", "largest"), group="model")
     arch: str | None = option(None, "train this one architecture (further training), e.g. L4-H312-F1200-A12-Q312",
                               group="model")
     init: str | None = option(None, "initial weights: a SuperPLM directory or an extracted checkpoint", group="model",
@@ -175,6 +179,9 @@ class PretrainSettings(Options):
         """Rules between options (each option's own range is checked by its declaration)."""
         if self.objective in ("kd", "both") and not self.teacher:
             raise UserError(f"--objective {self.objective} needs --teacher DIR (a local BERT-family checkpoint)")
+        if self.distill_from == "largest" and (self.objective != "kd" or self.sampling != "sandwich"):
+            raise UserError("--distill-from largest needs --objective kd and --sampling sandwich (the largest "
+                            "sub-model of each step teaches the others)")
 
     @property
     def space_limits(self) -> dict[str, int]:
