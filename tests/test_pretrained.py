@@ -244,3 +244,34 @@ def test_evaluate_table_compares_every_row_with_the_reference(capsys, tmp_path):
     assert "% of reference" in lines[0] and lines[2].startswith("| source") and lines[2].endswith("100.0% |")
     assert lines[3].startswith("| small") and lines[3].endswith(" 90.0% |")  # (81 + 54) / (90 + 60)
     assert main(["evaluate", "--model", str(small), "--reference", str(source)]) == 2
+
+
+def test_layer_mapped_hidden_term_maps_student_layers_onto_teacher_layers(tmp_path):
+    """--kd-layers mapped: student layer i of L learns from teacher layer round(i * L_t / L). From a
+    3-layer source, the largest sub-model is the source (term 0); the 2-layer one's first layer (the
+    source's layer 1) is held against the source's layer 2, the exact MSE between those two."""
+    from autotinybert.pretrain import layer_map, step_loss
+
+    assert layer_map(2, 6) == [3, 6] and layer_map(4, 6) == [2, 3, 4, 6] and layer_map(3, 3) == [1, 2, 3]
+    torch.manual_seed(3)
+    encoder = _randomise(BertModel(BertConfig(**{**CONFIG, "num_hidden_layers": 3}))).eval()
+    path = tmp_path / "encoder"
+    encoder.save_pretrained(path)
+    _tokenizer(path).save_pretrained(path)
+    assert main(["init", "--from", str(path), "--out", str(tmp_path / "superplm"), "--importance", "none"]) == 0
+    superplm = load_supernet(tmp_path / "superplm").eval()
+    teacher = Teacher(path, torch.device("cpu"))
+    batch = {**_batch(), "original_ids": _batch()["input_ids"]}
+    largest = superplm.config.search_space.largest()
+    with torch.no_grad():
+        superplm.set_arch(largest)
+        _, full = step_loss(superplm, batch, "kd", teacher, kd_layers="mapped")
+        superplm.set_arch(Arch(2, largest.hidden_size, largest.intermediate_size, largest.num_attention_heads,
+                               largest.qkv_size))
+        _, two = step_loss(superplm, batch, "kd", teacher, kd_layers="mapped")
+        _, last_only = step_loss(superplm, batch, "kd", teacher)
+    assert full["kd_mapped_loss"] < 1e-9 and full["kd_loss"] < 1e-9
+    keep = batch["attention_mask"].bool()
+    expected = torch.nn.functional.mse_loss(teacher.layers[0][keep], teacher.layers[1][keep]).item()
+    assert two["kd_mapped_loss"] == pytest.approx(expected, rel=1e-4) and expected > 1e-3
+    assert "kd_mapped_loss" not in last_only and last_only["kd_loss"] == pytest.approx(two["kd_loss"])

@@ -370,13 +370,16 @@ class SuperBertForPreTraining(SuperBertPreTrainedModel):
             logits = self.mlm_logits(hidden)
             if labels is not None:
                 loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
-        fit = None
-        if self.fit_dense is not None:
-            fit = F.linear(hidden, self.fit_dense.weight[:, : hidden.shape[-1]], self.fit_dense.bias)
         return SuperBertPreTrainingOutput(
             loss=loss, logits=logits, last_hidden_state=hidden, hidden_states=out.hidden_states,
-            attention_scores=out.attention_scores, fit_hidden_state=fit,
+            attention_scores=out.attention_scores, fit_hidden_state=self.fit(hidden),
         )
+
+    def fit(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The KD fit layer: (..., d_m) -> (..., teacher width), or None without a teacher width."""
+        if self.fit_dense is None:
+            return None
+        return F.linear(hidden, self.fit_dense.weight[:, : hidden.shape[-1]], self.fit_dense.bias)
 
 
 # --- slicing for export -------------------------------------------------------------------------

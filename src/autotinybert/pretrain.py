@@ -39,7 +39,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -165,7 +165,9 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """(last hidden state, last layer's attention scores); `layers` holds every layer's hidden state."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden, self.layers = out.last_hidden_state, out.hidden_states[1:]
         x = self._query_key_input
         batch, seq_len, _ = x.shape
         heads = self.config.num_attention_heads
@@ -185,8 +187,9 @@ class InPlaceTargets:
         model.set_arch(largest)
         model.eval()
         with torch.no_grad():
-            out = model(batch["original_ids"], batch["attention_mask"], output_attention_scores=True,
-                        compute_logits=False)
+            out = model(batch["original_ids"], batch["attention_mask"], output_hidden_states=True,
+                        output_attention_scores=True, compute_logits=False)
+            self.layers = tuple(model.fit(h) for h in out.hidden_states[1:])  # as `Teacher.layers`
         model.train(training)
         self.hidden, self.scores = out.fit_hidden_state.detach(), out.attention_scores.detach()
 
@@ -210,7 +213,8 @@ def kd_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, student_
 
 
 def step_loss(model: SuperBertForPreTraining, batch: dict[str, torch.Tensor], objective: str,
-              teacher: Teacher | InPlaceTargets | None, shares: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              teacher: Teacher | InPlaceTargets | None, shares: dict[str, float] | None = None,
+              kd_layers: str = "last") -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of the active sub-model on one batch, with its parts for logging.
 
     MLM reads the masked ids; KD reads the original text, as the teacher does. ``shares``
@@ -228,12 +232,34 @@ def step_loss(model: SuperBertForPreTraining, batch: dict[str, torch.Tensor], ob
     if objective in ("kd", "both"):
         hidden, scores = teacher(batch["original_ids"], batch["attention_mask"])
         student = model(batch["original_ids"], batch["attention_mask"], output_attention_scores=True,
-                        compute_logits=False)
+                        output_hidden_states=kd_layers == "mapped", compute_logits=False)
         distill = kd_loss(student.attention_scores.float(), scores.float(), student.fit_hidden_state.float(),
                           hidden.float(), batch["attention_mask"], (shares.get("pairs", 1.0), shares.get("tokens", 1.0)))
-        loss = loss + distill
         parts["kd_loss"] = distill.item()
+        if kd_layers == "mapped":
+            mapped = mapped_hidden_loss([model.fit(h) for h in student.hidden_states[1:]], teacher.layers,
+                                        batch["attention_mask"]) * shares.get("tokens", 1.0)
+            distill = distill + mapped
+            parts["kd_mapped_loss"] = mapped.item()
+        loss = loss + distill
     return loss, parts
+
+
+def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """Teacher layer (1-based) each student layer 1..L learns from: round(i * L_teacher / L), so the
+    last layer maps onto the last (TinyBERT's uniform map)."""
+    return [max(1, round(i * teacher_layers / student_layers)) for i in range(1, student_layers + 1)]
+
+
+def mapped_hidden_loss(student_fit: list[torch.Tensor], teacher_layers: Sequence[torch.Tensor],
+                       attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean hidden-state MSE of every student layer but the last (the paper's term has that one)
+    against its mapped teacher layer, over real tokens; zero for a one-layer student."""
+    keep = attention_mask.bool()
+    pairs = list(zip(student_fit, layer_map(len(student_fit), len(teacher_layers))))[:-1]
+    if not pairs:
+        return student_fit[-1].new_zeros(())
+    return sum(F.mse_loss(s[keep].float(), teacher_layers[t - 1][keep].float()) for s, t in pairs) / len(pairs)
 
 
 def loss_shares(batches: list[dict[str, torch.Tensor]], workers: Workers) -> list[dict[str, float]]:
@@ -646,7 +672,7 @@ def _train_step(run: _Run, step: int, stop: StopOnSigterm) -> tuple[list[Arch], 
             run.model.set_arch(arch)
             teacher = targets if targets is not None and index > 0 else run.teacher
             with run.autocast:
-                loss, parts = step_loss(run.model, batch, s.objective, teacher, shares)
+                loss, parts = step_loss(run.model, batch, s.objective, teacher, shares, s.kd_layers)
             if loss.requires_grad:
                 (loss / len(archs)).backward()
             for key, value in {"loss": loss.item(), **parts}.items():

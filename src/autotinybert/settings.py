@@ -150,6 +150,10 @@ class PretrainSettings(Options):
                                           "or largest (in-place distillation: the step's largest sub-model, no "
                                           "gradient, as in BigNAS; the largest itself learns from the teacher)",
                                choices=("teacher", "largest"), group="model")
+    kd_layers: str = option("last", "hidden-state KD: last (the paper: the last layer through the fit layer) or "
+                                    "mapped (also every other layer i of L, through the same fit layer, against "
+                                    "teacher layer round(i * L_teacher / L); TinyBERT's uniform map)",
+                            choices=("last", "mapped"), group="model")
     arch: str | None = option(None, "train this one architecture (further training), e.g. L4-H312-F1200-A12-Q312",
                               group="model")
     init: str | None = option(None, "initial weights: a SuperPLM directory or an extracted checkpoint", group="model",
