@@ -44,10 +44,13 @@ from autotinybert.files import atomic_write_json  # noqa: E402
 from autotinybert.space import Arch, SearchSpace, parameter_count  # noqa: E402
 
 TASKS = ("sst2", "mrpc", "stsb", "rte", "cola")
-VARIANTS = ("ordered", "firstk", "random", "bert")
 LABELS = {"ordered": "(a) searched, ordered start", "firstk": "(b) same arch, first-k start",
-          "random": "(c) searched, random start", "bert": "(d) BERT-ratio, ordered start"}
-SUPERPLMS = ("ordered", "firstk", "random")
+          "random": "(c) searched, random start", "bert": "(d) BERT-ratio, ordered start",
+          "inplace": "(e) same arch, ordered + in-place distillation", "mapped": "(f) same arch, ordered + layer-mapped KD"}
+# SuperPLM -> (its start, what its one-shot training adds to the common settings)
+SUPERPLMS = {"ordered": ("ordered", []), "firstk": ("firstk", []), "random": ("ordered", None),
+             "inplace": ("ordered", ["--distill-from", "largest"]), "mapped": ("ordered", ["--kd-layers", "mapped"])}
+TRAINING_ABLATIONS = ("inplace", "mapped")  # the searched arch (a) again, from a SuperPLM trained another way
 
 
 def _exists(path: Path):
@@ -69,8 +72,8 @@ def superplm_jobs(args) -> list[Job]:
     """One-shot KD training, sandwich sampling, the source as teacher; identical settings for all three.
     The random one shares the ordered start's space and tokenizer but not its weights."""
     jobs = []
-    for name in SUPERPLMS:
-        start = args.work / "start" / ("firstk" if name == "firstk" else "ordered")
+    for name, (start_name, extra) in SUPERPLMS.items():
+        start = args.work / "start" / start_name
         out = args.work / "superplm" / name
         argv = ["pretrain", "--corpus", *args.corpus, "--space", str(start), "--tokenizer", str(start),
                 "--teacher", args.source, "--objective", "kd", "--sampling", "sandwich",
@@ -78,8 +81,7 @@ def superplm_jobs(args) -> list[Job]:
                 "--max-steps", str(args.steps), "--lr", str(args.pretrain_lr), "--warmup-ratio", "0.1",
                 "--eval-every", str(args.steps), "--eval-batches", "4", "--save-every", "25", "--log-every", "10",
                 "--cache-dir", str(args.cache_dir), "--seed", "0", "--out", str(out), "--no-progress"]
-        if name != "random":
-            argv += ["--init", str(start)]
+        argv += ["--init", str(start), *extra] if extra is not None else []  # random: the start's space only
         if args.valid_corpus:
             argv += ["--valid-corpus", *args.valid_corpus]
         jobs.append(Job(f"superplm-{name}", argv, out, _exists(out / "results.json"),
@@ -137,7 +139,9 @@ def choose_models(args, space: SearchSpace, targets: dict[str, float]) -> dict[s
         searched = Arch.parse(best["ordered"][index]["arch"])
         chosen[target] = {"ordered": str(searched), "firstk": str(searched),
                           "random": best["random"][index]["arch"],
-                          "bert": str(bert_ratio(space, searched.num_hidden_layers, ms, predictor.predict))}
+                          "bert": str(bert_ratio(space, searched.num_hidden_layers, ms, predictor.predict)),
+                          **({name: str(searched) for name in TRAINING_ABLATIONS} if target in args.ablation_targets
+                             else {})}
     return chosen
 
 
@@ -271,6 +275,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-train-examples", type=int, default=2000)
     p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak learning rate")
+    p.add_argument("--ablation-targets", nargs="*", default=["3x"], help="targets where (e) in-place distillation "
+                   "and (f) layer-mapped KD are compared (their SuperPLMs are trained regardless)")
     p.add_argument("--correlate-samples", type=int, default=12)
     p.add_argument("--correlate-task", default="sst2")
     p.add_argument("--parallel", type=int, default=2, help="processes at once (1 thread each)")
