@@ -458,25 +458,31 @@ def test_bundle_runner_needs_only_onnxruntime_and_numpy(tmp_path, capsys):
 
 
 def test_drift_anchor_is_timed_in_every_chunk_and_divides_out_drift():
-    """A machine that runs twice as slow from the second chunk on: every raw median doubles with it,
-    the anchor timed in each chunk sees the same, and the corrected latencies are all equal again."""
-    clock = {"speed": 0, "now": 0.0}
+    """A machine that runs twice as slow from the fourth chunk on: every raw median doubles with it,
+    the anchor timed in each chunk sees the same, and the corrected latencies are all equal again
+    (the median over neighbouring chunks keeps the step: drift is corrected where it happens)."""
+    clock = {"chunk": 0, "now": 0.0}
 
     def next_chunk():  # called once per chunk, inside the timed context
-        clock["speed"] += 1
+        clock["chunk"] += 1
 
-    def timer():  # every timed call lasts 0.5 ms x the chunk's slowness
-        clock["now"] += clock["speed"] * 0.0005
+    def timer():  # every timed call lasts 0.5 ms, 1 ms from the fourth chunk on
+        clock["now"] += 0.0005 * (1 if clock["chunk"] <= 3 else 2)
         return clock["now"]
 
-    settings = dataclasses.replace(LatencySettings(**FAST), interleave=2)
-    archs = [TINY, Arch(1, 24, 24, 2, 24)] * 2
+    settings = dataclasses.replace(LatencySettings(**FAST), interleave=1)
+    archs = [TINY, Arch(1, 24, 24, 2, 24)] * 3
     records = latency.measure_many(archs, settings, timer=timer, probe=next_chunk, anchor=latency.timing.DRIFT_ANCHOR)
-    raw = [r["latency"]["median_ms"] for r in records]
-    assert raw == pytest.approx([0.5, 0.5, 1.0, 1.0])
-    assert [r["anchor"]["median_ms"] for r in records] == pytest.approx([0.5, 0.5, 1.0, 1.0])
-    assert latency.drift_corrected_ms(records) == pytest.approx([0.75] * 4)
+    assert [r["latency"]["median_ms"] for r in records] == pytest.approx([0.5] * 3 + [1.0] * 3)
+    assert [r["anchor"]["median_ms"] for r in records] == pytest.approx([0.5] * 3 + [1.0] * 3)
+    assert latency.drift_corrected_ms(records) == pytest.approx([0.75] * 6)
     assert "anchor" not in latency.measure_many(archs[:1], settings, timer=timer)[0]
+
+
+def test_one_noisy_anchor_timing_is_outvoted_by_its_neighbours():
+    records = [{"latency": {"median_ms": 10.0}, "anchor": {"median_ms": a, "chunk": i}}
+               for i, a in enumerate((1.0, 1.0, 1.5, 1.0, 1.0))]
+    assert latency.drift_corrected_ms(records) == pytest.approx([10.0] * 5)
 
 
 def test_fit_learns_from_drift_corrected_latency():
@@ -484,9 +490,9 @@ def test_fit_learns_from_drift_corrected_latency():
     sees the corrected numbers, so it learns exactly what it learns from the steady profile."""
     steady = _synthetic_records(40, _known)
     drifted = json.loads(json.dumps(steady))
-    for i, record in enumerate(drifted):
-        slow = 1.3 if i % 2 else 1.0  # the typical (median) anchor over the file stays 1.0
-        record["anchor"] = {"median_ms": slow}
+    for i, record in enumerate(drifted):  # chunks of 5 records; every third chunk runs 1.3x slower
+        slow = 1.3 if i // 5 in (3, 4, 5) else 1.0  # a slow stretch of 3 chunks; the typical anchor stays 1.0
+        record["anchor"] = {"median_ms": slow, "chunk": i // 5}
         record["latency"]["median_ms"] *= slow
     _, reference = latency.fit(steady, epochs=50, folds=3)
     _, report = latency.fit(drifted, epochs=50, folds=3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -127,7 +128,7 @@ def measure_many(archs: Sequence[Arch | str], settings: LatencySettings = Latenc
     fp = fingerprint(settings)
     records = []
     for begin in range(0, len(archs), settings.interleave):
-        chunk = archs[begin:begin + settings.interleave]
+        chunk, started = archs[begin:begin + settings.interleave], time.time()
         with tempfile.TemporaryDirectory(prefix="autotinybert-latency-") as tmp, torch_threads(settings.threads), \
                 torch.inference_mode():
             runs = {}
@@ -139,7 +140,7 @@ def measure_many(archs: Sequence[Arch | str], settings: LatencySettings = Latenc
             timed = time_interleaved(runs, warmup=settings.warmup, repeats=settings.repeats,
                                      max_repeats=settings.max_repeats, tolerance=settings.tolerance,
                                      noise_limit=settings.noise_limit, timer=timer, seed=begin)
-        drift = _anchor_record(anchor, timed.pop(len(chunk))) if anchor is not None else None
+        drift = _anchor_record(anchor, timed.pop(len(chunk)), started) if anchor is not None else None
         noisy = [str(chunk[i]) for i, result in timed.items() if result["noisy"]]
         if noisy:
             warnings.warn(f"{len(noisy)} latency measurement(s) stayed noisier than {settings.noise_limit:.0%} "
@@ -162,9 +163,10 @@ def measure_many(archs: Sequence[Arch | str], settings: LatencySettings = Latenc
     return records
 
 
-def _anchor_record(anchor: Arch, result: dict[str, Any]) -> dict[str, Any]:
+def _anchor_record(anchor: Arch, result: dict[str, Any], started: float) -> dict[str, Any]:
+    """The anchor's timing in one chunk; ``chunk`` (when the chunk started) tells chunks apart."""
     latency = summarize(result["times_ms"])
-    return {"arch": str(anchor), "median_ms": latency["median_ms"], "noise": latency["noise"]}
+    return {"arch": str(anchor), "median_ms": latency["median_ms"], "noise": latency["noise"], "chunk": started}
 
 
 def measure(arch: Arch | str, settings: LatencySettings = LatencySettings(), *,
