@@ -118,14 +118,17 @@ def search_jobs(args, targets_ms: Sequence[float]) -> list[Job]:
 
 
 def bert_ratio(space: SearchSpace, layers: int, target_ms: float, predict) -> Arch:
-    """F = 4H, Q = H at the given depth with the source's heads: the widest H predicted under the target."""
+    """F = 4H, Q = H with the source's heads: the widest H predicted under the target at the searched
+    depth, or at the deepest depth below it where one fits (a narrow deep search result can be
+    faster than every BERT-ratio model of its depth)."""
     heads = space.heads.max  # Q = H must split into the source's heads
     widths = range(space.hidden.max - space.hidden.max % heads, space.hidden.min - 1, -heads)
-    fitting = [a for a in (Arch(layers, h, 4 * h, heads, h) for h in widths)
-               if space.contains(a) and predict(a) <= target_ms]
-    if not fitting:
-        raise SystemExit(f"no BERT-ratio architecture of depth {layers} fits {target_ms:.2f} ms")
-    return fitting[0]
+    for depth in range(layers, 0, -1):
+        fitting = [a for a in (Arch(depth, h, 4 * h, heads, h) for h in widths)
+                   if space.contains(a) and predict(a) <= target_ms]
+        if fitting:
+            return fitting[0]
+    raise SystemExit(f"no BERT-ratio architecture fits {target_ms:.2f} ms")
 
 
 def choose_models(args, space: SearchSpace, targets: dict[str, float]) -> dict[str, dict[str, str]]:
