@@ -177,13 +177,16 @@ def measured_latency(args, source_arch: str, chosen: dict[str, dict[str, str]]) 
 
 # --- stage 6-7: fine-tuning and correlation ------------------------------------------------------
 def finetune_jobs(args, chosen: dict[str, dict[str, str]], source: Path) -> list[Job]:
-    """Seed by seed, so a run cut short has every model fine-tuned with the first seeds."""
+    """Seed by seed, so a run cut short has every model fine-tuned with the first seeds; the training
+    ablations (e), (f) with the first seed only (they compare SuperPLM training, not seeds)."""
     jobs = []
     for seed in args.seeds:
         jobs.append(finetune_run(args, f"finetune-source-seed{seed}", source,
                                  args.work / "finetune" / "source" / f"seed{seed}", seed))
         for target, variants in chosen.items():
             for variant in variants:
+                if variant in TRAINING_ABLATIONS and seed != args.seeds[0]:
+                    continue
                 jobs.append(finetune_run(args, f"finetune-{target}-{variant}-seed{seed}", model_dir(args, target, variant),
                                          args.work / "finetune" / f"{target}-{variant}" / f"seed{seed}", seed))
     return jobs
@@ -206,7 +209,8 @@ def correlate_job(args, target_ms: float) -> Job:
 
 # --- summary -----------------------------------------------------------------------------------
 def scores_of(args, run: str) -> dict[str, list[float]]:
-    return {t: [_results(args.work / "finetune" / run / f"seed{s}")["tasks"][t]["score"] for s in args.seeds]
+    seeds = [s for s in args.seeds if (args.work / "finetune" / run / f"seed{s}" / "results.json").is_file()]
+    return {t: [_results(args.work / "finetune" / run / f"seed{s}")["tasks"][t]["score"] for s in seeds]
             for t in args.tasks}
 
 
@@ -283,6 +287,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--correlate-samples", type=int, default=12)
     p.add_argument("--correlate-task", default="sst2")
     p.add_argument("--parallel", type=int, default=2, help="processes at once (1 thread each)")
+    p.add_argument("--summary-only", action="store_true", help="summarise the fine-tuning runs finished so far "
+                   "(seeds not finished for a model are left out of its cells) without starting the rest")
     p.add_argument("--json", type=Path, help="also write the summary JSON here")
     p.add_argument("--markdown", type=Path, help="also write the markdown table here")
     args = p.parse_args(argv)
@@ -314,8 +320,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_jobs(extract_jobs(args, chosen), args.parallel, logs)
     latency = measured_latency(args, source["arch"], chosen)  # quiet: nothing else runs now
     third = targets.get("3x", list(targets.values())[len(targets) // 2])
-    run_jobs([*finetune_jobs(args, chosen, Path(resolve_model(args.source))), correlate_job(args, third)],
-             args.parallel, logs)
+    if not args.summary_only:  # the fine-tuning is the long part: a summary may be taken before it ends
+        run_jobs([correlate_job(args, third), *finetune_jobs(args, chosen, Path(resolve_model(args.source)))],
+                 args.parallel, logs)
     summary = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "source": source, "targets_ms": targets, "models": chosen,
                **summarize(args, source, targets, chosen, latency, args.vocab_size),
