@@ -242,13 +242,14 @@ def _superplm_summary(run: Path) -> dict:
 
 def markdown(summary: dict, tasks: Sequence[str]) -> str:
     names = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE", "cola": "CoLA"}
-    lines = ["| target | model | architecture | ms (speedup) | params (M) | "
+    lines = ["| target | model | architecture | ms (speedup) | params (M) | seeds | "
              + " | ".join(names.get(t, t) for t in tasks) + " | avg | % of source |",
-             "|" + "---|" * (7 + len(tasks))]
+             "|" + "---|" * (8 + len(tasks))]
     for r in summary["rows"]:
         label = "source (reference)" if r["variant"] == "source" else LABELS[r["variant"]]
         lines.append(f"| {r['target']} | {label} | {r['arch']} | {r['ms']:.2f} ({r['speedup']:.2f}×) | "
-                     f"{r['params'] / 1e6:.1f} | " + " | ".join(_cell(r["scores"][t]) for t in tasks)
+                     f"{r['params'] / 1e6:.1f} | {len(r['scores'][tasks[0]])} | "
+                     + " | ".join(_cell(r["scores"][t]) for t in tasks)
                      + f" | {r['avg']:.1f} | {100 * r['share_of_source']:.1f} % |")
     c = summary["correlate"]
     def number(key: str) -> str:  # undefined (None) when one evaluator gave every architecture the same score
