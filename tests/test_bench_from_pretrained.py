@@ -1,0 +1,33 @@
+"""bench/from_pretrained.py: the BERT-ratio reference architecture at a latency target."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from autotinybert.space import Arch, Dim, SearchSpace
+
+_BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(_BENCH))  # the bench imports its sibling paper_claim
+_spec = importlib.util.spec_from_file_location("from_pretrained", _BENCH / "from_pretrained.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+# all-MiniLM-L6-v2's kd space: 12 heads, Q on a step-12 grid
+SPACE = SearchSpace(mode="kd", layers=Dim(1, 6), hidden=Dim(128, 384, 4), ffn=Dim(128, 1536, 4), heads=Dim(12, 12),
+                    qkv=Dim(84, 384, 12))
+
+
+def _ms(arch: Arch) -> float:  # a latency law: per layer, proportional to the hidden size
+    return arch.num_hidden_layers * arch.hidden_size / 100
+
+
+def test_bert_ratio_is_the_widest_bert_shape_under_the_target_at_the_searched_depth():
+    arch = bench.bert_ratio(SPACE, 4, 10.0, _ms)
+    assert arch == Arch(4, 240, 960, 12, 240)  # 4 x 2.40 <= 10 < 4 x 2.52; H a multiple of the 12 heads
+    assert _ms(Arch(4, 252, 1008, 12, 252)) > 10.0
+
+
+def test_bert_ratio_goes_shallower_when_no_width_of_the_searched_depth_fits():
+    assert bench.bert_ratio(SPACE, 6, 5.5, _ms) == Arch(4, 132, 528, 12, 132)  # depth 6 and 5 need H <= 110
