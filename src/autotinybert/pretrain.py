@@ -6,7 +6,9 @@
   gradients of several draws (official ``sample_times_per_batch``).
 * Objectives: ``mlm`` (AutoTinyBERT-MLM), ``kd`` (AutoTinyBERT-KD: MSE between the last layer's
   pre-softmax attention scores of student and teacher + MSE between the fit layer applied to the
-  student's last hidden state and the teacher's), or ``both`` (their sum).
+  student's last hidden state and the teacher's), or ``both`` (their sum). ``--kd-layers mapped``
+  adds every other layer against teacher layer round(i·L_t/L); ``--distill-from largest`` makes a
+  sandwich step's largest sub-model the KD target of the others (in-place distillation).
 * Determinism: every random choice of step ``s`` is derived from ``(seed, s, ...)``: the
   architectures from ``(seed, s, worker)``, the data order from ``(seed, epoch)``, the masks of a
   sequence from ``(seed, s, its row in the corpus)``, dropout from ``(seed, s, worker,
