@@ -209,9 +209,10 @@ def correlate_job(args, target_ms: float) -> Job:
 
 # --- summary -----------------------------------------------------------------------------------
 def scores_of(args, run: str) -> dict[str, list[float]]:
-    seeds = [s for s in args.seeds if (args.work / "finetune" / run / f"seed{s}" / "results.json").is_file()]
-    return {t: [_results(args.work / "finetune" / run / f"seed{s}")["tasks"][t]["score"] for s in seeds]
-            for t in args.tasks}
+    runs = [args.work / "finetune" / run / f"seed{s}" for s in args.seeds]
+    done = [_results(r)["tasks"] for r in runs if (r / "results.json").is_file()]
+    done = [tasks for tasks in done if set(args.tasks) <= set(tasks)]  # a run still going has some tasks only
+    return {t: [tasks[t]["score"] for tasks in done] for t in args.tasks}
 
 
 def average(scores: dict[str, list[float]]) -> float:
