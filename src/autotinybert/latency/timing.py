@@ -121,45 +121,59 @@ def measure_many(archs: Sequence[Arch | str], settings: LatencySettings = Latenc
     the anchor's median (``anchor``), which `fitting.drift_corrected_ms` uses to divide out slow
     drift of the machine between chunks.
     """
-    import torch
-
     archs = [Arch.parse(a) if isinstance(a, str) else a for a in archs]
     timer = timer or settings.timer()
     fp = fingerprint(settings)
     records = []
-    for begin in range(0, len(archs), settings.interleave):
-        chunk, started = archs[begin:begin + settings.interleave], time.time()
-        with tempfile.TemporaryDirectory(prefix="autotinybert-latency-") as tmp, torch_threads(settings.threads), \
-                torch.inference_mode():
-            runs = {}
-            for i, arch in enumerate(chunk + ([anchor] if anchor is not None else [])):
-                runs[i] = (_torch_run(arch, settings) if settings.engine == "torch"
-                           else _onnx_run(arch, settings, Path(tmp) / str(i)))
-            if probe is not None:
-                probe()
-            timed = time_interleaved(runs, warmup=settings.warmup, repeats=settings.repeats,
-                                     max_repeats=settings.max_repeats, tolerance=settings.tolerance,
-                                     noise_limit=settings.noise_limit, timer=timer, seed=begin)
-        drift = _anchor_record(anchor, timed.pop(len(chunk)), started) if anchor is not None else None
-        noisy = [str(chunk[i]) for i, result in timed.items() if result["noisy"]]
-        if noisy:
-            warnings.warn(f"{len(noisy)} latency measurement(s) stayed noisier than {settings.noise_limit:.0%} "
-                          f"IQR / median after re-measuring ({', '.join(noisy)}): the machine is too busy to trust "
-                          "them; use --clock cpu with --threads 1, or a quieter machine", stacklevel=2)
-        for i, arch in enumerate(chunk):
-            result = timed[i]
-            record = {
-                "arch": str(arch),
-                "latency": summarize(result["times_ms"]),
-                "rounds": result["rounds"], "remeasured": result["remeasured"], "noisy": result["noisy"],
-                "parameters": parameter_count(arch, settings.vocab_size, max(512, settings.seq_len), pooler=True),
-                "flops": flops(arch, settings.batch_size, settings.seq_len),
-                "fingerprint": fp,
-                **({"anchor": drift} if drift else {}),
-            }
-            records.append(record)
-            if on_record is not None:
-                on_record(record)
+    with tempfile.TemporaryDirectory(prefix="autotinybert-anchor-") as anchor_tmp:
+        # Built (and for ONNX exported and quantised) once, then timed again in every chunk.
+        anchor_run = _deployed_run(anchor, settings, Path(anchor_tmp)) if anchor is not None else None
+        for begin in range(0, len(archs), settings.interleave):
+            chunk = archs[begin:begin + settings.interleave]
+            records += _measure_chunk(chunk, settings, timer, probe, on_record, anchor, anchor_run, begin, fp)
+    return records
+
+
+def _deployed_run(arch: Arch, settings: LatencySettings, directory: Path) -> Callable[[], Any]:
+    return _torch_run(arch, settings) if settings.engine == "torch" else _onnx_run(arch, settings, directory)
+
+
+def _measure_chunk(chunk: list[Arch], settings: LatencySettings, timer, probe, on_record, anchor: Arch | None,
+                   anchor_run: Callable[[], Any] | None, begin: int, fp: dict[str, Any]) -> list[dict[str, Any]]:
+    """One interleaved chunk of `measure_many` (with the anchor, when given, as one more run)."""
+    import torch
+
+    records, started = [], time.time()
+    with tempfile.TemporaryDirectory(prefix="autotinybert-latency-") as tmp, torch_threads(settings.threads), \
+            torch.inference_mode():
+        runs = {i: _deployed_run(arch, settings, Path(tmp) / str(i)) for i, arch in enumerate(chunk)}
+        if anchor_run is not None:
+            runs[len(chunk)] = anchor_run
+        if probe is not None:
+            probe()
+        timed = time_interleaved(runs, warmup=settings.warmup, repeats=settings.repeats,
+                                 max_repeats=settings.max_repeats, tolerance=settings.tolerance,
+                                 noise_limit=settings.noise_limit, timer=timer, seed=begin)
+    drift = _anchor_record(anchor, timed.pop(len(chunk)), started) if anchor is not None else None
+    noisy = [str(chunk[i]) for i, result in timed.items() if result["noisy"]]
+    if noisy:
+        warnings.warn(f"{len(noisy)} latency measurement(s) stayed noisier than {settings.noise_limit:.0%} "
+                      f"IQR / median after re-measuring ({', '.join(noisy)}): the machine is too busy to trust "
+                      "them; use --clock cpu with --threads 1, or a quieter machine", stacklevel=3)
+    for i, arch in enumerate(chunk):
+        result = timed[i]
+        record = {
+            "arch": str(arch),
+            "latency": summarize(result["times_ms"]),
+            "rounds": result["rounds"], "remeasured": result["remeasured"], "noisy": result["noisy"],
+            "parameters": parameter_count(arch, settings.vocab_size, max(512, settings.seq_len), pooler=True),
+            "flops": flops(arch, settings.batch_size, settings.seq_len),
+            "fingerprint": fp,
+            **({"anchor": drift} if drift else {}),
+        }
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
     return records
 
 
