@@ -31,17 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_claim import (Job, _cell, _results, finetune_run, latency_settings, publish, run_jobs,  # noqa: E402
-                         stage_predictor)
+from autotinybert.files import atomic_write_json
+from autotinybert.space import Arch, SearchSpace, parameter_count
 
-from autotinybert.files import atomic_write_json  # noqa: E402
-from autotinybert.space import Arch, SearchSpace, parameter_count  # noqa: E402
+from jobs import Job, cell, finetune_run, latency_settings, publish, results_of, run_jobs, stage_predictor
 
 TASKS = ("sst2", "mrpc", "stsb", "rte", "cola")
 LABELS = {"ordered": "(a) searched, ordered start", "firstk": "(b) same arch, first-k start",
@@ -181,14 +178,15 @@ def finetune_jobs(args, chosen: dict[str, dict[str, str]], source: Path) -> list
     ablations (e), (f) with the first seed only (they compare SuperPLM training, not seeds)."""
     jobs = []
     for seed in args.seeds:
-        jobs.append(finetune_run(args, f"finetune-source-seed{seed}", source,
-                                 args.work / "finetune" / "source" / f"seed{seed}", seed))
+        jobs.append(finetune_run(args, f"{args.finetune_dir}-source-seed{seed}", source,
+                                 args.work / args.finetune_dir / "source" / f"seed{seed}", seed))
         for target, variants in chosen.items():
             for variant in variants:
                 if variant in TRAINING_ABLATIONS and seed != args.seeds[0]:
                     continue
-                jobs.append(finetune_run(args, f"finetune-{target}-{variant}-seed{seed}", model_dir(args, target, variant),
-                                         args.work / "finetune" / f"{target}-{variant}" / f"seed{seed}", seed))
+                jobs.append(finetune_run(args, f"{args.finetune_dir}-{target}-{variant}-seed{seed}",
+                                         model_dir(args, target, variant),
+                                         args.work / args.finetune_dir / f"{target}-{variant}" / f"seed{seed}", seed))
     return jobs
 
 
@@ -207,10 +205,22 @@ def correlate_job(args, target_ms: float) -> Job:
                lambda: (out / "proxy-state.json").is_file(), _exists(args.work / "superplm" / "ordered" / "results.json"))
 
 
+def selected_models(args, chosen: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """``chosen`` (target -> variant -> arch) restricted to ``--models`` (every model without it)."""
+    if args.models is None:
+        return chosen
+    known = {f"{t}-{v}" for t, variants in chosen.items() for v in variants}
+    unknown = sorted(set(args.models) - known)
+    if unknown:
+        raise SystemExit(f"--models: no model {', '.join(unknown)} in this run; choose among {', '.join(sorted(known))}")
+    return {t: {v: a for v, a in variants.items() if f"{t}-{v}" in args.models} for t, variants in chosen.items()
+            if any(f"{t}-{v}" in args.models for v in variants)}
+
+
 # --- summary -----------------------------------------------------------------------------------
 def scores_of(args, run: str) -> dict[str, list[float]]:
-    runs = [args.work / "finetune" / run / f"seed{s}" for s in args.seeds]
-    done = [_results(r)["tasks"] for r in runs if (r / "results.json").is_file()]
+    runs = [args.work / args.finetune_dir / run / f"seed{s}" for s in args.seeds]
+    done = [results_of(r)["tasks"] for r in runs if (r / "results.json").is_file()]
     done = [tasks for tasks in done if set(args.tasks) <= set(tasks)]  # a run still going has some tasks only
     return {t: [tasks[t]["score"] for tasks in done] for t in args.tasks}
 
@@ -237,7 +247,7 @@ def summarize(args, source: dict, targets: dict[str, float], chosen, latency: di
 
 
 def _superplm_summary(run: Path) -> dict:
-    result = _results(run)
+    result = results_of(run)
     return {"wall_seconds": result.get("wall_seconds"), "validation": result.get("validation")}
 
 
@@ -250,7 +260,7 @@ def markdown(summary: dict, tasks: Sequence[str]) -> str:
         label = "source (reference)" if r["variant"] == "source" else LABELS[r["variant"]]
         lines.append(f"| {r['target']} | {label} | {r['arch']} | {r['ms']:.2f} ({r['speedup']:.2f}×) | "
                      f"{r['params'] / 1e6:.1f} | {len(r['scores'][tasks[0]])} | "
-                     + " | ".join(_cell(r["scores"][t]) for t in tasks)
+                     + " | ".join(cell(r["scores"][t]) for t in tasks)
                      + f" | {r['avg']:.1f} | {100 * r['share_of_source']:.1f} % |")
     c = summary["correlate"]
     def number(key: str) -> str:  # undefined (None) when one evaluator gave every architecture the same score
@@ -284,6 +294,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-train-examples", type=int, default=2000)
     p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak learning rate")
+    p.add_argument("--finetune-dir", default="finetune", help="folder under --work of the fine-tuning runs: another "
+                   "name fine-tunes the same models again with another budget, beside the first")
+    p.add_argument("--models", nargs="*", metavar="TARGET-VARIANT", help="fine-tune and summarise only these models "
+                   "(e.g. 3x-ordered 3x-bert; the source always); default: every one")
     p.add_argument("--ablation-targets", nargs="*", default=["3x"], help="targets where (e) in-place distillation "
                    "and (f) layer-mapped KD are compared (their SuperPLMs are trained regardless)")
     p.add_argument("--correlate-samples", type=int, default=12)
@@ -321,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     atomic_write_json(args.work / "models.json", chosen)
     run_jobs(extract_jobs(args, chosen), args.parallel, logs)
     latency = measured_latency(args, source["arch"], chosen)  # quiet: nothing else runs now
+    chosen = selected_models(args, chosen)
     third = targets.get("3x", list(targets.values())[len(targets) // 2])
     if not args.summary_only:  # the fine-tuning is the long part: a summary may be taken before it ends
         run_jobs([correlate_job(args, third), *finetune_jobs(args, chosen, Path(resolve_model(args.source)))],

@@ -35,16 +35,15 @@ import argparse
 import csv
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from autotinybert.files import atomic_write_json, atomic_write_text
+from autotinybert.files import atomic_write_json
 from autotinybert.space import Arch, Dim, SearchSpace
+
+from jobs import Job, cell, finetune_run, latency_settings, publish, results_of, run_jobs, stage_predictor
 
 TASKS = ("sst2", "mrpc", "rte", "cola")
 
@@ -106,31 +105,6 @@ def measure_side_by_side(archs: Sequence[Arch], rounds: int, settings) -> dict[s
 
 
 # --- stage 1: latency predictor ------------------------------------------------------------------
-def latency_settings(args):
-    from autotinybert.latency import LatencySettings
-
-    return LatencySettings(seq_len=args.latency_seq_len, threads=1, clock=args.clock, warmup=2,
-                           repeats=args.latency_repeats, vocab_size=args.vocab_size)
-
-
-def stage_predictor(args, space: SearchSpace) -> dict:
-    from autotinybert import latency
-
-    out = args.work / "latency"
-    done = out / "summary.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    start = time.perf_counter()
-    profile_path = out / "profile.jsonl"
-    latency.profile(space, args.latency_samples, profile_path, latency_settings(args), resume=True, progress=False)
-    predictor, report = latency.fit(profile_path)
-    predictor.save(out / "predictor.json")
-    summary = {"seconds": round(time.perf_counter() - start, 1), "samples": args.latency_samples,
-               "fit": {k: report[k] for k in ("n_train", "n_heldout", "mlp", "baseline")}, "bert_base_ms": predictor.to_dict().get("reference_ms")}
-    atomic_write_json(done, summary)
-    return summary
-
-
 # --- stage 2: search and matching ----------------------------------------------------------------
 def stage_pairs(args, space: SearchSpace) -> list[dict]:
     out = args.work / "pairs.json"
@@ -208,42 +182,7 @@ def _pair(a: Arch, b: Arch, args) -> tuple[float, float]:
     return ms[str(a)], ms[str(b)]
 
 
-# --- subprocess jobs (pretrain / finetune through the CLI) ----------------------------------------
-@dataclasses.dataclass
-class Job:
-    name: str
-    argv: list[str]
-    out: Path
-    done: Callable[[], bool]
-    resumable: Callable[[], bool]
-    ready: Callable[[], bool] = lambda: True
-
-
-def run_jobs(jobs: Sequence[Job], parallel: int, log_dir: Path) -> None:
-    """Run the unfinished jobs in order, ``parallel`` at a time (one torch thread each), each
-    once its ``ready()`` holds (fine-tuning waits for its further training)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    pending = [j for j in jobs if not j.done()]
-    running: list[tuple[Job, subprocess.Popen]] = []
-    log_dir.mkdir(parents=True, exist_ok=True)
-    while pending or running:
-        while len(running) < parallel and any(j.ready() for j in pending):
-            job = next(j for j in pending if j.ready())
-            pending.remove(job)
-            argv = job.argv + (["--resume"] if job.resumable() else [])
-            log = open(log_dir / f"{job.name}.log", "a")
-            print(f"[start] {job.name}", flush=True)
-            running.append((job, subprocess.Popen([sys.executable, "-m", "autotinybert", *argv], stdout=log,
-                                                  stderr=subprocess.STDOUT, env=env)))
-        time.sleep(2)
-        for job, proc in list(running):
-            if proc.poll() is not None:
-                running.remove((job, proc))
-                print(f"[{'done' if proc.returncode == 0 else 'FAILED rc=%d' % proc.returncode}] {job.name}", flush=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{job.name} failed; see {log_dir / (job.name + '.log')}")
-
-
+# --- subprocess jobs (pretrain through the CLI) -----------------------------------------------------
 def pretrain_job(args, name: str, out: Path, arch: Arch | None, init: Path | None, steps: int,
                  eval_every: int) -> Job:
     argv = ["pretrain", "--corpus", *args.corpus, "--valid-corpus", *args.valid_corpus, "--seq-len", "64",
@@ -281,22 +220,6 @@ def finetune_job(args, arch: str, seed: int) -> Job:
                         args.work / "finetune" / arch / f"seed{seed}", seed)
 
 
-def finetune_run(args, name: str, model: Path, out: Path, seed: int) -> Job:
-    """``finetune`` of ``model`` on args.tasks with the bench's budget (args.glue, max_train_examples,
-    epochs, lr), 1 thread; it waits until ``model`` exists and is done when every task is scored."""
-    argv = ["finetune", "--model", str(model), "--out", str(out), "--data-dir", str(args.glue),
-            *[x for t in args.tasks for x in ("--task", t)], "--max-train-examples", str(args.max_train_examples),
-            "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", "32", "--warmup-ratio", "0.1",
-            "--seed", str(seed), "--threads", "1", "--group-by-length", "--no-test-predictions", "--no-progress"]
-
-    def done() -> bool:
-        results = out / "results.json"
-        return results.is_file() and set(args.tasks) <= set(json.loads(results.read_text()).get("tasks", {}))
-
-    return Job(name, argv, out, done, lambda: (out / "config.yaml").is_file(),
-               lambda: (model / "config.json").is_file())
-
-
 # --- stage 5: development time ---------------------------------------------------------------------
 def valid_curve(run: Path, arch: str) -> list[tuple[int, float]]:
     with open(run / "metrics.csv", newline="") as f:
@@ -311,12 +234,12 @@ def steps_to_reach(curve: Sequence[tuple[int, float]], loss: float) -> int | Non
 
 def development_time(args, pairs: list[dict], superplm_seconds: float, predictor: dict) -> dict:
     searched = [p["searched"] for p in pairs]
-    further = {a: _results(args.work / "further" / a)["wall_seconds"] for a in searched}
+    further = {a: results_of(args.work / "further" / a)["wall_seconds"] for a in searched}
     search_seconds = sum(p["search_seconds"] + p["match_seconds"] for p in pairs)
     scratch_arch = searched[args.scratch_target]
-    goal = _results(args.work / "further" / scratch_arch)["validation"][scratch_arch]["mlm_loss"]
+    goal = results_of(args.work / "further" / scratch_arch)["validation"][scratch_arch]["mlm_loss"]
     run = args.work / "scratch" / scratch_arch
-    result = _results(run)
+    result = results_of(run)
     reached = steps_to_reach(valid_curve(run, scratch_arch), goal)
     # The loop runs at a steady pace, so time to step s is its share of the loop's wall time.
     scratch_seconds = result["wall_seconds"] * reached / result["steps"] if reached else None
@@ -333,15 +256,11 @@ def development_time(args, pairs: list[dict], superplm_seconds: float, predictor
                                                  round(develop / result["wall_seconds"], 3))}
 
 
-def _results(run: Path) -> dict:
-    return json.loads((run / "results.json").read_text())
-
-
 # --- summary -----------------------------------------------------------------------------------------
 def finetune_scores(args, arch: str) -> dict[str, list[float]]:
     scores: dict[str, list[float]] = {t: [] for t in args.tasks}
     for seed in args.seeds:
-        tasks = _results(args.work / "finetune" / arch / f"seed{seed}")["tasks"]
+        tasks = results_of(args.work / "finetune" / arch / f"seed{seed}")["tasks"]
         for t in args.tasks:
             scores[t].append(tasks[t]["score"])
     return scores
@@ -355,7 +274,7 @@ def summarize_pair(args, pair: dict) -> dict:
         row[f"{role}_scores"] = scores
         row[f"{role}_mean"] = {t: statistics.mean(v) for t, v in scores.items()}
         row[f"{role}_avg"] = statistics.mean(statistics.mean(v) for v in scores.values())
-        row[f"{role}_valid_loss"] = _results(args.work / "further" / arch)["validation"][arch]["mlm_loss"]
+        row[f"{role}_valid_loss"] = results_of(args.work / "further" / arch)["validation"][arch]["mlm_loss"]
     # Per-seed task-average difference: the spread over seeds is the noise we judge against.
     diffs = [statistics.mean(row["searched_scores"][t][i] - row["baseline_scores"][t][i] for t in args.tasks)
              for i in range(len(args.seeds))]
@@ -373,18 +292,13 @@ def markdown(rows: list[dict], dev: dict | None, tasks: Sequence[str]) -> str:
             m = r["match"]
             ms = f"{m['ms']:.2f} ({m['ratio']:.3f}×{'' if m['matched'] else ', NOT matched'})" \
                 if role == "searched" else f"{m['baseline_ms']:.2f}"
-            cells = [_cell(r[f"{role}_scores"][t]) for t in tasks]
+            cells = [cell(r[f"{role}_scores"][t]) for t in tasks]
             diff = ", ".join(f"{d:+.1f}" for d in r["avg_diff_per_seed"]) if role == "searched" else ""
             lines.append(f"| {r['baseline']} | {role} | {r[role]} | {ms} | {r[f'{role}_valid_loss']:.3f} | "
                          + " | ".join(cells) + f" | {r[f'{role}_avg']:.1f} | {diff} |")
     if dev:
         lines += ["", _dev_line(dev)]
     return "\n".join(lines) + "\n"
-
-
-def _cell(values: Sequence[float]) -> str:
-    mean = statistics.mean(values)
-    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
 def _dev_line(dev: dict) -> str:
@@ -487,7 +401,7 @@ def write_summary(args, pairs: list[dict], predictor: dict) -> None:
     dev = None
     if args.scratch_target >= 0:
         timing = args.work / "superplm-timing" / "results.json"
-        recorded = _results(args.superplm)["wall_seconds"]
+        recorded = results_of(args.superplm)["wall_seconds"]
         superplm_seconds = recorded if args.no_superplm_timing else json.loads(timing.read_text())["wall_seconds"]
         dev = {"targets": len(pairs), "superplm_recorded_seconds": recorded,
                **development_time(args, pairs, superplm_seconds, predictor)}
@@ -495,17 +409,6 @@ def write_summary(args, pairs: list[dict], predictor: dict) -> None:
                             if k not in ("baselines",)} | {"baselines": [str(b) for b in args.baselines]},
                "predictor": predictor, "pairs": rows, "development": dev}
     publish(args, summary, markdown(rows, dev, args.tasks))
-
-
-def publish(args, summary: dict, table: str) -> None:
-    """summary.json and table.md in --work, copies at --json / --markdown, the table on stdout."""
-    for path, write in ((args.work / "summary.json", lambda p: atomic_write_json(p, summary)),
-                        (args.work / "table.md", lambda p: atomic_write_text(p, table)),
-                        (args.json, lambda p: atomic_write_json(p, summary)),
-                        (args.markdown, lambda p: atomic_write_text(p, table))):
-        if path:
-            write(path)
-    print(table)
 
 
 if __name__ == "__main__":

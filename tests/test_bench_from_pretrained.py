@@ -9,7 +9,7 @@ from pathlib import Path
 from autotinybert.space import Arch, Dim, SearchSpace
 
 _BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(_BENCH))  # the bench imports its sibling paper_claim
+sys.path.insert(0, str(_BENCH))  # the bench imports its sibling jobs.py
 _spec = importlib.util.spec_from_file_location("from_pretrained", _BENCH / "from_pretrained.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
@@ -31,3 +31,24 @@ def test_bert_ratio_is_the_widest_bert_shape_under_the_target_at_the_searched_de
 
 def test_bert_ratio_goes_shallower_when_no_width_of_the_searched_depth_fits():
     assert bench.bert_ratio(SPACE, 6, 5.5, _ms) == Arch(4, 132, 528, 12, 132)  # depth 6 and 5 need H <= 110
+
+
+CHOSEN = {"2x": {"ordered": "L6-H384-F768-A12-Q192", "bert": "L6-H288-F1152-A12-Q288"},
+          "3x": {"ordered": "L6-H256-F512-A12-Q156", "bert": "L5-H240-F960-A12-Q240"}}
+
+
+def test_models_restricts_fine_tuning_to_the_named_models():
+    args = bench.parse_args(["--work", "w", "--corpus", "c", "--glue", "g", "--cache-dir", "x",
+                             "--models", "3x-bert", "2x-ordered"])
+    assert bench.selected_models(args, CHOSEN) == {"2x": {"ordered": CHOSEN["2x"]["ordered"]},
+                                                   "3x": {"bert": CHOSEN["3x"]["bert"]}}
+    every = bench.parse_args(["--work", "w", "--corpus", "c", "--glue", "g", "--cache-dir", "x"])
+    assert bench.selected_models(every, CHOSEN) == CHOSEN
+
+
+def test_models_refuses_a_name_the_run_does_not_hold():
+    import pytest
+
+    args = bench.parse_args(["--work", "w", "--corpus", "c", "--glue", "g", "--cache-dir", "x", "--models", "4x-bert"])
+    with pytest.raises(SystemExit, match="no model 4x-bert"):
+        bench.selected_models(args, CHOSEN)

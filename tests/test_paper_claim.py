@@ -11,6 +11,7 @@ import pytest
 from autotinybert.space import Arch, SearchSpace
 
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "paper_claim.py"
+sys.path.insert(0, str(_PATH.parent))  # the bench imports its sibling jobs.py
 _spec = importlib.util.spec_from_file_location("paper_claim", _PATH)
 claim = importlib.util.module_from_spec(_spec)
 sys.modules["paper_claim"] = claim  # dataclasses look their module up
