@@ -13,7 +13,10 @@ SuperPLM and the same fine-tuning budget for every model:
   (d) bert     - a BERT-ratio architecture (F = 4H, Q = H, the searched depth, the widest H under the
                  target) from the ordered SuperPLM.
 
-The source, fine-tuned with the same budget, is the reference. Then ``search correlate`` on the
+The source, fine-tuned with the same budget, is the reference. With ``--task-kd`` every model is
+also fine-tuned with that fine-tuned source as its teacher (logits distillation: what a user who
+owns the source would do next). ``--finetune-dir NAME --models 3x-ordered 3x-bert`` fine-tunes the
+named models again with another budget beside the first (the other stages are reused). Then ``search correlate`` on the
 ordered SuperPLM: proxy (KD loss) vs fine-tuned fitness of architectures in the 3x window.
 
 Stages, each skipped when complete in --work (rerun the command to finish what is missing):
@@ -47,7 +50,8 @@ LABELS = {"ordered": "(a) searched, ordered start", "firstk": "(b) same arch, fi
 # SuperPLM -> (its start, what its one-shot training adds to the common settings)
 SUPERPLMS = {"ordered": ("ordered", []), "firstk": ("firstk", []), "random": ("ordered", None),
              "inplace": ("ordered", ["--distill-from", "largest"]), "mapped": ("ordered", ["--kd-layers", "mapped"])}
-TRAINING_ABLATIONS = ("inplace", "mapped")  # the searched arch (a) again, from a SuperPLM trained another way
+TRAINING_ABLATIONS = ("inplace", "mapped")
+TASK_KD = "+kd"  # suffix of a model fine-tuned with the fine-tuned source as its teacher (--task-kd)  # the searched arch (a) again, from a SuperPLM trained another way
 
 
 def _exists(path: Path):
@@ -175,19 +179,25 @@ def measured_latency(args, source_arch: str, chosen: dict[str, dict[str, str]]) 
 # --- stage 6-7: fine-tuning and correlation ------------------------------------------------------
 def finetune_jobs(args, chosen: dict[str, dict[str, str]], source: Path) -> list[Job]:
     """Seed by seed, so a run cut short has every model fine-tuned with the first seeds; the training
-    ablations (e), (f) with the first seed only (they compare SuperPLM training, not seeds)."""
+    ablations (e), (f) with the first seed only (they compare SuperPLM training, not seeds). With
+    --task-kd every model also learns from the source fine-tuned with the same seed (its logits)."""
     jobs = []
     for seed in args.seeds:
-        jobs.append(finetune_run(args, f"{args.finetune_dir}-source-seed{seed}", source,
-                                 args.work / args.finetune_dir / "source" / f"seed{seed}", seed))
+        teacher = finetune_dir(args, "source", seed)
+        jobs.append(finetune_run(args, f"{args.finetune_dir}-source-seed{seed}", source, teacher, seed))
         for target, variants in chosen.items():
             for variant in variants:
                 if variant in TRAINING_ABLATIONS and seed != args.seeds[0]:
                     continue
-                jobs.append(finetune_run(args, f"{args.finetune_dir}-{target}-{variant}-seed{seed}",
-                                         model_dir(args, target, variant),
-                                         args.work / args.finetune_dir / f"{target}-{variant}" / f"seed{seed}", seed))
+                runs = [(variant, None)] + ([(variant + TASK_KD, teacher)] if args.task_kd else [])
+                jobs += [finetune_run(args, f"{args.finetune_dir}-{target}-{name}-seed{seed}",
+                                      model_dir(args, target, variant), finetune_dir(args, f"{target}-{name}", seed),
+                                      seed, teacher=kd_teacher) for name, kd_teacher in runs]
     return jobs
+
+
+def finetune_dir(args, run: str, seed: int) -> Path:
+    return args.work / args.finetune_dir / run / f"seed{seed}"
 
 
 def correlate_job(args, target_ms: float) -> Job:
@@ -219,7 +229,7 @@ def selected_models(args, chosen: dict[str, dict[str, str]]) -> dict[str, dict[s
 
 # --- summary -----------------------------------------------------------------------------------
 def scores_of(args, run: str) -> dict[str, list[float]]:
-    runs = [args.work / args.finetune_dir / run / f"seed{s}" for s in args.seeds]
+    runs = [finetune_dir(args, run, s) for s in args.seeds]
     done = [results_of(r)["tasks"] for r in runs if (r / "results.json").is_file()]
     done = [tasks for tasks in done if set(args.tasks) <= set(tasks)]  # a run still going has some tasks only
     return {t: [tasks[t]["score"] for tasks in done] for t in args.tasks}
@@ -236,7 +246,7 @@ def summarize(args, source: dict, targets: dict[str, float], chosen, latency: di
              "speedup": 1.0, "params": parameter_count(Arch.parse(source["arch"]), vocab), "scores": reference,
              "avg": ref_avg, "share_of_source": 1.0}]
     for target, variants in chosen.items():
-        for variant, arch in variants.items():
+        for variant, arch in with_task_kd(args, variants):
             scores = scores_of(args, f"{target}-{variant}")
             rows.append({"target": target, "target_ms": targets[target], "variant": variant, "arch": arch,
                          "ms": latency[arch], "speedup": latency[source["arch"]] / latency[arch],
@@ -244,6 +254,18 @@ def summarize(args, source: dict, targets: dict[str, float], chosen, latency: di
                          "avg": average(scores), "share_of_source": average(scores) / ref_avg})
     return {"rows": rows, "correlate": json.loads((args.work / "correlate" / "correlate.json").read_text()),
             "superplm": {n: _superplm_summary(args.work / "superplm" / n) for n in SUPERPLMS}}
+
+
+def with_task_kd(args, variants: dict[str, str]) -> list[tuple[str, str]]:
+    """(variant, arch) of every fine-tuned row: each model, then (--task-kd) it again with task KD."""
+    return [(name, arch) for variant, arch in variants.items()
+            for name in (variant, *([variant + TASK_KD] if args.task_kd else []))]
+
+
+def label(variant: str) -> str:
+    if variant.endswith(TASK_KD):
+        return LABELS[variant.removesuffix(TASK_KD)] + " + task KD from the fine-tuned source"
+    return LABELS[variant]
 
 
 def _superplm_summary(run: Path) -> dict:
@@ -257,8 +279,8 @@ def markdown(summary: dict, tasks: Sequence[str]) -> str:
              + " | ".join(names.get(t, t) for t in tasks) + " | avg | % of source |",
              "|" + "---|" * (8 + len(tasks))]
     for r in summary["rows"]:
-        label = "source (reference)" if r["variant"] == "source" else LABELS[r["variant"]]
-        lines.append(f"| {r['target']} | {label} | {r['arch']} | {r['ms']:.2f} ({r['speedup']:.2f}×) | "
+        name = "source (reference)" if r["variant"] == "source" else label(r["variant"])
+        lines.append(f"| {r['target']} | {name} | {r['arch']} | {r['ms']:.2f} ({r['speedup']:.2f}×) | "
                      f"{r['params'] / 1e6:.1f} | {len(r['scores'][tasks[0]])} | "
                      + " | ".join(cell(r["scores"][t]) for t in tasks)
                      + f" | {r['avg']:.1f} | {100 * r['share_of_source']:.1f} % |")
@@ -298,6 +320,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "name fine-tunes the same models again with another budget, beside the first")
     p.add_argument("--models", nargs="*", metavar="TARGET-VARIANT", help="fine-tune and summarise only these models "
                    "(e.g. 3x-ordered 3x-bert; the source always); default: every one")
+    p.add_argument("--task-kd", action="store_true", help="also fine-tune every model with the source, fine-tuned "
+                   "with the same seed, as its teacher (logits distillation, finetune --teacher)")
     p.add_argument("--ablation-targets", nargs="*", default=["3x"], help="targets where (e) in-place distillation "
                    "and (f) layer-mapped KD are compared (their SuperPLMs are trained regardless)")
     p.add_argument("--correlate-samples", type=int, default=12)

@@ -80,20 +80,23 @@ def run_jobs(jobs: Sequence[Job], parallel: int, log_dir: Path) -> None:
                     raise SystemExit(f"{job.name} failed; see {log_dir / (job.name + '.log')}")
 
 
-def finetune_run(args, name: str, model: Path, out: Path, seed: int) -> Job:
+def finetune_run(args, name: str, model: Path, out: Path, seed: int, teacher: Path | None = None) -> Job:
     """``finetune`` of ``model`` on args.tasks with the bench's budget (args.glue, max_train_examples,
-    epochs, lr), 1 thread; it waits until ``model`` exists and is done when every task is scored."""
+    epochs, lr), 1 thread; it waits until ``model`` exists and is done when every task is scored.
+    ``teacher``: a finished finetune run whose logits are distilled too (task-specific KD); the job
+    waits for it."""
     argv = ["finetune", "--model", str(model), "--out", str(out), "--data-dir", str(args.glue),
             *[x for t in args.tasks for x in ("--task", t)], "--max-train-examples", str(args.max_train_examples),
             "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", "32", "--warmup-ratio", "0.1",
             "--seed", str(seed), "--threads", "1", "--group-by-length", "--no-test-predictions", "--no-progress"]
+    argv += ["--teacher", str(teacher)] if teacher else []
 
     def done() -> bool:
         results = out / "results.json"
         return results.is_file() and set(args.tasks) <= set(json.loads(results.read_text()).get("tasks", {}))
 
     return Job(name, argv, out, done, lambda: (out / "config.yaml").is_file(),
-               lambda: (model / "config.json").is_file())
+               lambda: (model / "config.json").is_file() and (teacher is None or (teacher / "results.json").is_file()))
 
 
 # --- results --------------------------------------------------------------------------------------

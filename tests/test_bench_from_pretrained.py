@@ -52,3 +52,21 @@ def test_models_refuses_a_name_the_run_does_not_hold():
     args = bench.parse_args(["--work", "w", "--corpus", "c", "--glue", "g", "--cache-dir", "x", "--models", "4x-bert"])
     with pytest.raises(SystemExit, match="no model 4x-bert"):
         bench.selected_models(args, CHOSEN)
+
+
+def test_task_kd_fine_tunes_each_model_again_with_the_same_seeds_fine_tuned_source_as_teacher(tmp_path):
+    args = bench.parse_args(["--work", str(tmp_path), "--corpus", "c", "--glue", "g", "--cache-dir", "x",
+                             "--seeds", "1", "2", "--task-kd"])
+    jobs = {job.name: job for job in bench.finetune_jobs(args, {"3x": {"ordered": CHOSEN["3x"]["ordered"]}},
+                                                           tmp_path / "source")}
+    assert sorted(jobs) == sorted(f"finetune-{run}-seed{s}" for s in (1, 2)
+                                  for run in ("source", "3x-ordered", "3x-ordered+kd"))
+    kd = jobs["finetune-3x-ordered+kd-seed2"].argv
+    assert kd[kd.index("--teacher") + 1] == str(tmp_path / "finetune" / "source" / "seed2")
+    assert "--teacher" not in jobs["finetune-3x-ordered-seed2"].argv
+    (tmp_path / "models" / "3x-ordered").mkdir(parents=True)
+    (tmp_path / "models" / "3x-ordered" / "config.json").write_text("{}")
+    assert jobs["finetune-3x-ordered-seed2"].ready() and not jobs["finetune-3x-ordered+kd-seed2"].ready()
+    (tmp_path / "finetune" / "source" / "seed2").mkdir(parents=True)
+    (tmp_path / "finetune" / "source" / "seed2" / "results.json").write_text("{}")
+    assert jobs["finetune-3x-ordered+kd-seed2"].ready()  # once its teacher's run is finished
