@@ -91,12 +91,14 @@ def finetune_run(args, name: str, model: Path, out: Path, seed: int, teacher: Pa
             "--seed", str(seed), "--threads", "1", "--group-by-length", "--no-test-predictions", "--no-progress"]
     argv += ["--teacher", str(teacher)] if teacher else []
 
-    def done() -> bool:
-        results = out / "results.json"
-        return results.is_file() and set(args.tasks) <= set(json.loads(results.read_text()).get("tasks", {}))
+    return Job(name, argv, out, lambda: finished(out, args.tasks), lambda: (out / "config.yaml").is_file(),
+               lambda: (model / "config.json").is_file() and (teacher is None or finished(teacher, args.tasks)))
 
-    return Job(name, argv, out, done, lambda: (out / "config.yaml").is_file(),
-               lambda: (model / "config.json").is_file() and (teacher is None or (teacher / "results.json").is_file()))
+
+def finished(run: Path, tasks: Sequence[str]) -> bool:
+    """A finetune run has scored every task (its results.json grows task by task)."""
+    results = run / "results.json"
+    return results.is_file() and set(tasks) <= set(json.loads(results.read_text()).get("tasks", {}))
 
 
 # --- results --------------------------------------------------------------------------------------

@@ -68,5 +68,8 @@ def test_task_kd_fine_tunes_each_model_again_with_the_same_seeds_fine_tuned_sour
     (tmp_path / "models" / "3x-ordered" / "config.json").write_text("{}")
     assert jobs["finetune-3x-ordered-seed2"].ready() and not jobs["finetune-3x-ordered+kd-seed2"].ready()
     (tmp_path / "finetune" / "source" / "seed2").mkdir(parents=True)
-    (tmp_path / "finetune" / "source" / "seed2" / "results.json").write_text("{}")
+    results = tmp_path / "finetune" / "source" / "seed2" / "results.json"
+    results.write_text('{"tasks": {"sst2": {"score": 80.0}}}')
+    assert not jobs["finetune-3x-ordered+kd-seed2"].ready()  # its teacher has scored one task of five
+    results.write_text('{"tasks": {"%s": {"score": 80.0}}}' % '": {"score": 80.0}, "'.join(args.tasks))
     assert jobs["finetune-3x-ordered+kd-seed2"].ready()  # once its teacher's run is finished
