@@ -147,6 +147,44 @@ def test_kd_loss_is_zero_when_the_student_is_the_teachers_slice(tmp_path, corpus
         assert step_loss(student, batch, "kd", teacher)[0].item() > 1e-3
 
 
+def test_validation_runs_the_teacher_once_per_batch_and_scores_as_the_live_teacher(tmp_path, corpus):
+    """Every architecture is scored on the same fixed batches, so the teacher's outputs are recorded
+    once (`RecordedTeacher`): its forward count is the number of batches, not batches x architectures,
+    and each KD loss is what the live teacher gives on those batches."""
+    from autotinybert.data import build_dataset
+    from autotinybert.pretrain import evaluate, validation_batches, validation_row
+
+    tokenizer = train_wordpiece([corpus], 150, tmp_path / "tok")
+    teacher = Teacher(_tiny_teacher(tmp_path, len(tokenizer)), torch.device("cpu"))
+    space = SearchSpace(mode="kd", layers=Dim(1, 2), hidden=Dim(12, 36, 4), ffn=Dim(13, 37, 4), heads=Dim(4, 4),
+                        qkv=Dim(8, 36, 4))
+    config = SuperBertConfig.from_space(space, vocab_size=len(tokenizer), max_position_embeddings=64,
+                                        teacher_hidden_size=36)
+    student = new_supernet(config, 0)
+    _, valid, _ = build_dataset([corpus], tokenizer, 16, tmp_path / "cache", [corpus])
+    forwards = []
+    teacher.model.register_forward_hook(lambda *_: forwards.append(1))
+    archs = [space.largest(), space.smallest(), Arch(2, 24, 25, 4, 16)]
+    rows = evaluate(student, valid, tokenizer, archs, "kd", teacher, 4, 3, 0, torch.device("cpu"))
+    assert len(forwards) == 3  # once per batch
+    fixed = validation_batches(valid, tokenizer, 4, 3, 0, torch.device("cpu"))
+    student.eval()
+    for arch in archs:
+        student.set_arch(arch)
+        with torch.no_grad():
+            live = sum(step_loss(student, batch, "kd", teacher)[1]["kd_loss"] for batch in fixed) / len(fixed)
+        assert rows[str(arch)]["kd_loss"] == pytest.approx(live, rel=1e-6)
+        assert rows[str(arch)]["mlm_loss"] > 0
+    # the proxy's kd_loss skips the MLM head and gives the same KD loss; the model's state is restored
+    from autotinybert.pretrain import RecordedTeacher
+
+    student.train()
+    student.set_arch(archs[0])
+    only_kd = validation_row(student, archs[2], fixed, RecordedTeacher(teacher, fixed), mlm=False)
+    assert set(only_kd) == {"kd_loss"} and only_kd["kd_loss"] == pytest.approx(rows[str(archs[2])]["kd_loss"])
+    assert student.training and student.arch == archs[0]
+
+
 def test_kd_pretraining_runs_and_rejects_teachers_that_do_not_fit(tmp_path, corpus, space_file):
     tokenizer = train_wordpiece([corpus], 150, tmp_path / "tok")
     good = _tiny_teacher(tmp_path, len(tokenizer))

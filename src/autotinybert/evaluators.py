@@ -76,7 +76,7 @@ class ProxyEvaluator:
                  seed: int = 0, cache_dir: str | Path | None = None, device: str = "cpu",
                  trust_remote_code: bool = False) -> None:
         from .data import build_dataset
-        from .pretrain import Teacher
+        from .pretrain import RecordedTeacher, Teacher, validation_batches
 
         if metric not in METRICS:
             raise UserError(f"unknown proxy metric {metric!r}: use one of {', '.join(METRICS)}")
@@ -99,21 +99,22 @@ class ProxyEvaluator:
         if self.teacher is not None:
             self.teacher.check_fits(self.space, len(self.tokenizer))
         self.metric, self.batch_size, self.batches, self.seed = metric, batch_size, batches, seed
+        # Every candidate is scored on these batches; the teacher's outputs on them are computed once.
+        self.fixed = validation_batches(self.valid, self.tokenizer, batch_size, batches, seed, self.device)
+        self.targets = RecordedTeacher(self.teacher, self.fixed) if self.teacher is not None else None
         self.key = (f"proxy:{metric}:supernet={file_digest(supernet / 'model.safetensors')}:seq={self.seq_len}"
                     f":bs={batch_size}:batches={batches}:seed={seed}:valid={len(self.valid)}"
                     + (f":teacher={self.teacher.path.resolve()}" if self.teacher else ""))
         self.seconds: list[float] = []
 
     def __call__(self, arch: Arch) -> float:
-        import torch
 
-        from .pretrain import evaluate
+        from .pretrain import validation_row
 
         self.space.check(arch)
         start = time.perf_counter()
-        with torch.no_grad():
-            row = evaluate(self.model, self.valid, self.tokenizer, [arch], "kd" if self.teacher else "mlm",
-                           self.teacher, self.batch_size, self.batches, self.seed, self.device)[str(arch)]
+        # kd_loss needs no MLM head: its forward pass (logits over the vocabulary) is skipped.
+        row = validation_row(self.model, arch, self.fixed, self.targets, mlm=self.metric != "kd_loss")
         self.seconds.append(time.perf_counter() - start)
         # Higher is better for the search: losses are negated.
         return row["mlm_accuracy"] if self.metric == "mlm_accuracy" else -row[self.metric]

@@ -199,6 +199,25 @@ class InPlaceTargets:
         return self.hidden, self.scores
 
 
+class RecordedTeacher:
+    """A frozen teacher's outputs on fixed batches, computed once. Validation and the search's proxy
+    score every architecture on the same batches, so the teacher's forward pass (as costly as the
+    source model itself) would otherwise be repeated for each candidate. Called with a batch's
+    ``original_ids`` it returns what the teacher returned for that batch; `layers` follows suit."""
+
+    def __init__(self, teacher: Teacher, batches: Sequence[dict[str, torch.Tensor]]) -> None:
+        self._outputs: dict[int, tuple] = {}
+        self._batches = list(batches)  # kept alive: their ids are the keys
+        for batch in self._batches:
+            hidden, scores = teacher(batch["original_ids"], batch["attention_mask"])
+            self._outputs[id(batch["original_ids"])] = (hidden, scores, teacher.layers)
+        self.config = teacher.config
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, scores, self.layers = self._outputs[id(input_ids)]
+        return hidden, scores
+
+
 def kd_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, student_fit: torch.Tensor,
             teacher_hidden: torch.Tensor, attention_mask: torch.Tensor,
             shares: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
@@ -333,34 +352,49 @@ def evaluate(model: SuperBertForPreTraining, split: PackedSplit, tokenizer, arch
     """Validation MLM loss/accuracy (and KD loss) of each architecture on the same masked batches."""
     if len(split) == 0:
         return {}
+    fixed = validation_batches(split, tokenizer, batch_size, batches, seed, device)
+    recorded = RecordedTeacher(teacher, fixed) if teacher is not None else None
+    return {str(arch): validation_row(model, arch, fixed, recorded) for arch in archs}
+
+
+def validation_batches(split: PackedSplit, tokenizer, batch_size: int, batches: int, seed: int,
+                       device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """The fixed masked batches every architecture is scored on (the same masks for all)."""
     fixed = []
     for start in range(0, min(len(split), batch_size * batches), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))
         fixed.append(masked_batch(split, rows, tokenizer, _row_generators(seed, -1, rows, 3), device))
+    return fixed
+
+
+def validation_row(model: SuperBertForPreTraining, arch: Arch, fixed: list[dict], teacher: RecordedTeacher | None,
+                   mlm: bool = True) -> dict[str, float]:
+    """MLM loss / accuracy (``mlm``) and, with a teacher, KD loss of ``arch`` on ``fixed``, in eval mode;
+    the model's mode and active architecture are restored."""
     was_training, previous = model.training, model.arch
     model.eval()
-    results = {}
+    model.set_arch(arch)
     try:
-        for arch in archs:
-            model.set_arch(arch)
-            results[str(arch)] = _validation_row(model, fixed, teacher)
+        with torch.no_grad():
+            return _validation_row(model, fixed, teacher, mlm)
     finally:
         model.set_arch(previous)
         model.train(was_training)
-    return results
 
 
-def _validation_row(model: SuperBertForPreTraining, fixed: list[dict], teacher: Teacher | None) -> dict[str, float]:
+def _validation_row(model: SuperBertForPreTraining, fixed: list[dict], teacher: RecordedTeacher | None,
+                    mlm: bool) -> dict[str, float]:
     total_loss = correct = count = kd_total = 0.0
     for batch in fixed:
-        out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-        selected = batch["labels"][batch["labels"] != IGNORE_INDEX]
-        total_loss += out.loss.item() * len(selected)
-        correct += (out.logits.argmax(-1) == selected).sum().item()
-        count += len(selected)
+        if mlm:
+            out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+            selected = batch["labels"][batch["labels"] != IGNORE_INDEX]
+            total_loss += out.loss.item() * len(selected)
+            correct += (out.logits.argmax(-1) == selected).sum().item()
+            count += len(selected)
         if teacher is not None:
             kd_total += step_loss(model, batch, "kd", teacher)[1]["kd_loss"]
-    row = {"mlm_loss": total_loss / max(count, 1), "mlm_accuracy": correct / max(count, 1)}
+    row = {"mlm_loss": total_loss / max(count, 1), "mlm_accuracy": correct / max(count, 1)} if mlm else {}
     if teacher is not None:
         row["kd_loss"] = kd_total / len(fixed)
     return row
