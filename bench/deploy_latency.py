@@ -156,6 +156,35 @@ def predictor(args: argparse.Namespace) -> dict:
     return out
 
 
+def anchor(args: argparse.Namespace) -> dict:
+    """What the drift anchor buys on a profile: the costs predictor (seconds to fit) trained on
+    ``size`` random architectures and scored on the rest, with the medians as measured and as
+    `drift_corrected_ms` corrects them; the same draws for both."""
+    from autotinybert import latency
+    from autotinybert.latency.fitting import fit_costs
+    from autotinybert.latency.predictor import predict_linear
+    from autotinybert.space import Arch
+
+    records = latency.read_records(args.data)
+    keep = [i for i, r in enumerate(records) if not r.get("reference")]
+    features = latency.features_of(Arch.parse(records[i]["arch"]) for i in keep)
+    targets = {"as_measured": np.array([float(records[i]["latency"]["median_ms"]) for i in keep]),
+               "drift_corrected": latency.drift_corrected_ms(records)[keep]}
+    out = {"data": str(args.data), "profiled": len(keep), "sizes": {}}
+    for size in args.sizes:
+        mape = {name: [] for name in targets}
+        for seed in range(args.seeds):
+            order = np.random.default_rng(seed).permutation(len(keep))
+            train, unseen = order[:size], order[size:]
+            for name, ms in targets.items():
+                model = fit_costs(features[train], ms[train], 128)
+                mape[name].append(latency.metrics(predict_linear(model, features[unseen], 128), ms[unseen])["mape_pct"])
+        out["sizes"][str(size)] = {name: float(np.mean(v)) for name, v in mape.items()}
+        print(f"  {size} profiled, costs predictor, mean unseen MAPE over {args.seeds} draws: "
+              + ", ".join(f"{name} {np.mean(v):.2f}%" for name, v in mape.items()), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,8 +201,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=3000)
     p.add_argument("--out", type=Path, required=True)
+    a = sub.add_parser("anchor", help="costs predictor on medians as measured vs drift-corrected (seconds)")
+    a.add_argument("--data", type=Path, required=True)
+    a.add_argument("--sizes", type=int, nargs="+", default=[60, 300])
+    a.add_argument("--seeds", type=int, default=5)
+    a.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    result = forms(args) if args.command == "forms" else predictor(args)
+    result = {"forms": forms, "predictor": predictor, "anchor": anchor}[args.command](args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": "bench/deploy_latency.py " + args.command, **result}, indent=1))
 
