@@ -248,6 +248,8 @@ def summarize(args, source: dict, targets: dict[str, float], chosen, latency: di
     for target, variants in chosen.items():
         for variant, arch in with_task_kd(args, variants):
             scores = scores_of(args, f"{target}-{variant}")
+            if not scores[args.tasks[0]]:  # --summary-only before any seed of this model finished
+                continue
             rows.append({"target": target, "target_ms": targets[target], "variant": variant, "arch": arch,
                          "ms": latency[arch], "speedup": latency[source["arch"]] / latency[arch],
                          "params": parameter_count(Arch.parse(arch), vocab), "scores": scores,
