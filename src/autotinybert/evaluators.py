@@ -108,7 +108,6 @@ class ProxyEvaluator:
         self.seconds: list[float] = []
 
     def __call__(self, arch: Arch) -> float:
-
         from .pretrain import validation_row
 
         self.space.check(arch)
