@@ -93,3 +93,14 @@ def test_report_opens_in_headless_chromium(finished_run, tmp_path):
                     (finished_run / "report" / "index.html").as_uri()],
                    check=True, capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 20_000  # a blank page is a few kB
+
+
+def test_the_report_gives_the_held_out_error_of_the_predictor_cross_validation_chose():
+    from autotinybert.report import _latency_text
+
+    fit = {"n_heldout": 8, "chosen": "costs", "selected": {"mape_pct": 8.75, "rmse_ms": 2.04, "spearman": 0.976},
+           "mlp": {"mape_pct": 12.59, "rmse_ms": 3.54, "spearman": 0.976}}
+    text = _latency_text({"latency_fit": fit})
+    assert "Predictor (costs)" in text and "MAPE 8.75%" in text and "12.59" not in text
+    older = _latency_text({"latency_fit": {"n_heldout": 8, "mlp": fit["mlp"]}})  # fits before the choice existed
+    assert "Predictor (mlp)" in older and "MAPE 12.59%" in older

@@ -439,11 +439,14 @@ def _sections(run: dict) -> list[tuple[str, str, str | None]]:
 
 def _latency_text(run: dict) -> str:
     fit = run["latency_fit"] or {}
-    mlp = fit.get("mlp") or {}
-    if not mlp:
+    # The predictor in use is the one cross-validation chose ("selected"); older fits had the MLP only.
+    chosen = fit.get("selected") or fit.get("mlp") or {}
+    if not chosen:
         return "The latency predictor was reused; its held-out error is in its own file."
-    return (f"Predictor held-out error on {fit.get('n_heldout')} profiled architectures: MAPE {mlp.get('mape_pct', 0):.2f}%, "
-            f"RMSE {mlp.get('rmse_ms', 0):.2f} ms, Spearman {mlp.get('spearman', 0):.3f}.")
+    kind = fit.get("chosen", "mlp")
+    return (f"Predictor ({kind}) held-out error on {fit.get('n_heldout')} profiled architectures: MAPE "
+            f"{chosen.get('mape_pct', 0):.2f}%, RMSE {chosen.get('rmse_ms', 0):.2f} ms, Spearman "
+            f"{chosen.get('spearman', 0):.3f}.")
 
 
 def render_markdown(run: dict, title: str, figures: dict[str, str]) -> str:
