@@ -13,11 +13,13 @@ SuperPLM and the same fine-tuning budget for every model:
   (d) bert     - a BERT-ratio architecture (F = 4H, Q = H, the searched depth, the widest H under the
                  target) from the ordered SuperPLM.
 
-The source, fine-tuned with the same budget, is the reference. With ``--task-kd`` every model is
-also fine-tuned with that fine-tuned source as its teacher (logits distillation: what a user who
-owns the source would do next). ``--finetune-dir NAME --models 3x-ordered 3x-bert`` fine-tunes the
-named models again with another budget beside the first (the other stages are reused). Then ``search correlate`` on the
+The source, fine-tuned with the same budget, is the reference. Then ``search correlate`` on the
 ordered SuperPLM: proxy (KD loss) vs fine-tuned fitness of architectures in the 3x window.
+
+With ``--task-kd`` every model is also fine-tuned with that fine-tuned source as its teacher
+(logits distillation: what a user who owns the source would do next). ``--finetune-dir NAME
+--models 3x-ordered 3x-bert`` fine-tunes the named models again with another budget beside the
+first (the other stages are reused).
 
 Stages, each skipped when complete in --work (rerun the command to finish what is missing):
 start (init --from, twice) -> superplm (pretrain, three runs) -> latency (profile + fit; the source
@@ -41,7 +43,8 @@ from typing import Sequence
 from autotinybert.files import atomic_write_json
 from autotinybert.space import Arch, SearchSpace, parameter_count
 
-from jobs import Job, cell, finetune_run, latency_settings, publish, results_of, run_jobs, stage_predictor
+from jobs import (Job, cell, finetune_run, finished, latency_settings, publish, results_of, run_jobs,
+                  stage_predictor)
 
 TASKS = ("sst2", "mrpc", "stsb", "rte", "cola")
 LABELS = {"ordered": "(a) searched, ordered start", "firstk": "(b) same arch, first-k start",
@@ -50,8 +53,8 @@ LABELS = {"ordered": "(a) searched, ordered start", "firstk": "(b) same arch, fi
 # SuperPLM -> (its start, what its one-shot training adds to the common settings)
 SUPERPLMS = {"ordered": ("ordered", []), "firstk": ("firstk", []), "random": ("ordered", None),
              "inplace": ("ordered", ["--distill-from", "largest"]), "mapped": ("ordered", ["--kd-layers", "mapped"])}
-TRAINING_ABLATIONS = ("inplace", "mapped")
-TASK_KD = "+kd"  # suffix of a model fine-tuned with the fine-tuned source as its teacher (--task-kd)  # the searched arch (a) again, from a SuperPLM trained another way
+TRAINING_ABLATIONS = ("inplace", "mapped")  # the searched arch (a) again, from a SuperPLM trained another way
+TASK_KD = "+kd"  # suffix of a model fine-tuned with the fine-tuned source as its teacher (--task-kd)
 
 
 def _exists(path: Path):
@@ -230,8 +233,7 @@ def selected_models(args, chosen: dict[str, dict[str, str]]) -> dict[str, dict[s
 # --- summary -----------------------------------------------------------------------------------
 def scores_of(args, run: str) -> dict[str, list[float]]:
     runs = [finetune_dir(args, run, s) for s in args.seeds]
-    done = [results_of(r)["tasks"] for r in runs if (r / "results.json").is_file()]
-    done = [tasks for tasks in done if set(args.tasks) <= set(tasks)]  # a run still going has some tasks only
+    done = [results_of(r)["tasks"] for r in runs if finished(r, args.tasks)]  # a run still going is left out
     return {t: [tasks[t]["score"] for tasks in done] for t in args.tasks}
 
 

@@ -90,7 +90,6 @@ def finetune_run(args, name: str, model: Path, out: Path, seed: int, teacher: Pa
             "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", "32", "--warmup-ratio", "0.1",
             "--seed", str(seed), "--threads", "1", "--group-by-length", "--no-test-predictions", "--no-progress"]
     argv += ["--teacher", str(teacher)] if teacher else []
-
     return Job(name, argv, out, lambda: finished(out, args.tasks), lambda: (out / "config.yaml").is_file(),
                lambda: (model / "config.json").is_file() and (teacher is None or finished(teacher, args.tasks)))
 

@@ -211,7 +211,6 @@ class RecordedTeacher:
         for batch in self._batches:
             hidden, scores = teacher(batch["original_ids"], batch["attention_mask"])
             self._outputs[id(batch["original_ids"])] = (hidden, scores, teacher.layers)
-        self.config = teacher.config
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, scores, self.layers = self._outputs[id(input_ids)]
