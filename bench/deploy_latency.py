@@ -158,8 +158,8 @@ def predictor(args: argparse.Namespace) -> dict:
 
 def anchor(args: argparse.Namespace) -> dict:
     """What the drift anchor buys on a profile: the costs predictor (seconds to fit) trained on
-    ``size`` random architectures and scored on the rest, with the medians as measured and as
-    `drift_corrected_ms` corrects them; the same draws for both."""
+    ``size`` random architectures and scored on the rest, with the medians as measured, corrected
+    chunk by chunk, and (profiles that have it) round by round (``paced``); the same draws for all."""
     from autotinybert import latency
     from autotinybert.latency.fitting import fit_costs
     from autotinybert.latency.predictor import predict_linear
@@ -169,7 +169,9 @@ def anchor(args: argparse.Namespace) -> dict:
     keep = [i for i, r in enumerate(records) if not r.get("reference")]
     features = latency.features_of(Arch.parse(records[i]["arch"]) for i in keep)
     targets = {"as_measured": np.array([float(records[i]["latency"]["median_ms"]) for i in keep]),
-               "drift_corrected": latency.drift_corrected_ms(records)[keep]}
+               "drift_corrected": latency.drift_corrected_ms(records, paced=False)[keep]}
+    if all(records[i].get("paced") for i in keep):  # profiles timed with a pace in every round
+        targets["paced"] = latency.drift_corrected_ms(records)[keep]
     out = {"data": str(args.data), "profiled": len(keep), "sizes": {}}
     for size in args.sizes:
         mape = {name: [] for name in targets}
@@ -201,7 +203,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=3000)
     p.add_argument("--out", type=Path, required=True)
-    a = sub.add_parser("anchor", help="costs predictor on medians as measured vs drift-corrected (seconds)")
+    a = sub.add_parser("anchor", help="costs predictor on medians as measured vs drift-corrected by chunk and by round (seconds)")
     a.add_argument("--data", type=Path, required=True)
     a.add_argument("--sizes", type=int, nargs="+", default=[60, 300])
     a.add_argument("--seeds", type=int, default=5)

@@ -331,6 +331,7 @@ def test_cli_profile_fit_predict_check(tmp_path, capsys):
                  *common]) == 0
     assert len(data.read_text().splitlines()) == 13
     assert (tmp_path / "p.jsonl.config.yaml").exists()
+    assert "% divided by the drift anchor's round by round" in capsys.readouterr().out  # paced: the default anchor
     assert main(["latency", "fit", "--data", str(data), "--out", str(pred), "--epochs", "50"]) == 0
     out = capsys.readouterr().out
     assert "MAPE" in out and "Spearman" in out and "flops" in out and "<- chosen" in out
@@ -372,6 +373,50 @@ def test_interleaved_rounds_add_repeats_until_stable_and_remeasure_outliers():
     assert result["outlier"]["times_ms"] == pytest.approx([6.0] * len(result["outlier"]["times_ms"]))
     assert set(log[:6]) == {"steady", "drifting", "outlier"}  # the first round visits every model
     assert latency.summarize(result["steady"]["times_ms"])["noise"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_pace_divides_out_a_speed_change_between_rounds():
+    """The machine runs twice as slow every other round: raw timings alternate, but each timing
+    divided by the pace's of the same round is exact (a paced timing from a neighbouring round
+    would alternate 2.5 / 10)."""
+    from autotinybert.latency.runner import paced_summary, time_interleaved
+
+    clock, calls = [0.0], [0]
+    base = {"a": 10.0, "b": 30.0, "pace": 2.0}
+
+    def run(key):
+        def call():  # every round is 3 calls (per_round 1, nothing finishes early)
+            clock[0] += base[key] * (1 + (calls[0] // 3) % 2) / 1000.0
+            calls[0] += 1
+        return call
+    result = time_interleaved({key: run(key) for key in base}, warmup=0, repeats=4, max_repeats=12, tolerance=-1,
+                              noise_limit=10, timer=lambda: clock[0], per_round=1, pace="pace")
+    assert sorted({round(t, 6) for t in result["a"]["times_ms"]}) == [10.0, 20.0]  # raw: the machine's speed
+    assert paced_summary(result["a"]["times_ms"], result["a"]["pace_ms"]) == pytest.approx({"ratio": 5.0, "noise": 0.0})
+    assert paced_summary(result["b"]["times_ms"], result["b"]["pace_ms"])["ratio"] == pytest.approx(15.0)
+
+
+def test_pace_is_timed_in_every_round_after_its_own_median_is_stable():
+    from autotinybert.latency.runner import time_interleaved
+
+    log: list[str] = []
+    runs, timer = _scripted({"drifting": [float(v) for v in range(1, 201)], "pace": [2.0] * 200}, log)
+    result = time_interleaved(runs, warmup=0, repeats=2, max_repeats=10, tolerance=0.02, noise_limit=10,
+                              timer=timer, per_round=1, pace="pace")
+    assert len(result["pace"]["times_ms"]) < 10 == log.count("pace") == len(result["drifting"]["times_ms"])
+    assert result["drifting"]["pace_ms"] == pytest.approx([2.0] * 10)
+    assert "pace_ms" not in time_interleaved(runs, warmup=0, repeats=2, timer=timer)["pace"]
+
+
+def test_paced_records_are_corrected_round_by_round():
+    """Records with ``paced`` are their ratio times the typical anchor, whatever their chunk's
+    anchor says; with paced=False (or without the field) the chunk correction applies."""
+    records = [{"latency": {"median_ms": 10.0 * a}, "anchor": {"median_ms": a, "chunk": i}, "paced": {"ratio": 4.0}}
+               for i, a in enumerate((1.0, 2.0, 2.0, 1.0, 1.0))]
+    assert latency.drift_corrected_ms(records) == pytest.approx([4.0] * 5)
+    assert latency.drift_corrected_ms(records, paced=False) == pytest.approx([10.0 / 1.5] + [10.0] * 4)
+    del records[2]["paced"]
+    assert latency.drift_corrected_ms(records) == pytest.approx([4.0, 4.0, 10.0, 4.0, 4.0])
 
 
 def test_noisy_measurement_warns():
@@ -476,6 +521,7 @@ def test_drift_anchor_is_timed_in_every_chunk_and_divides_out_drift():
     assert [r["latency"]["median_ms"] for r in records] == pytest.approx([0.5] * 3 + [1.0] * 3)
     assert [r["anchor"]["median_ms"] for r in records] == pytest.approx([0.5] * 3 + [1.0] * 3)
     assert latency.drift_corrected_ms(records) == pytest.approx([0.75] * 6)
+    assert [r["paced"]["ratio"] for r in records] == pytest.approx([1.0] * 6)  # the anchor's speed, round by round
     assert "anchor" not in latency.measure_many(archs[:1], settings, timer=timer)[0]
 
 

@@ -328,3 +328,31 @@ def test_in_place_distillation_teaches_the_smaller_sub_models_with_the_largest(t
             replace(settings, sampling="random")
     else:
         assert torch.equal(largest, smallest) and torch.equal(smallest, random_draw)
+
+
+def test_in_place_distillation_with_mapped_layers_maps_onto_the_largest_sub_models_layers(tmp_path, corpus,
+                                                                                          space_file, monkeypatch):
+    """--distill-from largest --kd-layers mapped: the smaller sub-models' layer targets are the
+    largest sub-model's own layers (one per layer of the largest, through the fit layer), not the
+    teacher's; the largest itself still maps onto the teacher's layers."""
+    import autotinybert.pretrain as pretrain_module
+
+    tokenizer = train_wordpiece([corpus], 150, tmp_path / "tok")
+    teacher = _tiny_teacher(tmp_path, len(tokenizer))
+    layer_targets: list[tuple[torch.Tensor, ...]] = []
+    real_mapped = pretrain_module.mapped_hidden_loss
+
+    def recording(student_fit, teacher_layers, attention_mask):
+        layer_targets.append(tuple(teacher_layers))
+        return real_mapped(student_fit, teacher_layers, attention_mask)
+
+    monkeypatch.setattr(pretrain_module, "mapped_hidden_loss", recording)
+    pretrain(_settings(tmp_path, corpus, space_file, vocab_size=None, tokenizer=str(tmp_path / "tok"), objective="kd",
+                       teacher=str(teacher), sampling="sandwich", distill_from="largest", kd_layers="mapped",
+                       max_steps=1, eval_every=100))
+    from_teacher, *from_largest = layer_targets[:3]  # step 1's sandwich: largest, smallest, random
+    assert all(len(layers) == SPACE["layers"][1] for layers in from_largest)
+    assert all(t.shape[-1] == 36 for t in from_teacher)  # the teacher's width (the fit layer maps students onto it)
+    for layers in from_largest:
+        assert all(torch.equal(a, b) for a, b in zip(layers, from_largest[0]))
+        assert not any(torch.equal(a, b) for a, b in zip(layers, from_teacher))

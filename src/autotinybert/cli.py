@@ -8,6 +8,7 @@ become one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from typing import Any, Callable
 
@@ -132,6 +133,9 @@ def _run_latency_profile(args: argparse.Namespace) -> int:
     reference = next(r for r in records if r["reference"])
     print(f"{len(records)} measurements ({settings.form}, {settings.threads} thread(s), batch {settings.batch_size}, "
           f"seq {settings.seq_len}, {settings.clock} clock) in {o.out}; BERT-base median {reference['latency']['median_ms']:.1f} ms")
+    paced = [r["paced"]["noise"] for r in records if r.get("paced")]
+    print(f"noise (IQR / median, median over models): {100 * statistics.median(r['latency']['noise'] for r in records):.1f}% "
+          "as timed" + (f", {100 * statistics.median(paced):.1f}% divided by the drift anchor's round by round" if paced else ""))
     return 0
 
 

@@ -184,14 +184,16 @@ class InPlaceTargets:
     sub-model, computed once without gradient and dropout, in the teacher's shape (the fit layer's
     output and the last layer's attention scores), for every smaller sub-model of the step."""
 
-    def __init__(self, model: SuperBertForPreTraining, largest: Arch, batch: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: SuperBertForPreTraining, largest: Arch, batch: dict[str, torch.Tensor],
+                 kd_layers: str = "last") -> None:
         training = model.training
         model.set_arch(largest)
         model.eval()
+        mapped = kd_layers == "mapped"  # every layer's target is needed only by the layer-mapped term
         with torch.no_grad():
-            out = model(batch["original_ids"], batch["attention_mask"], output_hidden_states=True,
+            out = model(batch["original_ids"], batch["attention_mask"], output_hidden_states=mapped,
                         output_attention_scores=True, compute_logits=False)
-            self.layers = tuple(model.fit(h) for h in out.hidden_states[1:])  # as `Teacher.layers`
+            self.layers = tuple(model.fit(h) for h in out.hidden_states[1:]) if mapped else ()  # as `Teacher.layers`
         model.train(training)
         self.hidden, self.scores = out.fit_hidden_state.detach(), out.attention_scores.detach()
 
@@ -701,7 +703,8 @@ def _train_step(run: _Run, step: int, stop: StopOnSigterm) -> tuple[list[Arch], 
     for micro, (batch, shares) in enumerate(zip(batches, loss_shares(batches, workers))):
         run.tokens_seen += int(batch["attention_mask"].sum()) * len(archs)
         # Sandwich order: archs[0] is the largest; with in-place distillation it teaches the rest.
-        targets = InPlaceTargets(run.model, archs[0], batch) if s.distill_from == "largest" else None
+        targets = (InPlaceTargets(run.model, archs[0], batch, s.kd_layers) if s.distill_from == "largest"
+                       else None)
         for index, arch in enumerate(archs):
             torch.manual_seed(derive_seed(s.seed, step, workers.rank, micro, index, 2))
             run.model.set_arch(arch)

@@ -221,16 +221,19 @@ def fit(data: str | Path | Sequence[dict[str, Any]], *, holdout: float = 0.2, se
     return predictor, report
 
 
-def drift_corrected_ms(records: Sequence[dict[str, Any]]) -> np.ndarray:
+def drift_corrected_ms(records: Sequence[dict[str, Any]], paced: bool = True) -> np.ndarray:
     """Each record's median latency as if the machine had run at its typical speed throughout.
 
     Records of a profile with a drift anchor carry the anchor's median in their chunk (``chunk``
-    tells chunks apart; file order is time order). The machine's speed at a chunk is the
-    median anchor over that chunk and its two neighbours: drift is slow, while one anchor timing
-    is as noisy as any other (uncorrected, that noise made a loaded profile's fit worse: 8.0 % vs
-    7.4 % MAPE; smoothed, better: 6.4 %). A chunk timed on a machine ``x`` times slower than the
-    typical (median) anchor has its medians divided by ``x``. Records without an anchor (older
-    files, `measure`) are used as measured.
+    tells chunks apart; file order is time order); the typical speed is the median of those.
+    Records that also carry ``paced`` (their timings divided by the anchor's of the same round,
+    `runner.paced_summary`) are that ratio times the typical anchor: corrected round by round.
+    ``paced=False``, or older records without it: chunk by chunk, the machine's speed at a chunk
+    being the median anchor over that chunk and its two neighbours (one anchor timing is as noisy
+    as any other: uncorrected, that noise made a loaded profile's fit worse, 8.0 % vs 7.4 % MAPE;
+    smoothed, better: 6.4 %); a chunk timed on a machine ``x`` times slower than the typical anchor
+    has its medians divided by ``x``. Records without an anchor (older files, `measure`) are used
+    as measured.
     """
     measured = np.array([float(r["latency"]["median_ms"]) for r in records], dtype=np.float64)
     chunk_of, chunk_anchor, previous = [], [], None  # chunk index per record (-1: no anchor), anchor per chunk
@@ -247,7 +250,8 @@ def drift_corrected_ms(records: Sequence[dict[str, Any]]) -> np.ndarray:
         return measured
     speed = [float(np.median(chunk_anchor[max(0, c - 1):c + 2])) for c in range(len(chunk_anchor))]
     typical = float(np.median(chunk_anchor))
-    return np.array([ms if c < 0 else ms * typical / speed[c] for ms, c in zip(measured, chunk_of)])
+    return np.array([ms if c < 0 else typical * r["paced"]["ratio"] if paced and r.get("paced") else
+                     ms * typical / speed[c] for ms, c, r in zip(measured, chunk_of, records)])
 
 
 def _as_kind(predictor: LatencyPredictor, kind: str) -> LatencyPredictor:

@@ -49,6 +49,13 @@ def summarize(times_ms: Sequence[float]) -> Dict[str, float]:
             "noise": (q3 - q1) / median if median > 0 else 0.0}
 
 
+def paced_summary(times_ms: Sequence[float], pace_ms: Sequence[float]) -> Dict[str, float]:
+    """Each timing divided by the pace's median in its round: ``ratio`` (the median of those
+    quotients, the model's latency in units of the pace's) and ``noise`` (their IQR / median)."""
+    quotients = summarize([t / p for t, p in zip(times_ms, pace_ms)])
+    return {"ratio": quotients["median_ms"], "noise": quotients["noise"]}
+
+
 def _stable(times: List[float], last_round: int, minimum: int, tolerance: float) -> bool:
     """The median moved less than ``tolerance`` (relative) when the last round was added."""
     if len(times) < minimum or last_round == 0 or len(times) - last_round < 1:
@@ -60,7 +67,7 @@ def _stable(times: List[float], last_round: int, minimum: int, tolerance: float)
 def time_interleaved(runs: Dict[Hashable, Callable[[], Any]], *, warmup: int, repeats: int,
                      max_repeats: int = MAX_REPEATS, tolerance: float = TOLERANCE, noise_limit: float = NOISE_LIMIT,
                      timer: Callable[[], float] = time.perf_counter, seed: int = 0,
-                     per_round: Optional[int] = None) -> Dict[Hashable, Dict[str, Any]]:
+                     per_round: Optional[int] = None, pace: Optional[Hashable] = None) -> Dict[Hashable, Dict[str, Any]]:
     """Time several callables in interleaved rounds until each median is stable.
 
     A burst of load on a shared machine then hits every model a little instead of one model a lot.
@@ -70,6 +77,11 @@ def time_interleaved(runs: Dict[Hashable, Callable[[], Any]], *, warmup: int, re
     exceeds ``noise_limit`` is an outlier: its timings are discarded and it is measured once more
     (``remeasured``); ``noisy`` marks one still above the limit (the machine is too busy to trust).
     Returns ``{key: {"times_ms": [...], "rounds": n, "remeasured": bool, "noisy": bool}}``.
+
+    ``pace``: the key of a reference run timed in *every* round, also after its own median is
+    stable; each result then has ``pace_ms``, aligned with ``times_ms``: the pace's median in the
+    round of that timing. A shared machine's speed moves within seconds; dividing each timing by
+    the pace's of the same round (`paced_summary`) removes what a chunk-level correction cannot.
     """
     rng = random.Random(seed)
     per_round = per_round or max(1, min(5, repeats // 2 or 1))
@@ -78,29 +90,36 @@ def time_interleaved(runs: Dict[Hashable, Callable[[], Any]], *, warmup: int, re
         for _ in range(warmup):
             run()
 
-    def measure(keys: List[Hashable]) -> Dict[Hashable, List[float]]:
+    def timed(run: Callable[[], Any]) -> float:
+        start = timer()
+        run()
+        return (timer() - start) * 1000.0
+
+    def measure(keys: List[Hashable]) -> Dict[Hashable, Dict[str, Any]]:
         times: Dict[Hashable, List[float]] = {key: [] for key in keys}
+        paces: Dict[Hashable, List[float]] = {key: [] for key in keys}
         rounds = {key: 0 for key in keys}
         active = list(keys)
         while active:
-            rng.shuffle(active)
+            order = active if pace is None or pace in active else [*active, pace]
+            rng.shuffle(order)
+            this_round = {key: [timed(runs[key]) for _ in range(
+                min(per_round, max_repeats - len(times[key])) if key in active else per_round)] for key in order}
             for key in active:
-                run = runs[key]
-                for _ in range(min(per_round, max_repeats - len(times[key]))):
-                    start = timer()
-                    run()
-                    times[key].append((timer() - start) * 1000.0)
+                times[key] += this_round[key]
                 rounds[key] += 1
+                if pace is not None:
+                    paces[key] += [statistics.median(this_round[pace])] * len(this_round[key])
             active = [key for key in active if len(times[key]) < max_repeats
                       and not _stable(times[key], per_round, repeats, tolerance)]
-        return {key: (times[key], rounds[key]) for key in keys}
+        return {key: {"times_ms": times[key], "rounds": rounds[key],
+                      **({"pace_ms": paces[key]} if pace is not None else {})} for key in keys}
 
-    results = {key: {"times_ms": t, "rounds": r, "remeasured": False}
-               for key, (t, r) in measure(list(runs)).items()}
+    results = {key: {**result, "remeasured": False} for key, result in measure(list(runs)).items()}
     outliers = [key for key, result in results.items() if summarize(result["times_ms"])["noise"] > noise_limit]
     if outliers:
-        for key, (t, r) in measure(outliers).items():
-            results[key] = {"times_ms": t, "rounds": r, "remeasured": True}
+        for key, result in measure(outliers).items():
+            results[key] = {**result, "remeasured": True}
     for result in results.values():
         result["noisy"] = summarize(result["times_ms"])["noise"] > noise_limit
     return results

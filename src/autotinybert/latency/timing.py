@@ -15,7 +15,7 @@ from ..space import Arch, parameter_count
 from ..settings import LatencySettings
 from .costs import flops
 from .hardware import fingerprint
-from .runner import onnx_feeds, onnx_session, summarize, time_interleaved
+from .runner import onnx_feeds, onnx_session, paced_summary, summarize, time_interleaved
 
 
 # Timed in every chunk of a profile: mid-sized and BERT-shaped, so every engine and form runs it the
@@ -117,9 +117,10 @@ def measure_many(archs: Sequence[Arch | str], settings: LatencySettings = Latenc
 
     ``timer`` defaults to ``settings.timer()``; ``probe`` runs inside the timed context (tests
     check thread settings with it); ``on_record`` receives each record as its chunk finishes.
-    ``anchor``: also timed in every chunk, interleaved with it; each record of the chunk carries
-    the anchor's median (``anchor``), which `fitting.drift_corrected_ms` uses to divide out slow
-    drift of the machine between chunks.
+    ``anchor``: also timed in every round of every chunk; each record carries the anchor's median
+    in its chunk (``anchor``) and its own timings divided by the anchor's of the same round
+    (``paced``, `runner.paced_summary`), which `fitting.drift_corrected_ms` turns into the latency
+    at the machine's typical speed.
     """
     archs = [Arch.parse(a) if isinstance(a, str) else a for a in archs]
     timer = timer or settings.timer()
@@ -153,7 +154,8 @@ def _measure_chunk(chunk: list[Arch], settings: LatencySettings, timer, probe, o
             probe()
         timed = time_interleaved(runs, warmup=settings.warmup, repeats=settings.repeats,
                                  max_repeats=settings.max_repeats, tolerance=settings.tolerance,
-                                 noise_limit=settings.noise_limit, timer=timer, seed=begin)
+                                 noise_limit=settings.noise_limit, timer=timer, seed=begin,
+                                 pace=len(chunk) if anchor_run is not None else None)
     drift = _anchor_record(anchor, timed.pop(len(chunk)), started) if anchor is not None else None
     noisy = [str(chunk[i]) for i, result in timed.items() if result["noisy"]]
     if noisy:
@@ -169,7 +171,7 @@ def _measure_chunk(chunk: list[Arch], settings: LatencySettings, timer, probe, o
             "parameters": parameter_count(arch, settings.vocab_size, max(512, settings.seq_len), pooler=True),
             "flops": flops(arch, settings.batch_size, settings.seq_len),
             "fingerprint": fp,
-            **({"anchor": drift} if drift else {}),
+            **({"anchor": drift, "paced": paced_summary(result["times_ms"], result["pace_ms"])} if drift else {}),
         }
         records.append(record)
         if on_record is not None:
