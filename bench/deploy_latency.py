@@ -168,6 +168,7 @@ def anchor(args: argparse.Namespace) -> dict:
     records = latency.read_records(args.data)
     keep = [i for i, r in enumerate(records) if not r.get("reference")]
     features = latency.features_of(Arch.parse(records[i]["arch"]) for i in keep)
+    seq_len = int(records[keep[0]]["fingerprint"].get("seq_len", 128))  # as `latency.fit` reads it
     targets = {"as_measured": np.array([float(records[i]["latency"]["median_ms"]) for i in keep]),
                "drift_corrected": latency.drift_corrected_ms(records, paced=False)[keep]}
     if all(records[i].get("paced") for i in keep):  # profiles timed with a pace in every round
@@ -179,8 +180,9 @@ def anchor(args: argparse.Namespace) -> dict:
             order = np.random.default_rng(seed).permutation(len(keep))
             train, unseen = order[:size], order[size:]
             for name, ms in targets.items():
-                model = fit_costs(features[train], ms[train], 128)
-                mape[name].append(latency.metrics(predict_linear(model, features[unseen], 128), ms[unseen])["mape_pct"])
+                model = fit_costs(features[train], ms[train], seq_len)
+                mape[name].append(latency.metrics(predict_linear(model, features[unseen], seq_len),
+                                                  ms[unseen])["mape_pct"])
         out["sizes"][str(size)] = {name: float(np.mean(v)) for name, v in mape.items()}
         print(f"  {size} profiled, costs predictor, mean unseen MAPE over {args.seeds} draws: "
               + ", ".join(f"{name} {np.mean(v):.2f}%" for name, v in mape.items()), flush=True)

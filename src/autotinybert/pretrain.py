@@ -703,8 +703,8 @@ def _train_step(run: _Run, step: int, stop: StopOnSigterm) -> tuple[list[Arch], 
     for micro, (batch, shares) in enumerate(zip(batches, loss_shares(batches, workers))):
         run.tokens_seen += int(batch["attention_mask"].sum()) * len(archs)
         # Sandwich order: archs[0] is the largest; with in-place distillation it teaches the rest.
-        targets = (InPlaceTargets(run.model, archs[0], batch, s.kd_layers) if s.distill_from == "largest"
-                       else None)
+        in_place = s.distill_from == "largest"
+        targets = InPlaceTargets(run.model, archs[0], batch, s.kd_layers) if in_place else None
         for index, arch in enumerate(archs):
             torch.manual_seed(derive_seed(s.seed, step, workers.rank, micro, index, 2))
             run.model.set_arch(arch)

@@ -250,8 +250,14 @@ def drift_corrected_ms(records: Sequence[dict[str, Any]], paced: bool = True) ->
         return measured
     speed = [float(np.median(chunk_anchor[max(0, c - 1):c + 2])) for c in range(len(chunk_anchor))]
     typical = float(np.median(chunk_anchor))
-    return np.array([ms if c < 0 else typical * r["paced"]["ratio"] if paced and r.get("paced") else
-                     ms * typical / speed[c] for ms, c, r in zip(measured, chunk_of, records)])
+
+    def corrected(ms: float, chunk: int, record: dict[str, Any]) -> float:
+        if chunk < 0:
+            return ms
+        if paced and record.get("paced"):
+            return typical * record["paced"]["ratio"]  # round by round
+        return ms * typical / speed[chunk]  # chunk by chunk
+    return np.array([corrected(ms, c, r) for ms, c, r in zip(measured, chunk_of, records)])
 
 
 def _as_kind(predictor: LatencyPredictor, kind: str) -> LatencyPredictor:

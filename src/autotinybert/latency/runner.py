@@ -101,15 +101,16 @@ def time_interleaved(runs: Dict[Hashable, Callable[[], Any]], *, warmup: int, re
         rounds = {key: 0 for key in keys}
         active = list(keys)
         while active:
-            order = active if pace is None or pace in active else [*active, pace]
+            order = active if pace is None or pace in active else [*active, pace]  # a finished pace still paces
             rng.shuffle(order)
-            this_round = {key: [timed(runs[key]) for _ in range(
-                min(per_round, max_repeats - len(times[key])) if key in active else per_round)] for key in order}
+            calls = {key: min(per_round, max_repeats - len(times[key])) if key in active else per_round for key in order}
+            this_round = {key: [timed(runs[key]) for _ in range(calls[key])] for key in order}
+            pace_ms = statistics.median(this_round[pace]) if pace is not None else None
             for key in active:
                 times[key] += this_round[key]
                 rounds[key] += 1
-                if pace is not None:
-                    paces[key] += [statistics.median(this_round[pace])] * len(this_round[key])
+                if pace_ms is not None:
+                    paces[key] += [pace_ms] * calls[key]
             active = [key for key in active if len(times[key]) < max_repeats
                       and not _stable(times[key], per_round, repeats, tolerance)]
         return {key: {"times_ms": times[key], "rounds": rounds[key],
