@@ -1,5 +1,6 @@
 """The command line: working stages, and one-line errors with nothing half-written."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 from transformers import AutoModelForMaskedLM
 
-from autotinybert.cli import main
+from autotinybert.cli import build_parser, main
 from autotinybert.checkpoint import save_supernet
 from conftest import TINY_KD, tiny_supernet
 
@@ -32,6 +33,25 @@ def supernet_dir(tmp_path):
     path = tmp_path / "superplm"
     save_supernet(tiny_supernet(TINY_KD), path)
     return path
+
+
+def _command_words(parser, words=()):
+    """Every command and sub-command of ``parser``, walked from argparse itself (new ones included)."""
+    yield list(words)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _command_words(child, (*words, name))
+
+
+@pytest.mark.parametrize("words", list(_command_words(build_parser())), ids=lambda w: " ".join(w) or "autotinybert")
+def test_every_command_prints_its_help(capsys, words):
+    # argparse %-formats help text: one stray % in a doc crashed --help with a traceback
+    with pytest.raises(SystemExit) as exit_:
+        main([*words, "--help"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0, err
+    assert out.strip() and "Traceback" not in err
 
 
 def test_space_prints_space_size_and_released(capsys):

@@ -322,6 +322,26 @@ def test_cli_predict_errors(tmp_path, capsys):
     assert "L5-H564-F1054-A8-Q512" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("line, key, field, value", [
+    (1, "latency", "median_ms", 0.0),            # the BERT-base reference: a speedup over 0 ms
+    (1, "latency", "median_ms", -2.5),
+    (4, "latency", "median_ms", float("nan")),
+    (3, "anchor", "median_ms", -1.0),             # a drift anchor: silently dropped before
+    (5, "paced", "ratio", float("inf")),
+])
+def test_cli_fit_refuses_non_positive_latencies_before_writing(tmp_path, capsys, line, key, field, value):
+    records = _synthetic_records(12, _known)
+    for i, record in enumerate(records):  # a drift-anchored profile, so every read number is exercised
+        record.update(anchor={"median_ms": 1.0, "chunk": i}, paced={"ratio": record["latency"]["median_ms"]})
+    records[line - 1][key][field] = value
+    data, out = tmp_path / "p.jsonl", tmp_path / "out" / "pred.json"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    err = _one_line_error(capsys, ["latency", "fit", "--data", str(data), "--out", str(out), "--epochs", "5"])
+    assert f"p.jsonl:{line} " in err and f"{key}.{field}" in err and "latencies must be positive" in err
+    assert "latency profile" in err  # the fix
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_profile_fit_predict_check(tmp_path, capsys):
     data, pred = tmp_path / "p.jsonl", tmp_path / "pred.json"
     common = ["--seq-len", "16", "--repeats", "2", "--warmup", "0"]

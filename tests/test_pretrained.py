@@ -39,6 +39,33 @@ def _randomise(model, seed=0):
     return model
 
 
+# Planted importance (`_plant`): per layer, a scale per head (its v rows) and per dim within every
+# head (q/k rows; v rows and the attention-output columns they feed). Distinct values: one exact order.
+HEAD_SCALE = torch.tensor([[1.0, 2.0, 0.5], [0.5, 1.0, 2.0]])
+QK_SCALE = [0.5 + torch.randperm(12, generator=torch.Generator().manual_seed(10 + i)) / 12 for i in range(2)]
+V_SCALE = [0.5 + torch.randperm(12, generator=torch.Generator().manual_seed(20 + i)) / 12 for i in range(2)]
+
+
+def _plant(model, seed=7):
+    """Every q (k) row of a layer is one random row times its dim's scale, every v row another
+    times its head's and dim's scale, and each attention-output column one random column times its
+    dim's scale: weight norms and mean |activations| then rank heads and per-head dims exactly by
+    the planted scales, whatever the random rows (q and k alike in every head: equal attention, so
+    a head's context norm is proportional to its scale)."""
+    g = torch.Generator().manual_seed(seed)
+    heads, d = CONFIG["num_attention_heads"], CONFIG["hidden_size"] // CONFIG["num_attention_heads"]
+    with torch.no_grad():
+        for i, block in enumerate(model.bert.encoder.layer):
+            qk, v = QK_SCALE[i].repeat(heads), V_SCALE[i].repeat(heads) * HEAD_SCALE[i].repeat_interleave(d)
+            for linear, scale in ((block.attention.self.query, qk), (block.attention.self.key, qk),
+                                  (block.attention.self.value, v)):
+                linear.weight.copy_(scale[:, None] * torch.randn(1, CONFIG["hidden_size"], generator=g) * 0.3)
+                linear.bias.copy_(scale * torch.randn((), generator=g) * 0.3)
+            column = torch.randn(CONFIG["hidden_size"], 1, generator=g) * 0.3
+            block.attention.output.dense.weight.copy_(column * V_SCALE[i].repeat(heads)[None, :])
+    return model
+
+
 @pytest.fixture
 def source(tmp_path):
     """A tiny odd-sized BertForMaskedLM saved as a local checkpoint with its tokenizer."""
@@ -59,12 +86,21 @@ def _batch():
                                           ("kd", "weight")])
 def test_importance_orders_leave_the_function_unchanged(mode, method):
     torch.manual_seed(1)
-    model = _randomise(BertForMaskedLM(BertConfig(**CONFIG))).eval()
+    model = _plant(_randomise(BertForMaskedLM(BertConfig(**CONFIG)))).eval()
     shape = importance.Shape.of(model.config)
     scores = (importance.activation_scores(model, [_batch()], shape) if method == "activation"
               else importance.weight_scores(model.state_dict(), shape))
     orders = scores.orders(mode)
     assert not torch.equal(orders.hidden, torch.arange(36)) and not torch.equal(orders.ffn[0], torch.arange(37))
+    # Heads and per-head dims: the planted orders, not whatever a seed happens to give.
+    if mode == "mlm":
+        assert [o.tolist() for o in orders.heads] == [[1, 0, 2], [2, 1, 0]]
+    else:
+        for layer in range(2):
+            for got, planted in ((orders.qk[layer], QK_SCALE[layer]), (orders.v[layer], V_SCALE[layer])):
+                expected = torch.argsort(planted, descending=True)
+                assert not torch.equal(expected, torch.arange(12))
+                assert torch.equal(got, expected.expand(3, -1)), (layer, got, expected)
     permuted = BertForMaskedLM(BertConfig(**CONFIG)).eval()
     permuted.load_state_dict(importance.permute(model.state_dict(), shape, orders), strict=True)
     with torch.no_grad():

@@ -225,11 +225,12 @@ def _toy_predictor(path, space):
     return predictor
 
 
-def test_cli_search_evolved_proxy_and_resume(tmp_path, capsys):
+def _proxy_search_argv(tmp_path, target_ms, method):
+    """A ``search`` command line whose proxy evaluator works: a tiny SuperPLM with a tokenizer, a
+    validation corpus and a toy predictor; ``target_ms(predictor)`` picks the target."""
     from conftest import TINY_MLM, tiny_supernet
     from test_data import TEXT
 
-    from autotinybert.cli import main
     from autotinybert.data import train_wordpiece
     from autotinybert.checkpoint import save_supernet
 
@@ -240,13 +241,20 @@ def test_cli_search_evolved_proxy_and_resume(tmp_path, capsys):
     save_supernet(tiny_supernet(TINY_MLM, vocab_size=len(tokenizer)), supernet)
     tokenizer.save_pretrained(str(supernet))
     predictor = _toy_predictor(tmp_path / "pred.json", TINY_MLM)
-    middle = predictor.predict(Arch(2, 24, 25, 2, 18))
-    out = tmp_path / "search"
-    argv = ["search", "--supernet", str(supernet), "--predictor", str(tmp_path / "pred.json"),
-            "--target-ms", f"{middle:.4f}", "--speedup", "1.5", "--method", "evolved", "--evaluator", "proxy",
+    return ["search", "--supernet", str(supernet), "--predictor", str(tmp_path / "pred.json"),
+            "--target-ms", f"{target_ms(predictor):.4f}", "--method", method, "--evaluator", "proxy",
             "--valid-corpus", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--seq-len", "24",
             "--eval-batch-size", "4", "--eval-batches", "2", "--generations", "2", "--generation-size", "4",
-            "--grid-step-hidden", "4", "--grid-step-ffn", "4", "--out", str(out), "--no-progress"]
+            "--grid-step-hidden", "4", "--grid-step-ffn", "4", "--out", str(tmp_path / "search"), "--no-progress"]
+
+
+def test_cli_search_evolved_proxy_and_resume(tmp_path, capsys):
+    from conftest import TINY_MLM
+
+    from autotinybert.cli import main
+
+    argv = _proxy_search_argv(tmp_path, lambda p: p.predict(Arch(2, 24, 25, 2, 18)), "evolved") + ["--speedup", "1.5"]
+    out = tmp_path / "search"
     assert main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
@@ -301,6 +309,30 @@ def test_cli_search_bad_input_is_one_line(tmp_path, capsys, tiny_files, extra, f
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert fragment in err, err
+
+
+def test_cli_search_fast_without_fast_candidates_writes_nothing(tmp_path, capsys):
+    from autotinybert.cli import main
+
+    # The largest architecture's window holds only wide models with a narrow FFN (d_f < 1.6·d_m):
+    # none meets the fast rule, while the evaluator is valid (so only the fast rule can refuse).
+    argv = _proxy_search_argv(tmp_path, lambda p: p.predict(Arch(3, 36, 37, 4, 36)), "fast")
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "satisfies the fast rule" in err, err
+    assert "--method evolved or random" in err  # the fix
+    assert not (tmp_path / "search").exists()
+
+
+def test_cli_search_resume_with_other_settings_keeps_config(tmp_path, capsys):
+    from autotinybert.cli import main
+
+    argv = _proxy_search_argv(tmp_path, lambda p: p.predict(Arch(2, 24, 25, 2, 18)), "random")
+    assert main(argv) == 0, capsys.readouterr().err
+    config = (tmp_path / "search" / "config.yaml").read_text()
+    assert main(argv + ["--resume", "--seed", "7"]) == 2
+    assert "different settings" in capsys.readouterr().err
+    assert (tmp_path / "search" / "config.yaml").read_text() == config  # the run's record is not rewritten
 
 
 def test_cli_search_correlate_names_missing_options(capsys):

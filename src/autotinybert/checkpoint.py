@@ -16,11 +16,14 @@ import torch
 
 from .errors import UserError, reading
 from .files import atomic_write_json, atomic_write_text, atomic_write_with, staged_directory, write_stage_config
-from .modeling import (SuperBertConfig, SuperBertForPreTraining, SuperBertModel, SuperBertPreTrainedModel, _no_init,
-                       new_supernet)
+from .modeling import (SuperBertConfig, SuperBertForPreTraining, SuperBertForSequenceClassification, SuperBertModel,
+                       SuperBertPreTrainedModel, _no_init, new_supernet)
 from .space import SearchSpace
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
+# The class a checkpoint was saved from (config.json "architectures"): MLM / KD pre-training, or
+# the task route's SuperPLM with a classification head.
+_SUPERNET_CLASSES = {cls.__name__: cls for cls in (SuperBertForPreTraining, SuperBertForSequenceClassification)}
 CHECKPOINT_CONFIG = "config.json"
 
 
@@ -29,7 +32,6 @@ def load_supernet(path: str | Path, cls: type[SuperBertPreTrainedModel] | None =
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cls = cls or SuperBertForPreTraining
     path = Path(path)
     config_file, weights_file = path / CHECKPOINT_CONFIG, path / CHECKPOINT_WEIGHTS
     if not path.is_dir():
@@ -45,6 +47,7 @@ def load_supernet(path: str | Path, cls: type[SuperBertPreTrainedModel] | None =
     if raw.get("model_type") != SuperBertConfig.model_type:
         raise UserError(f"{path} holds a {raw.get('model_type')!r} model, not a SuperPLM "
                         f"({SuperBertConfig.model_type!r})")
+    cls = cls or _SUPERNET_CLASSES.get((raw.get("architectures") or [""])[0], SuperBertForPreTraining)
     try:
         config = SuperBertConfig.from_dict(raw)
     except (UserError, TypeError, ValueError) as err:
@@ -113,9 +116,16 @@ def save_supernet(model: SuperBertPreTrainedModel, out_dir: str | Path) -> None:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _name_class(model)
     model.config.to_json_file(str(out_dir / CHECKPOINT_CONFIG))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / CHECKPOINT_WEIGHTS), metadata={"format": "pt"})
+
+
+def _name_class(model: SuperBertPreTrainedModel) -> None:
+    """Record the model class in the config (as save_pretrained does), so `load_supernet` rebuilds it."""
+    if type(model).__name__ in _SUPERNET_CLASSES:
+        model.config.architectures = [type(model).__name__]
 
 
 def publish_supernet(model: SuperBertPreTrainedModel, out_dir: str | Path) -> None:
@@ -124,6 +134,7 @@ def publish_supernet(model: SuperBertPreTrainedModel, out_dir: str | Path) -> No
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    _name_class(model)
     atomic_write_text(Path(out_dir) / CHECKPOINT_CONFIG, model.config.to_json_string())
     atomic_write_with(Path(out_dir) / CHECKPOINT_WEIGHTS,
                       lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))

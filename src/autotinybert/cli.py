@@ -20,10 +20,12 @@ from .options import add_options, as_plain, from_namespace
 Part = tuple[type, dict[str, Any]]
 _EVAL_OPTIONS = ("max_seq_length", "doc_stride", "eval_batch_size", "max_eval_examples", "null_score_threshold",
                  "progress")
-_FINETUNE_TASK_DATA: list[Part] = [(S.TaskDataSettings, {"group": "finetune evaluator (each candidate is fine-tuned "
-                                                                  "in memory; fitness = mean dev score)"}),
+_FINETUNE_TASK_DATA: list[Part] = [(S.TaskDataSettings, {"group": "finetune and task evaluators (finetune: each "
+                                                                  "candidate fine-tuned in memory and scored)"}),
                                    (S.FinetuneBudget, {"prefix": "ft_", "group": "finetune evaluator budget"})]
-_EVALUATOR_PARTS: list[Part] = [(S.ProxySettings, {}), (S.ProxyDataCommand, {}), *_FINETUNE_TASK_DATA]
+_EVALUATOR_PARTS: list[Part] = [(S.ProxySettings, {}), (S.ProxyDataCommand, {}), *_FINETUNE_TASK_DATA,
+                                (S.TaskEvaluatorSettings, {"group": "task evaluator (a task SuperPLM's inherited score "
+                                                                    "on rows carved from train)"})]
 
 
 def _arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,7 +213,8 @@ def _search_job(args: argparse.Namespace, **fixed: Any):
         command=from_namespace(S.SearchCommand, args, **fixed), targets=from_namespace(S.TargetSettings, args),
         search=from_namespace(S.SearchSettings, args), proxy=from_namespace(S.ProxySettings, args),
         proxy_data=from_namespace(S.ProxyDataCommand, args), tasks=from_namespace(S.TaskDataSettings, args),
-        budget=from_namespace(S.FinetuneBudget, args, prefix="ft_"))
+        budget=from_namespace(S.FinetuneBudget, args, prefix="ft_"),
+        task_eval=from_namespace(S.TaskEvaluatorSettings, args))
 
 
 def _run_search(args: argparse.Namespace) -> int:

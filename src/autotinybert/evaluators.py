@@ -135,8 +135,9 @@ class FinetuneEvaluator:
         self.settings.validate()
         source = data_source(Path(data_dir) if data_dir else None, hub, files_given=bool(train_file and dev_file))
         self.tasks = [resolve_task(name) for name in tasks]
-        self.data = [load_task_data(task, source, test=False, train_file=train_file, dev_file=dev_file,
-                                    settings=self.settings) for task in self.tasks]
+        self.data = [_selection_data(task, load_task_data(task, source, test=False, train_file=train_file,
+                                                          dev_file=dev_file, settings=self.settings))
+                     for task in self.tasks]
         supernet = Path(supernet)
         self.model, self.tokenizer, self.device = _load_supernet(supernet, device)
         self.space = self.model.config.search_space
@@ -164,6 +165,95 @@ class FinetuneEvaluator:
                             for task, data in zip(self.tasks, self.data)}
         self.seconds.append(time.perf_counter() - start)
         return sum(self.last_scores.values()) / len(self.last_scores)
+
+
+def _selection_data(task, data):
+    """With a carved validation split, candidates are scored on it and the dev set is never read."""
+    from .tasks.finetune import TaskData
+
+    if data.validation is None:
+        return data
+    return TaskData(data.train, {task.main_dev_split: data.validation}, {}, data.validation)
+
+
+class TaskEvaluator:
+    """Fitness = the sub-model's task score with the task SuperPLM's inherited task weights, on the
+    validation split carved from the training data (`tasks.finetune.carve_validation`): one forward
+    pass per candidate, as DynaBERT and whittle's PLM pruning score sub-networks. The dev set a
+    user reports is never read. With ``retrain`` the score is taken instead after a task-KD retrain
+    of ``settings``' budget from the fine-tuned ``teacher`` (Minitron's lightweight retraining,
+    which settles rankings that flip right after pruning): minutes per candidate, for re-ranking a
+    shortlist (`search.rerank`)."""
+
+    def __init__(self, supernet: str | Path, task: str, data_dir: str | Path | None, *, settings: Any = None,
+                 retrain: bool = False, teacher: str | Path | None = None, cache_dir: str | Path | None = None,
+                 device: str = "cpu") -> None:
+        from .modeling import SuperBertForSequenceClassification
+        from .tasks import finetune
+
+        self.task = finetune.resolve_task(task)
+        if not isinstance(self.task, finetune.glue.GlueTask):
+            raise UserError(f"the task evaluator scores GLUE-style tasks; {task} is not one")
+        self.settings = replace(settings or finetune.FinetuneSettings(), progress=False, log_evaluations=False,
+                                device=device, eval_every=None)
+        if not self.settings.validation_examples:
+            raise UserError("the task evaluator scores candidates on rows carved from the training data: set "
+                            "--ft-validation-examples (e.g. 1000)")
+        if data_dir is None:
+            raise UserError("the task evaluator needs --data-dir (the task's glue_data folder)")
+        self.data = _selection_data(self.task, finetune.load_task_data(self.task, Path(data_dir), test=False,
+                                                                        settings=self.settings))
+        supernet = Path(supernet)
+        self.model, self.tokenizer, self.device = _load_supernet(supernet, device)
+        if not isinstance(self.model, SuperBertForSequenceClassification):
+            raise UserError(f"--supernet {supernet} has no task head; the task evaluator scores a task SuperPLM "
+                            "(the task route's)")
+        self.validation = finetune._glue_features(self.task, self.tokenizer, self.data.validation,
+                                                  self.settings.sequence_length(self.task), with_labels=False)
+        self.labels = finetune.glue.label_ids(self.task, self.data.validation.examples)
+        self.space = self.model.config.search_space
+        self.retrain, self.teacher = retrain, None
+        if retrain:
+            if teacher is None:
+                raise UserError("re-ranking by retraining distils from the fine-tuned source: give --teacher")
+            from .tasks.run import _teacher_dir
+
+            features = finetune.train_features(self.task, self.tokenizer, self.data.train, self.settings)
+            self.teacher = finetune.TeacherLogits.cached(_teacher_dir(Path(teacher), self.task), self.task, features,
+                                                         finetune._pad_id(self.tokenizer), self.settings,
+                                                         Path(cache_dir) if cache_dir else supernet)
+        budget = ""
+        if retrain:
+            fields = {k: v for k, v in asdict(self.settings).items() if k not in ("progress", "log_evaluations", "device")}
+            budget = ":retrain=" + hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.key = (f"task:{self.task.name}:supernet={file_digest(supernet / 'model.safetensors')}"
+                    f":validation={len(self.labels)}:seed={self.settings.subset_seed}{budget}")
+        self.seconds: list[float] = []
+
+    def score(self, model) -> float:
+        """The task score of a task model (the SuperPLM at an arch, or an extracted one) on the rows."""
+        from .tasks import finetune, metrics
+
+        outputs = finetune._predict_features(model, self.validation, finetune._pad_id(self.tokenizer),
+                                             self.settings.eval_batch_size, False)
+        return metrics.task_score(metrics.glue_metrics(self.task.name, finetune._glue_predictions(self.task, outputs),
+                                                       self.labels))
+
+    def __call__(self, arch: Arch) -> float:
+        from .export import extract
+        from .tasks.finetune import finetune_model
+
+        self.space.check(arch)
+        start = time.perf_counter()
+        self.model.set_arch(arch)
+        if not self.retrain:
+            value = self.score(self.model)
+        else:
+            student = extract(self.model, arch).to(self.device)
+            value = finetune_model(student, self.tokenizer, self.task, self.data, self.settings,
+                                   teacher=self.teacher).validation_score
+        self.seconds.append(time.perf_counter() - start)
+        return value
 
 
 # --- several processes ---------------------------------------------------------------------------

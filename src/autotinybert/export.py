@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertModel, PreTrainedModel
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, PreTrainedModel
 
 from . import hf
 from .errors import UserError
 from .checkpoint import load_supernet, load_tokenizer
-from .modeling import SuperBertForPreTraining, SuperBertPreTrainedModel
+from .modeling import SuperBertForPreTraining, SuperBertForSequenceClassification, SuperBertModel, SuperBertPreTrainedModel
 from .space import Arch, parameter_count
 
 ONNX_FILE = "model.onnx"
@@ -53,6 +53,8 @@ def export_config(supernet: SuperBertPreTrainedModel, arch: Arch) -> BertConfig:
         initializer_range=sc.initializer_range,
         pad_token_id=sc.pad_token_id,
     )
+    if isinstance(supernet, SuperBertForSequenceClassification):  # the task head's labels travel along
+        fields.update(num_labels=sc.num_labels, id2label=sc.id2label, label2id=sc.label2id, problem_type=sc.problem_type)
     if arch.is_bert_compatible:
         return BertConfig(**fields)
     config = hf.AutoTinyBertConfig(qkv_size=arch.qkv_size, **fields)
@@ -64,22 +66,25 @@ def extract(supernet: SuperBertPreTrainedModel, arch: Arch | str | None = None, 
             encoder_only: bool = False) -> PreTrainedModel:
     """Copy ``arch``'s slice of ``supernet`` into a standalone transformers model (eval mode).
 
-    Returns ``BertForMaskedLM`` / ``AutoTinyBertForMaskedLM``, or the bare encoder
-    (``BertModel`` / ``AutoTinyBertModel``, pooler included) with ``encoder_only``.
+    Returns ``BertForMaskedLM`` / ``AutoTinyBertForMaskedLM`` (a task-adapted SuperPLM gives
+    ``BertForSequenceClassification`` / ``AutoTinyBertForSequenceClassification`` with its head), or
+    the bare encoder (``BertModel`` / ``AutoTinyBertModel``, pooler included) with ``encoder_only``.
     """
     if arch is None:
         arch = supernet.arch
     elif isinstance(arch, str):
         arch = Arch.parse(arch)
     supernet.config.search_space.check(arch)
-    if not encoder_only and not isinstance(supernet, SuperBertForPreTraining):
-        raise UserError("a bare SuperBertModel has no MLM head; extract with encoder_only=True")
+    if not encoder_only and isinstance(supernet, SuperBertModel):
+        raise UserError("a bare SuperBertModel has no head; extract with encoder_only=True")
     config = export_config(supernet, arch)
     stock = arch.is_bert_compatible
     state = supernet.sliced_state_dict(arch)
     if encoder_only:
         model_class = BertModel if stock else hf.AutoTinyBertModel
         state = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")}
+    elif isinstance(supernet, SuperBertForSequenceClassification):
+        model_class = BertForSequenceClassification if stock else hf.AutoTinyBertForSequenceClassification
     else:
         model_class = BertForMaskedLM if stock else hf.AutoTinyBertForMaskedLM
         state = {k: v for k, v in state.items() if not k.startswith("bert.pooler.")}
@@ -209,14 +214,17 @@ def _model_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> to
 
 def _supernet_reference(supernet: SuperBertPreTrainedModel, arch: Arch, inputs: dict[str, torch.Tensor],
                         encoder_only: bool) -> torch.Tensor:
+    """The sliced SuperPLM's output for ``inputs``: the last hidden state, MLM logits or task logits."""
     previous, was_training = supernet.arch, supernet.training
     supernet.set_arch(arch)
     supernet.eval()
     try:
         with torch.no_grad():
             if encoder_only:
-                bert = supernet.bert if isinstance(supernet, SuperBertForPreTraining) else supernet
+                bert = supernet if isinstance(supernet, SuperBertModel) else supernet.bert
                 return bert(**inputs).last_hidden_state
+            if isinstance(supernet, SuperBertForSequenceClassification):
+                return supernet(**inputs).logits
             return supernet(**inputs, masked_only=False).logits
     finally:
         supernet.set_arch(previous)
@@ -232,8 +240,8 @@ class _Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _Block())
 import torch, transformers
 from safetensors.torch import load_file, save_file
-model_dir, inputs_file, output_file, encoder_only = sys.argv[1:5]
-auto = transformers.AutoModel if encoder_only == "1" else transformers.AutoModelForMaskedLM
+model_dir, inputs_file, output_file, encoder_only, auto_name = sys.argv[1:6]
+auto = getattr(transformers, auto_name)
 model = auto.from_pretrained(model_dir, trust_remote_code=True).eval()
 assert not any(m.startswith("autotinybert") for m in sys.modules), "autotinybert was imported"
 with torch.no_grad():
@@ -241,6 +249,17 @@ with torch.no_grad():
 tensor = out.logits if encoder_only != "1" else out.last_hidden_state
 save_file({"output": tensor.contiguous()}, output_file)
 """
+
+
+def _auto_class_name(model_dir: str | Path, encoder_only: bool) -> str:
+    """The transformers Auto class that loads an exported folder: by its saved architecture."""
+    if encoder_only:
+        return "AutoModel"
+    import json
+
+    architectures = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("architectures") or [""]
+    return "AutoModelForSequenceClassification" if architectures[0].endswith("ForSequenceClassification") \
+        else "AutoModelForMaskedLM"
 
 
 def run_isolated(model_dir: str | Path, inputs: dict[str, torch.Tensor], encoder_only: bool) -> torch.Tensor:
@@ -253,7 +272,7 @@ def run_isolated(model_dir: str | Path, inputs: dict[str, torch.Tensor], encoder
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(Path(tmp) / "modules"))
         result = subprocess.run(
             [sys.executable, "-c", _ISOLATED_LOADER, str(Path(model_dir).resolve()), str(inputs_file), str(output_file),
-             "1" if encoder_only else "0"],
+             "1" if encoder_only else "0", _auto_class_name(model_dir, encoder_only)],
             capture_output=True, text=True, env=env, cwd=tmp, timeout=600,
         )
         if result.returncode != 0:
@@ -269,7 +288,7 @@ def verify_export(supernet: SuperBertPreTrainedModel, arch: Arch | str, export_d
     Keys: ``extracted`` (in memory), ``reloaded`` (``from_pretrained`` of ``export_dir``),
     ``isolated`` (reloaded in a subprocess that cannot import autotinybert), ``onnx``.
     """
-    from transformers import AutoModel, AutoModelForMaskedLM
+    import transformers
 
     arch = Arch.parse(arch) if isinstance(arch, str) else arch
     seq_len = min(seq_len, supernet.config.max_position_embeddings)
@@ -281,7 +300,7 @@ def verify_export(supernet: SuperBertPreTrainedModel, arch: Arch | str, export_d
 
     report = {"extracted": diff(_model_output(extract(supernet, arch, encoder_only=encoder_only), inputs))}
     if export_dir is not None:
-        auto = AutoModel if encoder_only else AutoModelForMaskedLM
+        auto = getattr(transformers, _auto_class_name(export_dir, encoder_only))
         reloaded = auto.from_pretrained(str(export_dir), trust_remote_code=True).eval()
         report["reloaded"] = diff(_model_output(reloaded, inputs))
         if isolated:

@@ -7,7 +7,8 @@ a permutation that leaves the full model's function unchanged:
 
 * hidden channels — one permutation ``P`` of the residual stream: embedding columns, every
   LayerNorm, the input columns of Q/K/V, FFN-in, the pooler and the MLM transform, and the output
-  rows of the attention output, FFN-out, the pooler and the MLM transform (LayerNorm statistics
+  rows of the attention output, FFN-out, the pooler and the MLM transform, and the input columns of
+  a fine-tuned classifier (LayerNorm statistics
   do not depend on the order of the features, so the model is the same up to that reordering of
   its hidden states; the MLM logits are identical);
 * FFN neurons of a layer — rows of FFN-in, columns of FFN-out;
@@ -108,6 +109,8 @@ def _permute_hidden(state: dict[str, torch.Tensor], shape: Shape, order: torch.T
             _cols(state, name + ".weight", order)
     if "cls.predictions.transform.LayerNorm.weight" in state:
         _vector(state, "cls.predictions.transform.LayerNorm", order)
+    if "classifier.weight" in state:  # a fine-tuned sequence classifier reads the pooled hidden state
+        _cols(state, "classifier.weight", order)
     if "cls.predictions.decoder.weight" in state:  # tied to the word embeddings: the same tensor order
         state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
 

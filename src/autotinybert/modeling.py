@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput
 
 from .errors import UserError
 from .hf.modeling_autotinybert import additive_attention_mask  # one masking rule for supernet and export
-from .space import Arch, SearchSpace
+from .space import Arch, SearchSpace, check_depth_layers
 
 
 
@@ -55,6 +55,8 @@ class SuperBertConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         pad_token_id: int = 0,
         teacher_hidden_size: int | None = None,
+        depth_order: str = "first",
+        depth_layers: dict[str, list[int]] | None = None,
         **kwargs: Any,
     ) -> None:
         for derived in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "qkv_size"):
@@ -70,7 +72,12 @@ class SuperBertConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.teacher_hidden_size = teacher_hidden_size
+        # Which layers a depth-L sub-model keeps (space.depth_layers); None: the first L (the paper).
+        self.depth_order = depth_order
+        self.depth_layers = depth_layers
         largest = self.search_space.largest()
+        if depth_layers is not None:
+            check_depth_layers(depth_layers, largest.num_hidden_layers, self.search_space.layers.values())
         self.num_hidden_layers = largest.num_hidden_layers
         self.hidden_size = largest.hidden_size
         self.intermediate_size = largest.intermediate_size
@@ -81,6 +88,12 @@ class SuperBertConfig(PretrainedConfig):
     @property
     def search_space(self) -> SearchSpace:
         return SearchSpace.from_dict(self.space)
+
+    def kept_layers(self, depth: int) -> tuple[int, ...]:
+        """Indices of the SuperPLM layers a sub-model of ``depth`` layers runs, in order."""
+        if self.depth_layers is None:
+            return tuple(range(depth))
+        return tuple(self.depth_layers[str(depth)])
 
     @classmethod
     def from_space(cls, space: SearchSpace, vocab_size: int, max_position_embeddings: int = 512,
@@ -301,8 +314,9 @@ class SuperBertModel(SuperBertPreTrainedModel):
         hidden_states = [x] if output_hidden_states else None
         scores = None
         last = arch.num_hidden_layers - 1
-        for index, layer in enumerate(self.encoder.layer[: arch.num_hidden_layers]):
-            x, layer_scores = layer(x, arch, heads, additive_mask, output_attention_scores and index == last)
+        for index, kept in enumerate(self.config.kept_layers(arch.num_hidden_layers)):
+            x, layer_scores = self.encoder.layer[kept](x, arch, heads, additive_mask,
+                                                       output_attention_scores and index == last)
             if layer_scores is not None:
                 scores = layer_scores
             if output_hidden_states:
@@ -382,10 +396,49 @@ class SuperBertForPreTraining(SuperBertPreTrainedModel):
         return F.linear(hidden, self.fit_dense.weight[:, : hidden.shape[-1]], self.fit_dense.bias)
 
 
+@dataclass
+class SuperBertClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None          # (B, num_labels); (B, 1) for regression
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class SuperBertForSequenceClassification(SuperBertPreTrainedModel):
+    """A SuperPLM with BERT's sequence-classification head: pooler -> dropout -> classifier, the
+    classifier's input columns sliced to d_m. The task route's task-adapted SuperPLM: every
+    sub-model inherits task weights, so it is scored with one pass over held-out task data.
+    Names mirror `BertForSequenceClassification` (``bert.*``, ``classifier.*``)."""
+
+    def __init__(self, config: SuperBertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = SuperBertModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.active_arch = config.search_space.largest()
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> SuperBertClassifierOutput:
+        out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states)
+        pooled = self.dropout(out.pooler_output)  # (B, d_m)
+        logits = F.linear(pooled, self.classifier.weight[:, : pooled.shape[-1]], self.classifier.bias)
+        loss = None
+        if labels is not None:  # BERT's rule: one output is regression (STS-B)
+            loss = (F.mse_loss(logits.squeeze(-1), labels.float()) if self.num_labels == 1
+                    else F.cross_entropy(logits, labels))
+        return SuperBertClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
 # --- slicing for export -------------------------------------------------------------------------
 def _sliced_state_dict(model: SuperBertPreTrainedModel, arch: Arch) -> dict[str, torch.Tensor]:
     model.config.search_space.check(arch)
-    bert = model.bert if isinstance(model, SuperBertForPreTraining) else model
+    bert = model if isinstance(model, SuperBertModel) else model.bert
     d, f = arch.hidden_size, arch.intermediate_size
     heads = head_slice(model.config, arch)
     state: dict[str, torch.Tensor] = {}
@@ -398,8 +451,8 @@ def _sliced_state_dict(model: SuperBertPreTrainedModel, arch: Arch) -> dict[str,
         put(f"bert.embeddings.{name}.weight", getattr(emb, name).weight[:, :d])
     put("bert.embeddings.LayerNorm.weight", emb.LayerNorm.weight[:d])
     put("bert.embeddings.LayerNorm.bias", emb.LayerNorm.bias[:d])
-    for i in range(arch.num_hidden_layers):
-        layer, prefix = bert.encoder.layer[i], f"bert.encoder.layer.{i}"
+    for i, kept in enumerate(model.config.kept_layers(arch.num_hidden_layers)):
+        layer, prefix = bert.encoder.layer[kept], f"bert.encoder.layer.{i}"  # renumbered 0..L-1 for export
         for name in ("query", "key", "value"):
             linear = getattr(layer.attention.self, name)
             put(f"{prefix}.attention.self.{name}.weight", heads.rows(linear.weight)[:, :d])
@@ -428,6 +481,9 @@ def _sliced_state_dict(model: SuperBertPreTrainedModel, arch: Arch) -> dict[str,
         # The decoder is tied: exported models hold the same tensors under their decoder names.
         state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
         state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]
+    if isinstance(model, SuperBertForSequenceClassification):
+        put("classifier.weight", model.classifier.weight[:, :d])
+        put("classifier.bias", model.classifier.bias)
     return state
 
 
@@ -444,9 +500,10 @@ def _no_init():
         yield
 
 
-def new_supernet(config: SuperBertConfig, seed: int = 0) -> SuperBertForPreTraining:
-    """A freshly initialised SuperPLM; ``seed`` fixes the weights without touching global RNG state."""
+def new_supernet(config: SuperBertConfig, seed: int = 0, cls: type[SuperBertPreTrainedModel] | None = None):
+    """A freshly initialised SuperPLM (``cls``, default `SuperBertForPreTraining`); ``seed`` fixes the
+    weights without touching global RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SuperBertForPreTraining(config)
+        model = (cls or SuperBertForPreTraining)(config)
     return model

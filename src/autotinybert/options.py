@@ -292,14 +292,15 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "",
 def _add_flag(target: Any, opt: Opt, prefix: str, required: bool) -> None:
     dest = prefix + opt.field
     flag = "--" + (prefix + (opt.spec.flag or opt.name)).replace("_", "-")
-    doc = opt.spec.doc + _default_note(opt)
+    doc = _escaped(opt.spec.doc + _default_note(opt))
     if opt.spec.positional:
         target.add_argument(dest, type=_argparse_type(opt.kind), help=doc)
         return
     if opt.kind is bool:
         if opt.default is True:
             negative = "--" + prefix.replace("_", "-") + (opt.spec.negative or f"no-{opt.name}").replace("_", "-")
-            target.add_argument(negative, dest=dest, action="store_false", help=f"{opt.spec.doc}: off (default on)")
+            target.add_argument(negative, dest=dest, action="store_false",
+                                help=_escaped(f"{opt.spec.doc}: off (default on)"))
         else:
             target.add_argument(flag, dest=dest, action="store_true", help=doc)
         return
@@ -316,6 +317,11 @@ def _add_flag(target: Any, opt: Opt, prefix: str, required: bool) -> None:
     if "default" not in kwargs:
         kwargs["default"] = None if opt.default is MISSING else opt.default
     target.add_argument(flag, **kwargs)
+
+
+def _escaped(doc: str) -> str:
+    """argparse %-formats help text (``%(default)s``): a literal ``%`` in a doc must be doubled."""
+    return doc.replace("%", "%%")
 
 
 def _argparse_type(kind: Any) -> Callable[[str], Any] | None:

@@ -353,8 +353,18 @@ class TargetResult:
 
     @property
     def best(self) -> dict:
-        # Ties: the faster architecture, then the name (deterministic).
+        # A shortlist re-scored by `rerank` decides; ties: the faster architecture, then the name.
+        rescored = [v for v in self.visits if "rescored" in v]
+        if rescored:
+            return min(rescored, key=lambda v: (-v["rescored"], v["latency_ms"], v["arch"]))
         return min(self.visits, key=lambda v: (-v["fitness"], v["latency_ms"], v["arch"]))
+
+    def leaders(self, count: int) -> list[dict]:
+        """The ``count`` fittest distinct architectures visited (ties: faster first)."""
+        unique: dict[str, dict] = {}
+        for visit in sorted(self.visits, key=lambda v: (-v["fitness"], v["latency_ms"], v["arch"])):
+            unique.setdefault(visit["arch"], visit)
+        return list(unique.values())[:count]
 
     def to_dict(self) -> dict:
         best = self.best
@@ -362,7 +372,7 @@ class TargetResult:
             "target": self.target.to_dict(), "window_ms": list(self.window_ms), "candidates": self.candidates,
             "visited": len(self.visits),
             "best": {"arch": best["arch"], "config": Arch.parse(best["arch"]).to_dict(), "fitness": best["fitness"],
-                     "latency_ms": best["latency_ms"],
+                     "latency_ms": best["latency_ms"], **({"rescored": best["rescored"]} if "rescored" in best else {}),
                      "speedup": (self.target.ms * self.target.speedup / best["latency_ms"]
                                  if self.target.speedup else None)},
             "history": self.visits,
@@ -385,8 +395,8 @@ def search(space: SearchSpace, targets: Sequence[Target], fitness: Fitness, late
     after every evaluation; ``resume`` loads it first (it must come from the same settings).
     """
     candidates = list(candidates) if candidates is not None else find_candidates(space, latency, targets, settings.window)
-    header = {"format": STATE_FORMAT, "version": STATE_VERSION, "settings": settings.key(), "evaluator": evaluator_key,
-              "space": space.to_dict(), "targets": [t.to_dict() for t in targets]}
+    check_method(candidates, settings.method)
+    header = state_header(space, targets, settings, evaluator_key)
     state_path = Path(state_path) if state_path is not None else None
     evals = Evaluations(fitness, evaluator_key, state_path, header)
     if resume and state_path is not None and state_path.is_file():
@@ -399,17 +409,44 @@ def search(space: SearchSpace, targets: Sequence[Target], fitness: Fitness, late
         if settings.method == "evolved":
             run.evolved()
         elif settings.method == "fast":
-            pool = np.flatnonzero(fast_rule(cands.features))
-            if len(pool) == 0:
-                raise UserError(
-                    f"none of the {len(cands)} candidates of target {cands.target.name} satisfies the fast rule "
-                    "(1.6·d_m ≤ d_f ≤ 1.9·d_m, 0.7·d_m ≤ d_qkv ≤ d_m); use --method evolved or random")
-            run.sampled(pool)
+            run.sampled(np.flatnonzero(fast_rule(cands.features)))  # not empty: `check_method`
         else:
             run.sampled()
         results.append(TargetResult(cands.target, (cands.low_ms, cands.high_ms), len(cands), run.visits))
     evals.save()
     return results, evals
+
+
+def rerank(results: Sequence[TargetResult], rescore: Fitness, count: int,
+           on_visit: Callable[[dict], None] | None = None) -> None:
+    """Re-score each target's ``count`` fittest architectures with ``rescore`` (e.g. the score after a
+    short retrain: Minitron saw rankings right after pruning flip within ~200 steps and settle by
+    ~300); `TargetResult.best` then picks among them by that score (``rescored`` in the visits)."""
+    scores: dict[str, float] = {}
+    for result in results:
+        for leader in result.leaders(count):
+            if leader["arch"] not in scores:
+                scores[leader["arch"]] = float(rescore(Arch.parse(leader["arch"])))
+            for visit in result.visits:
+                if visit["arch"] == leader["arch"]:
+                    visit["rescored"] = scores[leader["arch"]]
+            if on_visit is not None:
+                on_visit({**leader, "rescored": scores[leader["arch"]]})
+
+
+def check_method(candidates: Sequence[Candidates], method: str) -> None:
+    """Refuse a method no candidate can serve: callers run it before writing anything (search_stage)."""
+    for cands in candidates:
+        if method == "fast" and not fast_rule(cands.features).any():
+            raise UserError(
+                f"none of the {len(cands)} candidates of target {cands.target.name} satisfies the fast rule "
+                "(1.6·d_m ≤ d_f ≤ 1.9·d_m, 0.7·d_m ≤ d_qkv ≤ d_m); use --method evolved or random")
+
+
+def state_header(space: SearchSpace, targets: Sequence[Target], settings: SearchSettings, evaluator_key: str) -> dict:
+    """What a search state must match to be resumed (`read_state`)."""
+    return {"format": STATE_FORMAT, "version": STATE_VERSION, "settings": settings.key(), "evaluator": evaluator_key,
+            "space": space.to_dict(), "targets": [t.to_dict() for t in targets]}
 
 
 def read_state(path: Path, header: dict) -> dict:

@@ -7,6 +7,7 @@ after each), ``results.json``, ``best.json`` and ``pareto.png``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,10 +17,14 @@ from typing import Any, Iterator
 from .errors import SetupWarning, UserError
 from .files import atomic_write_json, write_stage_config
 from .search import (
+    check_method,
     find_candidates,
     make_targets,
+    read_state,
+    rerank,
     search,
     search_grid,
+    state_header,
     write_outputs,
 )
 from .settings import (
@@ -31,6 +36,7 @@ from .settings import (
     SearchSettings,
     TargetSettings,
     TaskDataSettings,
+    TaskEvaluatorSettings,
 )
 from .space import SearchSpace
 
@@ -47,9 +53,10 @@ class SearchJob:
     proxy_data: ProxyDataCommand
     tasks: TaskDataSettings
     budget: FinetuneBudget
+    task_eval: TaskEvaluatorSettings = dataclasses.field(default_factory=TaskEvaluatorSettings)
 
     def evaluator_options(self, kind: str) -> dict[str, Any]:
-        """Keyword arguments of the ``kind`` evaluator (`ProxyEvaluator` / `FinetuneEvaluator`)."""
+        """Keyword arguments of the ``kind`` evaluator (`ProxyEvaluator` / `FinetuneEvaluator` / `TaskEvaluator`)."""
         supernet, device = self.command.supernet, self.command.device
         if kind == "proxy":
             p, data = self.proxy, self.proxy_data
@@ -58,6 +65,11 @@ class SearchJob:
                         seq_len=data.seq_len, batch_size=p.eval_batch_size, batches=p.eval_batches,
                         seed=self.search.seed, cache_dir=data.cache_dir, device=device)
         t = self.tasks
+        if kind == "task":
+            if len(t.tasks) != 1:
+                raise UserError("--evaluator task scores one task: give exactly one --task (the SuperPLM's)")
+            return dict(supernet=supernet, device=device, task=t.tasks[0], data_dir=t.data_dir,
+                        settings=budget_settings(self.budget))
         return dict(supernet=supernet, device=device, tasks=t.tasks, data_dir=t.data_dir, hub=t.hub,
                     train_file=t.train_file, dev_file=t.dev_file, settings=budget_settings(self.budget))
 
@@ -67,7 +79,8 @@ def budget_settings(budget: FinetuneBudget) -> FinetuneSettings:
     return FinetuneSettings(epochs=budget.epochs, max_steps=budget.max_steps, learning_rate=budget.lr,
                             batch_size=budget.batch_size, max_train_examples=budget.max_train_examples,
                             max_eval_examples=budget.max_eval_examples, max_seq_length=budget.max_seq_length,
-                            seed=budget.seed, group_by_length=True, progress=False)
+                            seed=budget.seed, group_by_length=True, progress=False,
+                            validation_examples=budget.validation_examples)
 
 
 def _require(command: Any, *names: str) -> None:
@@ -116,6 +129,8 @@ def run_search_stage(job: SearchJob, *, arguments: dict[str, Any] | None = None)
     # Options first, then files, then the cheap numpy candidates, then the models.
     if c.evaluator == "finetune" and not job.tasks.tasks:
         raise UserError("--evaluator finetune needs at least one --task (e.g. --task sst2)")
+    if job.task_eval.rerank and c.evaluator != "task":
+        raise UserError("--rerank re-scores the task evaluator's shortlist; use it with --evaluator task")
     latency = LatencyPredictor.load(c.predictor)
     targets = make_targets(job.targets.speedups, job.targets.target_ms, latency.reference_ms)
     # Candidates first (cheap, numpy): an infeasible target fails before any model is loaded.
@@ -124,17 +139,25 @@ def run_search_stage(job: SearchJob, *, arguments: dict[str, Any] | None = None)
         warnings.warn(f"the latency predictor was fitted on another space ({brief_space(latency.space)}); parts of the "
                       "SuperPLM's space are extrapolated", SetupWarning, stacklevel=2)
     candidates = find_candidates(space, latency.predict_features, targets, job.search.window)
-    with open_evaluator(c.evaluator, job.evaluator_options(c.evaluator), c.workers) as fitness:
+    check_method(candidates, job.search.method)
+    with contextlib.ExitStack() as stack:  # both evaluators built first: bad options fail before any work
+        fitness = stack.enter_context(open_evaluator(c.evaluator, job.evaluator_options(c.evaluator), c.workers))
+        rescore = None
+        if job.task_eval.rerank:
+            rescore = stack.enter_context(open_evaluator("task", {**job.evaluator_options("task"), "retrain": True,
+                                                                 "teacher": job.task_eval.rerank_teacher, "cache_dir": None}))
         return _search_with(fitness, space=space, targets=targets, candidates=candidates, latency=latency,
                             settings=job.search, out=out, resume=resume, progress=c.progress, plot=c.plot,
-                            metric=job.proxy.metric if c.evaluator == "proxy" else "finetune score",
-                            arguments=arguments)
+                            metric={"proxy": job.proxy.metric, "task": "task score"}.get(c.evaluator, "finetune score"),
+                            arguments=arguments, rescore=rescore, shortlist=job.task_eval.rerank)
 
 
 def _search_with(fitness, *, space, targets, candidates, latency, settings, out: Path, resume: bool, metric: str,
-                 progress: bool, plot: bool, arguments) -> dict:
+                 progress: bool, plot: bool, arguments, rescore=None, shortlist: int = 0) -> dict:
     """Run the search with a ready evaluator and write every output file."""
     state_path = out / "state.json"
+    if resume:  # a state of other settings is refused before config.yaml is rewritten with them
+        read_state(state_path, state_header(space, targets, settings, fitness.key))
     _create_out(out, arguments)
     budget = len(targets) * settings.generations * settings.generation_size
     bar = None
@@ -154,6 +177,9 @@ def _search_with(fitness, *, space, targets, candidates, latency, settings, out:
                             candidates=candidates)
     if bar is not None:
         bar.close()
+    if rescore is not None:  # the shortlist re-scored after a short retrain picks each target's best
+        rerank(results, rescore, shortlist, on_visit=lambda v: print(
+            f"re-ranked {v['arch']}: inherited {v['fitness']:.2f}, after retraining {v['rescored']:.2f}"))
     seconds = time.perf_counter() - start
     summary = write_outputs(out, results, evals, extra={
         "method": settings.method, "evaluator": fitness.key, "metric": metric, "grid": space.to_dict(),
@@ -174,9 +200,9 @@ def _search_with(fitness, *, space, targets, candidates, latency, settings, out:
 
 
 def _evaluator_class(kind: str):
-    from .evaluators import FinetuneEvaluator, ProxyEvaluator
+    from .evaluators import FinetuneEvaluator, ProxyEvaluator, TaskEvaluator
 
-    return ProxyEvaluator if kind == "proxy" else FinetuneEvaluator
+    return {"proxy": ProxyEvaluator, "finetune": FinetuneEvaluator, "task": TaskEvaluator}[kind]
 
 
 @contextlib.contextmanager

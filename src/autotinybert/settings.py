@@ -30,7 +30,7 @@ QUANTIZATIONS = ("none", "int8")
 ONNX_FORMS = ("fp32", "optimized", "int8")  # deploy.FORM_FILES: int8 = the optimised graph, quantised
 METHODS = ("random", "fast", "evolved")
 METRICS = ("mlm_accuracy", "mlm_loss", "kd_loss")
-EVALUATORS = ("proxy", "finetune")
+EVALUATORS = ("proxy", "finetune", "task")
 SPACE_DIMS = ("layers", "hidden", "ffn", "heads", "qkv")
 
 
@@ -401,6 +401,20 @@ class FinetuneBudget(Options):
                                            minimum=1)
     max_seq_length: int | None = option(None, "tokens per input (default 128 for GLUE, 384 for SQuAD)", minimum=8)
     seed: int = option(42, "seed of the head, shuffling and dropout")
+    validation_examples: int | None = option(
+        None, "score candidates on up to this many rows carved from the training data (at most a tenth), never on "
+              "dev (the task evaluator needs it)", minimum=1)
+
+
+@dataclass
+class TaskEvaluatorSettings(Options):
+    """The task evaluator: a task SuperPLM's inherited task score on the rows carved from train
+    (--ft-validation-examples), the best few re-ranked after a short task-KD retrain (the --ft-* budget)."""
+
+    rerank: int = option(0, "re-rank this many of each target's best after a task-KD retrain of the --ft-* budget "
+                            "(0: keep the inherited ranking)", minimum=0)
+    rerank_teacher: Path | None = option(None, "the fine-tuned source the re-ranking distils from (a model folder "
+                                               "or a finetune run)", path="dir")
 
 
 @dataclass
@@ -408,8 +422,9 @@ class SearchCommand(Options):
     supernet: Path | None = option(None, "SuperPLM checkpoint directory (pretrain / init output)", path="dir")
     predictor: Path | None = option(None, "latency predictor file ('latency fit' output)", path="file", text=True)
     out: Path | None = option(None, "output directory", path="out")
-    evaluator: str = option("proxy", "proxy (inherited weights, held-out MLM; seconds) or finetune (fine-tuned dev "
-                                     "score; minutes)", choices=EVALUATORS)
+    evaluator: str = option("proxy", "proxy (inherited weights, held-out MLM; seconds), finetune (fine-tuned score; "
+                                     "minutes) or task (a task SuperPLM's inherited task score on rows carved from "
+                                     "train; one pass)", choices=EVALUATORS)
     device: str = option("cpu", "torch device of the evaluator")
     workers: int = option(1, "evaluate each generation in this many processes (cores are split between them)",
                           minimum=1)
@@ -457,7 +472,11 @@ class FinetuneSettings(Options):
     seed: int = option(42, "seed of the head init, shuffling and dropout")
     max_train_examples: int | None = option(None, "train on a seeded random subset (budgets)", minimum=1)
     max_eval_examples: int | None = option(None, "score a seeded random subset of each dev set", minimum=1)
+    validation_examples: int | None = option(
+        None, "carve up to this many training examples (at most a tenth of them, seeded) into a validation split "
+              "that picks the best checkpoint; the dev sets are then only reported, never selected on", minimum=1)
     subset_seed: int = option(0, "which seeded subset (separate from the training seed)", cli=False)
+    device: str = option("cpu", "torch device of training and evaluation (cuda on a GPU machine)")
     eval_every: int | None = option(None, "also evaluate every N steps (default: at each epoch end)", minimum=1)
     group_by_length: bool = option(False, "batch inputs of similar length together (less padding: faster on a CPU)")
     n_best: int = option(20, "SQuAD: span candidates per window", minimum=1, cli=False)
@@ -476,6 +495,26 @@ class FinetuneSettings(Options):
     def validate(self) -> None:
         """Kept for callers; every value is checked on construction."""
         check_options(self)
+
+
+@dataclass
+class TaskSuperPLMSettings(Options):
+    """The task route's SuperPLM (`task_supernet`): how the fine-tuned source is made elastic and
+    trained on its task (the optimiser, budget and distillation options are `FinetuneSettings`')."""
+
+    mode: str = option("kd", "kd (the source's heads, each sliced in width) or mlm (whole heads)", choices=("kd", "mlm"))
+    importance: str = option("activation", "order hidden channels, FFN neurons, heads / head dims by activations on "
+                                           "the task's training rows, by weight norms, or keep the source's order",
+                             choices=("activation", "weight", "none"))
+    depth_order: str = option("spaced", "which layers a depth-L sub-model keeps: first (the paper), spaced (evenly "
+                                        "spaced, the last kept: DynaBERT, MiniLM-L3) or importance (the L layers "
+                                        "whose removal moves the outputs most)",
+                              choices=("first", "spaced", "importance"))
+    calibration_examples: int = option(512, "training rows the importance and depth orders are read on", minimum=1)
+    random_sub_models: int = option(2, "random sub-models per step besides the largest and the smallest (sandwich)",
+                                    minimum=0)
+    save_every: int = option(100, "steps between checkpoints (what an interrupted run continues from)", minimum=1)
+    seed: int = option(0, "seed of the calibration rows and of the sub-models each step samples")
 
 
 @dataclass(kw_only=True)
@@ -501,8 +540,8 @@ class EvaluateCommand(ModelCommand):
     table: list[Path] | None = option(None, "instead: print a markdown table of these finetune/evaluate runs' "
                                             "results.json", metavar="RUN", path="source")
     reference: Path | None = option(None, "with --table: a run (e.g. the source model fine-tuned with the same "
-                                          "budget) shown first; every row's mean score as a % of its", metavar="RUN",
-                                    path="source")
+                                          "budget) shown first; every row's mean score as a % of the reference's",
+                                    metavar="RUN", path="source")
 
 
 @dataclass(kw_only=True)
@@ -547,7 +586,8 @@ class RunOptions(Options):
 
     seed: int = option(0, "one seed for every stage: same config + same seed -> same result")
     threads: int | None = option(1, "torch CPU threads while the pipeline runs (null: torch's default)", minimum=1)
-    device: str = option("cpu", "torch device of the search evaluator (cuda on a GPU machine)")
+    device: str = option("cpu", "torch device of the search evaluator, fine-tuning and the task route's training "
+                                "(cuda on a GPU machine)")
     progress: bool = option(True, "progress bars")
     keep_checkpoints: bool = option(False, "keep optimizer checkpoints of finished stages (false: delete them)")
     trust_remote_code: bool = trust_remote_code_option()
@@ -612,6 +652,17 @@ class FinetuneStage(Options):
 @dataclass
 class FurtherTrainStage(Options):
     max_steps: int = option(0, "further-training steps per exported model; 0 skips the stage", minimum=0)
+
+
+@dataclass
+class TaskRouteStage(Options):
+    """develop's ``task`` section: the task route (a pre-trained source, one labelled task, N× faster)."""
+
+    enabled: bool = option(False, "the task route: fine-tune pretrain.init_from on the one finetune task (the teacher), "
+                                  "make it a task SuperPLM trained by task KD, search on its inherited task score, "
+                                  "train the winners by task KD from the teacher")
+    teacher: str | None = option(None, "a model already fine-tuned on the task (a folder or a finetune run); null: "
+                                       "fine-tune pretrain.init_from with the finetune section's budget", path="dir")
 
 
 @dataclass

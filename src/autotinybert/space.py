@@ -507,3 +507,44 @@ def parameter_count(arch: Arch, vocab_size: int = 30522, max_position_embeddings
     if mlm_head:
         total += (d * d + d) + 2 * d + vocab_size
     return total
+
+
+# --- depth order: which layers of the SuperPLM a shallower sub-model keeps ------------------------
+DEPTH_ORDERS = ("first", "spaced", "importance")
+
+
+def spaced_layers(total: int, depth: int) -> tuple[int, ...]:
+    """``depth`` evenly spaced layers of ``total``, the last one always kept (DynaBERT's depth
+    reduction, MiniLM-L3 from L6): 3 of 6 -> (1, 3, 5); 2 of 6 -> (2, 5)."""
+    return tuple((i + 1) * total // depth - 1 for i in range(depth))
+
+
+def ranked_layers(scores: list[float], depth: int) -> tuple[int, ...]:
+    """The ``depth`` highest-scoring layers, in network order (ties keep the earlier layer)."""
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return tuple(sorted(ranked[:depth]))
+
+
+def depth_layers(order: str, total: int, depths: range, scores: list[float] | None = None) -> dict[str, list[int]]:
+    """The fixed rule per depth: ``{"L": [kept layer indices]}`` for each depth in ``depths``.
+
+    ``first`` (the paper) keeps layers 0..L-1; ``spaced`` keeps evenly spaced ones ending with the
+    last; ``importance`` keeps the L layers with the highest ``scores`` (one score per layer, e.g.
+    how much the task loss grows when that layer alone is skipped). Layer i is one shared tensor in
+    every sub-model that keeps it.
+    """
+    if order not in DEPTH_ORDERS:
+        raise UserError(f"unknown depth order {order!r}; use one of {', '.join(DEPTH_ORDERS)}")
+    if order == "importance" and (scores is None or len(scores) != total):
+        raise ValueError(f"the importance depth order needs one score per layer ({total})")
+    rule = {"first": lambda depth: tuple(range(depth)), "spaced": lambda depth: spaced_layers(total, depth),
+            "importance": lambda depth: ranked_layers(scores, depth)}[order]
+    return {str(depth): list(rule(depth)) for depth in depths}
+
+
+def check_depth_layers(layers: dict[str, list[int]], total: int, depths: range) -> None:
+    """Every depth of the space has a list of that many increasing layer indices below ``total``."""
+    for depth in depths:
+        kept = layers.get(str(depth))
+        if kept is None or len(kept) != depth or list(kept) != sorted(set(kept)) or not all(0 <= i < total for i in kept):
+            raise UserError(f"depth_layers[{depth}] = {kept!r} is not {depth} increasing layer indices below {total}")

@@ -139,9 +139,11 @@ def _extra_inputs(run: Run, name: str) -> Any:
         return {"space": space_of(run.config["pretrain"]).to_dict()}
     if name == "data":
         return {"python": sys.version.split()[0]}  # the built-in corpus is this Python's docstrings
+    route = {"task": run.config["task"]} if run.config["task"]["enabled"] else {}
     if name in ("pretrain", "search", "further_train"):
-        return {"run": {k: v for k, v in run.config["run"].items() if k not in ("progress", "keep_checkpoints")}}
-    return None
+        return {"run": {k: v for k, v in run.config["run"].items() if k not in ("progress", "keep_checkpoints")},
+                **route, **({"finetune": run.config["finetune"]} if route else {})}
+    return route or None
 
 
 def remove_run(out: Path) -> None:

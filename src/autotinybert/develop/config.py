@@ -52,8 +52,12 @@ START = Part(S.InitSettings, include=("source", "mode", "importance", "calibrati
 FURTHER = Part(S.PretrainSettings, include=FURTHER_TRAIN)
 SEARCH = Part(S.SearchSettings, exclude=("seed",))
 BUDGET = Part(S.FinetuneBudget, prefix="ft_")
-# No teacher in the pipeline's fine-tuning: its distillation options do not apply.
-FINETUNE = Part(S.FinetuneSettings, exclude=("progress", "kd_alpha", "kd_temperature"))
+# No teacher in the pipeline's fine-tuning: its distillation options do not apply; run.device is its device.
+FINETUNE = Part(S.FinetuneSettings, exclude=("progress", "kd_alpha", "kd_temperature", "device"))
+TASK_SUPERPLM = Part(S.TaskSuperPLMSettings, exclude=("seed",))
+TASK_BUDGET = Part(S.FinetuneSettings, include=("epochs", "max_steps", "learning_rate", "max_train_examples"),
+                   prefix="superplm_")
+DISTILLATION = Part(S.FinetuneSettings, include=("kd_alpha", "kd_temperature"))
 # Placeholders for required fields when a section is checked before the pipeline knows them.
 _PLACEHOLDERS = {S.PretrainSettings: {"out": "<run>", "corpus": [S.BUILTIN_CORPUS]}}
 
@@ -64,10 +68,14 @@ SECTIONS: dict[str, tuple[Part, ...]] = {
     "latency": (Part(S.LatencyStage), Part(S.LatencySettings), Part(S.ProfileSettings), Part(S.FitSettings)),
     "search": (Part(S.SearchStage), Part(S.SearchCommand, include=("evaluator", "workers")),
                Part(S.TargetSettings), SEARCH,
-               Part(S.ProxySettings, exclude=("trust_remote_code",)), BUDGET),
+               Part(S.ProxySettings, exclude=("trust_remote_code",)), BUDGET,
+               Part(S.TaskEvaluatorSettings, include=("rerank",))),
     "extract": (Part(S.ExtractStage), Part(S.ExtractSettings, include=("onnx_optimize", "onnx_int8", "verify"))),
     "further_train": (Part(S.FurtherTrainStage), FURTHER),
     "finetune": (Part(S.TaskDataSettings, include=("tasks",)), Part(S.FinetuneStage), FINETUNE),
+    # The task route: its switch and teacher, how the task SuperPLM is built, its training budget
+    # (superplm_*), and the distillation strength of that training and of the final recipe.
+    "task": (Part(S.TaskRouteStage), TASK_SUPERPLM, TASK_BUDGET, DISTILLATION),
     "report": (Part(S.ReportStage),),
 }
 # Keys of earlier versions, with the advice that replaces them.
@@ -167,6 +175,10 @@ def _check_across_sections(config: dict, source: str) -> None:
     if search["source_speedups"] and not config["pretrain"]["init_from"]:
         raise UserError(f"{source}: search.source_speedups are relative to pretrain.init_from; set it or use "
                         "search.speedups (relative to BERT-base)")
+    if config["task"]["enabled"]:
+        _check_task_route(config, source)
+    elif search["evaluator"] == "task":
+        raise UserError(f"{source}: search.evaluator task scores the task route's SuperPLM; set task.enabled: true")
     if search["evaluator"] == "finetune" and not config["finetune"]["tasks"]:
         raise UserError(f"{source}: search.evaluator finetune fine-tunes on finetune.tasks; list at least one task")
     for key in ("corpus", "valid_corpus"):
@@ -176,6 +188,22 @@ def _check_across_sections(config: dict, source: str) -> None:
     tasks_dir = config["data"]["tasks_dir"]
     if tasks_dir and tasks_dir.startswith("builtin:") and tasks_dir != S.BUILTIN_TASK:
         raise UserError(f"{source}: data.tasks_dir: unknown built-in task {tasks_dir!r}; use {S.BUILTIN_TASK}")
+
+
+def _check_task_route(config: dict, source: str) -> None:
+    """What the task route needs from the other sections."""
+    tasks = config["finetune"]["tasks"]
+    if len(tasks) != 1:
+        raise UserError(f"{source}: the task route makes one task's model: list exactly one task in finetune.tasks")
+    if not (config["pretrain"]["init_from"] or config["task"]["teacher"]):
+        raise UserError(f"{source}: the task route starts from a pre-trained source: set pretrain.init_from (or "
+                        "task.teacher, a model fine-tuned on the task)")
+    if not config["finetune"]["validation_examples"]:
+        raise UserError(f"{source}: the task route selects on rows carved from train, never on dev: set "
+                        "finetune.validation_examples (e.g. 1000)")
+    if config["search"]["evaluator"] not in ("task", "finetune"):
+        raise UserError(f"{source}: the task route's SuperPLM has a task head, not an MLM head: set "
+                        "search.evaluator: task")
 
 
 def write_resolved_config(out: Path, config: dict) -> None:

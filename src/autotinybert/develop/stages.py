@@ -20,7 +20,7 @@ from .. import settings as S
 from ..errors import UserError
 from ..files import atomic_write_json
 from ..options import build, to_arguments
-from .config import BUDGET, FINETUNE, FURTHER_TRAIN, PRETRAIN, SEARCH, START
+from .config import BUDGET, DISTILLATION, FINETUNE, FURTHER_TRAIN, PRETRAIN, SEARCH, START, TASK_BUDGET, TASK_SUPERPLM
 from .manifest import Run, file_hash, stable_hash
 
 
@@ -89,6 +89,8 @@ def _stage_pretrain(run: Run, out: Path, resume: bool) -> dict:
     from ..evaluators import file_digest
     from ..pretrain import CHECKPOINT_DIR, pretrain
 
+    if task_route(run):
+        return _stage_task_superplm(run, out)
     reuse = run.config["pretrain"]["reuse"]
     if reuse:
         if not (Path(reuse) / "model.safetensors").is_file():
@@ -106,6 +108,92 @@ def _stage_pretrain(run: Run, out: Path, resume: bool) -> dict:
             shutil.rmtree(out, ignore_errors=True)
         summary = pretrain(settings, resume=again)
     return {"supernet": str(out), "steps": summary["steps"], "_digest": summary["weights_digest"]}
+
+
+# --- the task route's pretrain stage: teacher, then the task SuperPLM ------------------------------------
+def task_route(run: Run) -> bool:
+    return bool(run.config["task"]["enabled"])
+
+
+def route_task(run: Run):
+    """The one task of the task route."""
+    from ..tasks.finetune import resolve_task
+
+    return resolve_task(run.config["finetune"]["tasks"][0])
+
+
+def _task_data_settings(run: Run) -> S.TaskDataSettings:
+    return S.TaskDataSettings(tasks=run.config["finetune"]["tasks"], data_dir=Path(run.outputs["data"]["tasks_dir"]))
+
+
+def _finetune_settings(run: Run, **changes: Any) -> S.FinetuneSettings:
+    """The finetune section's settings on the run's device (with the task route's distillation)."""
+    distillation = DISTILLATION.build(run.config["task"]) if task_route(run) else S.FinetuneSettings()
+    return FINETUNE.build(run.config["finetune"], progress=run.config["run"]["progress"],
+                          device=run.config["run"]["device"], kd_alpha=distillation.kd_alpha,
+                          kd_temperature=distillation.kd_temperature, **changes)
+
+
+def _teacher_run(run: Run) -> Path:
+    """The fine-tuned source: task.teacher, or pretrain.init_from fine-tuned on the task into RUN/teacher
+    (selected on the carved validation rows; resumed when interrupted)."""
+    from ..builtin_data import resolve_model
+    from ..tasks.run import run_finetune
+
+    given = run.config["task"]["teacher"]
+    if given:
+        return Path(given)
+    out, task = run.out / "teacher", route_task(run)
+    if not (out / task.name / "results.json").is_file():
+        source = resolve_model(run.config["pretrain"]["init_from"])
+        run.log(f"  teacher: fine-tune {source} on {task.name}")
+        command = S.FinetuneCommand(model=Path(source), out=out, test=False, resume=(out / "config.yaml").is_file(),
+                                    trust_remote_code=run.config["run"]["trust_remote_code"])
+        run_finetune(command, _task_data_settings(run), _finetune_settings(run),
+                     arguments={"model": source, **run.config["finetune"]})
+    return out
+
+
+def _stage_task_superplm(run: Run, out: Path) -> dict:
+    """The teacher made elastic (RUN/pretrain_start) and trained on its task (RUN/pretrain)."""
+    from .. import task_supernet
+    from ..checkpoint import load_supernet, load_tokenizer, save_supernet
+    from ..evaluators import file_digest
+    from ..files import staged_directory
+    from ..tasks import finetune
+    from ..tasks.run import _teacher_dir
+
+    task = route_task(run)
+    teacher = _teacher_dir(_teacher_run(run), task)
+    t = run.config["task"]
+    settings = TASK_SUPERPLM.build(t, seed=run.config["run"]["seed"])
+    budget = TASK_BUDGET.build(t)
+    ft = _finetune_settings(run, epochs=budget.epochs, max_steps=budget.max_steps, learning_rate=budget.learning_rate,
+                            max_train_examples=budget.max_train_examples)
+    data = finetune.load_task_data(task, Path(run.outputs["data"]["tasks_dir"]), test=False, settings=ft)
+    start = out.with_name("pretrain_start")
+    if not (start / "results.json").is_file():
+        tokenizer = load_tokenizer(teacher)
+        run.log(f"  task SuperPLM from {teacher} ({settings.mode} space, {settings.importance} importance, "
+                f"{settings.depth_order} depth order)")
+        model, summary = task_supernet.task_superplm_from_source(
+            teacher, task, tokenizer, finetune.train_features(task, tokenizer, data.train, ft), settings,
+            run.config["run"]["trust_remote_code"])
+        with staged_directory(start, overwrite=True) as tmp:
+            save_supernet(model, tmp)
+            tokenizer.save_pretrained(str(tmp))
+            atomic_write_json(tmp / "results.json", summary)
+    model, tokenizer = load_supernet(start), load_tokenizer(start)
+    features = finetune.train_features(task, tokenizer, data.train, ft)
+    logits = finetune.TeacherLogits.cached(teacher, task, features, finetune._pad_id(tokenizer), ft, start)
+    run.log(f"  train every sub-model on {task.name} ({len(features)} rows, sandwich of "
+            f"{2 + settings.random_sub_models}, KD from the teacher's logits)")
+    summary = task_supernet.train(model, tokenizer, task, data, logits, ft, settings, out)
+    save_supernet(model, out)
+    tokenizer.save_pretrained(str(out))
+    atomic_write_json(out / "results.json", {**summary, "teacher": str(teacher), "start": str(start)})
+    return {"supernet": str(out), "teacher": str(teacher), "steps": summary["steps"],
+            "_digest": file_digest(out / "model.safetensors")}
 
 
 def _source_teacher(run: Run, section: dict) -> dict[str, str]:
@@ -210,12 +298,22 @@ def _stage_search(run: Run, out: Path, resume: bool) -> dict:
         proxy_data=S.ProxyDataCommand(valid_corpus=data["valid_corpus"], cache_dir=run.config["data"]["cache_dir"],
                                       seq_len=run.config["pretrain"]["seq_len"]),
         tasks=S.TaskDataSettings(tasks=run.config["finetune"]["tasks"], data_dir=data["tasks_dir"]),
-        budget=BUDGET.build(s))
+        budget=BUDGET.build(s, **_route_budget(run, s)),
+        task_eval=S.TaskEvaluatorSettings(rerank=s["rerank"] if task_route(run) else 0,
+                                          rerank_teacher=Path(run.outputs["pretrain"]["teacher"])
+                                          if task_route(run) else None))
     summary = run_search_stage(job, arguments={"develop": True, **s, "target_ms": target_ms})
     best = {row["target"]: row["arch"] for row in summary["best"]}
     for row in summary["best"]:
         run.log(f"  {row['target']:>10}: {row['arch']} ({row['latency_ms']:.2f} ms predicted, fitness {row['fitness']:.4f})")
     return {"results": str(out / "results.json"), "best": best, "_digest": stable_hash(summary["best"])}
+
+
+def _route_budget(run: Run, search: dict) -> dict[str, Any]:
+    """The task route scores candidates on the finetune section's carved validation rows."""
+    if not task_route(run) or search["ft_validation_examples"]:
+        return {}
+    return {"validation_examples": run.config["finetune"]["validation_examples"]}
 
 
 # --- stage: extract ---------------------------------------------------------------------------
@@ -305,6 +403,8 @@ def _stage_further_train(run: Run, out: Path, resume: bool) -> dict:
 
     f = run.config["further_train"]
     extracted = run.outputs["extract"]["models"]
+    if task_route(run):
+        return _final_recipe(run, out, extracted)
     if f["max_steps"] == 0:  # the inherited weights are the final ones
         return {"models": {t: {**m, "source": m["path"]} for t, m in extracted.items()}, "skipped": True,
                 "_digest": run.digests["extract"]}
@@ -328,6 +428,29 @@ def _stage_further_train(run: Run, out: Path, resume: bool) -> dict:
     return {"models": models, "_digest": stable_hash(digests)}
 
 
+def _final_recipe(run: Run, out: Path, extracted: dict) -> dict:
+    """The task route's last training: each extracted model (task head inherited) trained by task KD
+    from the teacher's recorded logits, its checkpoint picked on the carved validation rows."""
+    from ..tasks.run import run_finetune
+
+    task, teacher = route_task(run), Path(run.outputs["pretrain"]["teacher"])
+    models, digests = {}, []
+    for target, model in extracted.items():
+        target_dir = out / _safe(target)
+        if not (target_dir / task.name / "results.json").is_file():
+            run.log(f"  {target}: task KD of {model['arch']} from the teacher")
+            command = S.FinetuneCommand(model=Path(model["path"]), out=target_dir, teacher=teacher, test=False,
+                                        resume=(target_dir / "config.yaml").is_file(),
+                                        trust_remote_code=run.config["run"]["trust_remote_code"])
+            run_finetune(command, _task_data_settings(run), _finetune_settings(run),
+                         arguments={"model": model["path"], "teacher": str(teacher), **run.config["finetune"]})
+        results = json.loads((target_dir / "results.json").read_text(encoding="utf-8"))
+        models[target] = {"arch": model["arch"], "path": str(target_dir / task.name / "model"), "source": model["path"],
+                          "run": str(target_dir)}
+        digests.append(results["tasks"][task.name]["score"])
+    return {"models": models, "_digest": stable_hash(digests)}
+
+
 # --- stage: finetune ---------------------------------------------------------------------------
 def _stage_finetune(run: Run, out: Path, resume: bool) -> dict:
     from ..tasks.run import run_evaluate, run_finetune
@@ -335,7 +458,9 @@ def _stage_finetune(run: Run, out: Path, resume: bool) -> dict:
     f = run.config["finetune"]
     if not f["tasks"]:
         return {"runs": {}, "_digest": ""}
-    settings = FINETUNE.build(f, progress=run.config["run"]["progress"])
+    if task_route(run):
+        return _score_route_models(run, out)
+    settings = FINETUNE.build(f, progress=run.config["run"]["progress"], device=run.config["run"]["device"])
     runs, digests = {}, []
     models = dict(run.outputs["further_train"]["models"])
     reference = run.outputs["extract"].get("reference")
@@ -359,6 +484,28 @@ def _stage_finetune(run: Run, out: Path, resume: bool) -> dict:
         results = json.loads((target_dir / "results.json").read_text(encoding="utf-8"))
         runs[target] = str(target_dir)
         digests.append({t: r["score"] for t, r in results["tasks"].items()})
+    return {"runs": runs, "_digest": stable_hash(digests)}
+
+
+def _score_route_models(run: Run, out: Path) -> dict:
+    """The task route's models are trained already: score each, and the teacher (the fine-tuned
+    source, the reference), on dev in fp32 and in the int8 ONNX Runtime form."""
+    from ..tasks.run import run_evaluate
+
+    f, task = run.config["finetune"], route_task(run)
+    models = {t: m["run"] for t, m in run.outputs["further_train"]["models"].items()}
+    models["source"] = str(_teacher_run(run))
+    settings, runs, digests = _finetune_settings(run), {}, []
+    for target, trained in models.items():
+        target_dir = out / _safe(target)
+        for form, directory in (("none", target_dir), ("int8", target_dir / INT8_EVAL)):
+            if (directory / "results.json").is_file() or (form == "int8" and not _int8_eval(f)):
+                continue
+            run.log(f"  {target}: score on {task.name} dev" + (" (int8 ONNX Runtime)" if form == "int8" else ""))
+            run_evaluate(S.EvaluateCommand(model=Path(trained), out=directory, onnx=form, test=False, overwrite=True),
+                         _task_data_settings(run), settings, arguments={"model": trained, "onnx": form})
+        runs[target] = str(target_dir)
+        digests.append(json.loads((target_dir / "results.json").read_text(encoding="utf-8"))["tasks"][task.name]["score"])
     return {"runs": runs, "_digest": stable_hash(digests)}
 
 

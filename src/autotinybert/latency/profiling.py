@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -79,8 +80,27 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
             if number == len(lines):
                 break  # interrupted while appending; --resume measures it again
             raise UserError(f"{path}:{number} is not a latency record; regenerate it with 'latency profile'") from None
+        bad = _bad_timing(record)
+        if bad:  # a number read from a file is checked like one typed: log-latency fits and speedups need > 0
+            raise UserError(f"{path}:{number} ({record['arch']}) has {bad}; latencies must be positive numbers "
+                            "(remeasure with 'latency profile')")
         records.append(record)
     return records
+
+
+_TIMINGS = (("latency", "median_ms"), ("anchor", "median_ms"), ("paced", "ratio"))  # anchor, paced: drift only
+
+
+def _bad_timing(record: dict[str, Any]) -> str | None:
+    """The first timing of ``record`` that is not a positive finite number, as ``key.field value``."""
+    for key, field in _TIMINGS:
+        part = record.get(key)
+        if part is None and key != "latency":
+            continue
+        value = part.get(field) if isinstance(part, dict) else part
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            return f"{key}.{field} {value!r}"
+    return None
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,11 +63,31 @@ def resolve_task(name: str) -> Task:
 
 @dataclass
 class TaskData:
-    """Everything one task run reads: train, labelled dev splits, unlabeled test splits."""
+    """Everything one task run reads: train, labelled dev splits, unlabeled test splits, and the
+    validation split carved from train (`carve_validation`) that model selection uses when given."""
 
     train: Any | None
     dev: dict[str, Any]
     test: dict[str, Any] = field(default_factory=dict)
+    validation: Any | None = None
+
+
+# A different stream from the training subset's, so the carved rows do not depend on the budget.
+_VALIDATION_SEED_OFFSET = 7919
+
+
+def carve_validation(split, limit: int, seed: int = 0) -> tuple[Any, Any]:
+    """(rest, validation): up to ``limit`` examples of a training split, at most a tenth of it,
+    drawn with ``seed``; the two are disjoint and keep file order. Model selection and the search's
+    fitness read the validation rows so the dev set a user reports stays unseen (DESIGN)."""
+    size = min(limit, len(split.examples) // 10)
+    if size < 1:
+        raise UserError(f"{split.task} train has {len(split.examples)} examples: too few to carve a validation split "
+                        "(a tenth of them); drop --validation-examples")
+    chosen = set(random.Random(seed + _VALIDATION_SEED_OFFSET).sample(range(len(split.examples)), size))
+    rest = tuple(e for i, e in enumerate(split.examples) if i not in chosen)
+    validation = tuple(e for i, e in enumerate(split.examples) if i in chosen)
+    return dataclasses.replace(split, examples=rest), dataclasses.replace(split, split="validation", examples=validation)
 
 
 def load_task_data(task: Task, data_dir: str | Path | None, *, train: bool = True, test: bool = True,
@@ -86,10 +109,13 @@ def load_task_data(task: Task, data_dir: str | Path | None, *, train: bool = Tru
         tests = ({name: glue.load_split(task, name, data_dir, loader) for name in glue.available_test_splits(task, data_dir)}
                  if test else {})
         sample = glue.subset
+    validation = None
+    if train_split is not None and settings.validation_examples:
+        train_split, validation = carve_validation(train_split, settings.validation_examples, settings.subset_seed)
     if train_split is not None:
         train_split = sample(train_split, settings.max_train_examples, settings.subset_seed)
     dev = {name: sample(split, settings.max_eval_examples, settings.subset_seed) for name, split in dev.items()}
-    return TaskData(train_split, dev, tests)
+    return TaskData(train_split, dev, tests, validation)
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -204,9 +230,15 @@ def _collate(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _device_of(model) -> torch.device | None:
+    """Where a torch model's weights live (None for an ONNX Runtime session: it takes CPU tensors)."""
+    return getattr(model, "device", None) if isinstance(model, torch.nn.Module) else None
+
+
 def _forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The heads' outputs: (logits,) for GLUE, (start_logits, end_logits) for SQuAD."""
-    outputs = model(**{k: v for k, v in batch.items() if k in _INPUT_KEYS})
+    device = _device_of(model)
+    outputs = model(**{k: v if device is None else v.to(device) for k, v in batch.items() if k in _INPUT_KEYS})
     if hasattr(outputs, "start_logits"):
         return outputs.start_logits, outputs.end_logits
     return (outputs.logits,)
@@ -305,8 +337,12 @@ def evaluate_model(model, tokenizer, task: Task, splits: dict[str, Any], setting
 
 def main_score(task: Task, scores: dict[str, dict[str, float]]) -> float:
     """The number model selection maximises: SQuAD F1; GLUE task score on the main dev split."""
-    dev = scores[task.main_dev_split]
-    return dev["f1"] if isinstance(task, squad.SquadTask) else metrics.task_score(dev)
+    return split_score(task, scores[task.main_dev_split])
+
+
+def split_score(task: Task, scores: dict[str, float]) -> float:
+    """One split's main number: SQuAD F1, or the GLUE task score."""
+    return scores["f1"] if isinstance(task, squad.SquadTask) else metrics.task_score(scores)
 
 
 def _pad_id(tokenizer) -> int:
@@ -326,12 +362,13 @@ class FinetuneResult:
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     predictions: dict[str, Any] | None = None  # the best evaluation's, per dev split (None after a resume)
+    validation_score: float | None = None    # the carved validation split's score that selected it
 
 
 @dataclass
 class TrainState:
     step: int = 0
-    best_score: float | None = None
+    best_score: float | None = None          # what selection maximises: validation score if carved, else dev
     best_step: int = 0
     best_scores: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
@@ -390,9 +427,16 @@ def finetune_model(model, tokenizer, task: Task, data: TaskData, settings: Finet
     settings.validate()
     if data.train is None:
         raise UserError(f"{task.name}: no training data")
-    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+    if isinstance(teacher, torch.nn.Module) and teacher.config.vocab_size != model.config.vocab_size:
         raise UserError("the teacher and the student must share a vocabulary (vocab sizes differ)")
+    model.to(settings.device)
     features = train_features(task, tokenizer, data.train, settings)
+    if isinstance(teacher, torch.nn.Module) and not isinstance(task, squad.SquadTask):
+        # The teacher runs in eval mode: its logits on each training row never change, so one pass
+        # over the rows replaces a teacher forward pass per step and epoch.
+        teacher = TeacherLogits.record(teacher.to(settings.device), features, _pad_id(tokenizer), settings)
+    elif isinstance(teacher, TeacherLogits) and len(teacher) != len(features):
+        raise ValueError(f"recorded teacher logits cover {len(teacher)} rows, the training data has {len(features)}")
     plan = _plan(len(features), settings)
     optimizer = training.adamw(model, settings.learning_rate, settings.weight_decay)
     state, best_weights = TrainState(), None
@@ -404,16 +448,17 @@ def finetune_model(model, tokenizer, task: Task, data: TaskData, settings: Finet
             store.recover()
             if store.has_checkpoint():
                 state = store.load_checkpoint(model, optimizer)
-        if teacher is not None:
-            teacher.eval()
+        if isinstance(teacher, torch.nn.Module):
+            teacher.to(settings.device).eval()
         state, best_weights, best_predictions = _train_loop(model, tokenizer, task, data, settings, features, optimizer,
                                                             teacher, store, state, plan, stop)
     if best_weights is not None:
         model.load_state_dict(best_weights)
     elif store is not None and store.has_best():
         store.load_best(model)
-    return FinetuneResult(state.best_scores, state.best_score, state.best_step, state.step, len(data.train.examples),
-                          len(features), state.history, state.train_seconds, best_predictions)
+    return FinetuneResult(state.best_scores, main_score(task, state.best_scores), state.best_step, state.step,
+                          len(data.train.examples), len(features), state.history, state.train_seconds, best_predictions,
+                          state.best_score if data.validation is not None else None)
 
 
 def _train_loop(model, tokenizer, task, data, settings, features, optimizer, teacher, store, state, plan, stop):
@@ -428,7 +473,7 @@ def _train_loop(model, tokenizer, task, data, settings, features, optimizer, tea
             epoch, position = divmod(state.step, per_epoch)
             rows = _epoch_order(features, settings, epoch)[position * settings.batch_size:(position + 1) * settings.batch_size]
             batch = _collate([features[i] for i in rows], pad_id)
-            loss = _training_step(model, task, batch, optimizer, teacher, settings, schedule, state.step)
+            loss = _training_step(model, task, batch, rows, optimizer, teacher, settings, schedule, state.step)
             state.step += 1
             state.running_loss, state.running_steps = state.running_loss + loss, state.running_steps + 1
             bar.update(1)
@@ -455,24 +500,34 @@ def _evaluate_and_keep(model, tokenizer, task, data, settings, state: TrainState
     """Dev scores now; a new best is kept in memory and, with a store, on disk."""
     evaluated = {name: evaluate_split(model, tokenizer, task, split, settings) for name, split in data.dev.items()}
     scores = {name: result[0] for name, result in evaluated.items()}
-    score = main_score(task, scores)
+    score = selected = main_score(task, scores)
     train_loss = state.running_loss / state.running_steps
-    state.history.append({"step": state.step, "epoch": round(state.step / per_epoch, 3),
-                          "train_loss": train_loss, "score": score, "scores": scores})
+    entry = {"step": state.step, "epoch": round(state.step / per_epoch, 3), "train_loss": train_loss, "score": score,
+             "scores": scores}
+    if data.validation is not None:  # select on the carved split; dev is only reported
+        selected = entry["validation_score"] = split_score(task, evaluate_split(model, tokenizer, task, data.validation,
+                                                                                settings)[0])
+    state.history.append(entry)
     if settings.log_evaluations:
-        bar.write(f"{task.name} step {state.step}/{total}: train loss {train_loss:.4f}, dev score {score:.2f}")
+        on_validation = f", validation score {selected:.2f}" if data.validation is not None else ""
+        bar.write(f"{task.name} step {state.step}/{total}: train loss {train_loss:.4f}, dev score {score:.2f}"
+                  + on_validation)
     state.running_loss, state.running_steps = 0.0, 0
-    if state.best_score is None or score > state.best_score:
-        state.best_score, state.best_step, state.best_scores = score, state.step, scores
+    if state.best_score is None or selected > state.best_score:
+        state.best_score, state.best_step, state.best_scores = selected, state.step, scores
         best["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         best["predictions"] = {name: result[1] for name, result in evaluated.items()}
         if store is not None:
             store.save_best(model, tokenizer)
 
 
-def _training_step(model, task, batch, optimizer, teacher, settings, schedule: training.Schedule, step: int) -> float:
+def _training_step(model, task, batch, rows: list[int], optimizer, teacher, settings, schedule: training.Schedule,
+                   step: int) -> float:
+    batch = {k: v.to(settings.device) for k, v in batch.items()}
     teacher_outputs = None
-    if teacher is not None:
+    if isinstance(teacher, TeacherLogits):
+        teacher_outputs = teacher.rows(rows, settings.device)
+    elif teacher is not None:
         with torch.no_grad():
             teacher_outputs = tuple(t.detach() for t in _forward(teacher, batch))
     loss = _loss(task, _forward(model, batch), batch, teacher_outputs, settings)
@@ -480,6 +535,60 @@ def _training_step(model, task, batch, optimizer, teacher, settings, schedule: t
     schedule.apply(optimizer, step)
     training.clip_and_step(optimizer, model.parameters(), settings.max_grad_norm)
     return float(loss.detach())
+
+
+class TeacherLogits:
+    """A fine-tuned teacher's head outputs on every training row, computed once (eval mode, as
+    the live teacher gives them) and looked up by row during training: distilling several
+    students, or one for several epochs, costs one teacher pass over the data."""
+
+    def __init__(self, outputs: tuple[torch.Tensor, ...]) -> None:
+        self.outputs = outputs                      # per head: (rows, labels)
+
+    def __len__(self) -> int:
+        return self.outputs[0].shape[0]
+
+    def rows(self, rows: list[int], device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
+        index = torch.tensor(rows, dtype=torch.long)
+        return tuple(o[index].to(device) for o in self.outputs)
+
+    @classmethod
+    def record(cls, teacher, features: Sequence[dict], pad_id: int, settings: FinetuneSettings) -> "TeacherLogits":
+        outputs = _predict_features(teacher, features, pad_id, settings.eval_batch_size, False, settings.progress,
+                                    "teacher logits")
+        return cls(tuple(torch.from_numpy(np.stack([o[h] for o in outputs]))
+                         for h in range(len(outputs[0]))))
+
+    @classmethod
+    def cached(cls, teacher_dir: str | Path, task: Task, features: Sequence[dict], pad_id: int,
+               settings: FinetuneSettings, cache_dir: str | Path) -> "TeacherLogits":
+        """Record once per (teacher weights, training rows): later students of the same teacher and
+        data read ``cache_dir/teacher-logits-<key>.safetensors``."""
+        import hashlib
+        import json
+
+        weights = sorted(Path(teacher_dir).glob("*.safetensors"))
+        key = hashlib.sha256(json.dumps([[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
+                                        + [[f["input_ids"], f.get("token_type_ids")] for f in features]).encode())
+        path = Path(cache_dir) / f"teacher-logits-{key.hexdigest()[:16]}.safetensors"
+        if path.is_file():
+            return cls.load(path)
+        teacher = load_task_model(teacher_dir, task, finetuned=True, flag="--teacher").to(settings.device)
+        recorded = cls.record(teacher, features, pad_id, settings)
+        recorded.save(path)
+        return recorded
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        atomic_write_with(Path(path), lambda p: save_file({f"head{i}": o for i, o in enumerate(self.outputs)}, str(p)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TeacherLogits":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        return cls(tuple(tensors[f"head{i}"] for i in range(len(tensors))))
 
 
 def finetune_encoder(encoder, tokenizer, task: Task, data: TaskData, settings: FinetuneSettings | None = None,

@@ -28,7 +28,7 @@ from .finetune import (FinetuneSettings, RunStore, Task, evaluate_split, finetun
                        load_task_model, predict_glue, resolve_task)
 
 # Arguments that may change between a run and its --resume without changing the result.
-_RESUME_FREE = {"resume", "overwrite", "no_progress", "progress", "threads", "command", "handler", "out"}
+_RESUME_FREE = {"resume", "overwrite", "no_progress", "progress", "threads", "command", "handler", "out", "device"}
 
 # Column order of results tables: the paper's (Table 3), then WNLI and SQuAD v2.0.
 _TABLE_ORDER = ("squad", "sst2", "mnli", "mrpc", "cola", "qnli", "qqp", "stsb", "rte", "wnli", "squad_v2")
@@ -138,6 +138,8 @@ def _finetune_task(model_path: Path, task: Task, data, tokenizer, settings: Fine
     record = {
         "task": task.name, "model": str(model_path), "score": result.score, "scores": result.scores,
         "best_step": result.best_step, "steps": result.steps, "train_examples": result.train_examples,
+        "validation_score": result.validation_score,
+        "validation_examples": len(data.validation.examples) if data.validation is not None else None,
         "train_features": result.train_features,
         "dev_examples": {name: len(split.examples) for name, split in data.dev.items()},
         "train_seconds": round(result.train_seconds, 1), "history": result.history,

@@ -1,0 +1,242 @@
+"""The task route's SuperPLM: built from a fine-tuned source, sliced by a depth order, trained on
+the task with recorded teacher logits (tiny odd-sized models, seconds each)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import randomise_parameters
+from tasks_fixtures import glue_layout, tiny_tokenizer
+
+from autotinybert import task_supernet
+from autotinybert.errors import Preempted
+from autotinybert.export import extract
+from autotinybert.settings import FinetuneSettings, TaskSuperPLMSettings
+from autotinybert.space import Arch
+from autotinybert.tasks import finetune
+from autotinybert.tasks.glue import glue_task
+
+
+def _finetuned_source(path, num_labels: int = 2, seed: int = 0):
+    """A tiny odd-sized BertForSequenceClassification (hidden 36, 3 layers, FFN 37, 4 heads) with
+    random LayerNorms (ones/zeros hide slicing bugs), saved with its tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = tiny_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=36, num_hidden_layers=3, intermediate_size=37,
+                        num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(config)
+    randomise_parameters(model, seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _task_data(tmp_path, task_name: str = "sst2", validation: int | None = 1):
+    task = glue_task(task_name)
+    settings = FinetuneSettings(validation_examples=validation, progress=False, batch_size=4, max_steps=4)
+    return task, finetune.load_task_data(task, glue_layout(tmp_path), test=False, settings=settings), settings
+
+
+def _superplm(tmp_path, mode="kd", depth_order="spaced", importance="activation", task_name="sst2"):
+    task, data, ft = _task_data(tmp_path, task_name)
+    source = _finetuned_source(tmp_path / "source", task.num_labels)
+    tokenizer = tiny_tokenizer()
+    features = finetune.train_features(task, tokenizer, data.train, ft)
+    settings = TaskSuperPLMSettings(mode=mode, depth_order=depth_order, importance=importance, calibration_examples=8)
+    model, summary = task_supernet.task_superplm_from_source(source, task, tokenizer, features, settings)
+    return model, summary, source, task, data, ft, tokenizer
+
+
+@pytest.mark.parametrize("mode", ["kd", "mlm"])
+def test_the_largest_sub_model_equals_the_finetuned_source_before_training(tmp_path, mode):
+    from transformers import AutoModelForSequenceClassification
+
+    model, summary, source, *_ = _superplm(tmp_path, mode=mode)
+    assert summary["max_abs_diff"] < 1e-5
+    original = AutoModelForSequenceClassification.from_pretrained(source).eval()
+    inputs = {"input_ids": torch.tensor([[2, 7, 9, 11, 3, 0], [2, 8, 3, 12, 13, 3]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]),
+              "token_type_ids": torch.tensor([[0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1]])}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, original(**inputs).logits, atol=1e-5, rtol=1e-5)
+    # The order really moved units (a no-op ordering would pass the check above trivially).
+    assert not torch.equal(model.bert.embeddings.word_embeddings.weight, original.bert.embeddings.word_embeddings.weight)
+
+
+@pytest.mark.parametrize("depth_order, kept", [("first", (0, 1)), ("spaced", (0, 2)), ("importance", None)])
+def test_every_depth_order_exports_the_sliced_model(tmp_path, depth_order, kept):
+    from transformers import AutoModelForSequenceClassification
+
+    model, summary, *_ = _superplm(tmp_path, depth_order=depth_order)
+    if kept is None:  # importance: the two layers whose removal moves the outputs most
+        scores = summary["layer_scores"]
+        kept = tuple(sorted(sorted(range(3), key=lambda i: -scores[i])[:2]))
+    assert model.config.kept_layers(2) == kept
+    arch = Arch(2, 28, 29, 4, 24)
+    exported = extract(model, arch)
+    assert type(exported).__name__.endswith("ForSequenceClassification")
+    exported.save_pretrained(tmp_path / "exported")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported").eval()
+    model.set_arch(arch)
+    inputs = {"input_ids": torch.tensor([[2, 7, 9, 11, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0]])}
+    with torch.no_grad():
+        sliced = model(**inputs).logits
+        torch.testing.assert_close(exported(**inputs).logits, sliced)
+        torch.testing.assert_close(reloaded(**inputs).logits, sliced)
+    # The export runs the kept layers: its first layer is the SuperPLM's layer kept[0].
+    torch.testing.assert_close(exported.bert.encoder.layer[1].output.dense.bias,
+                               model.bert.encoder.layer[kept[1]].output.dense.bias[:28])
+
+
+def test_a_task_superplm_round_trips_through_its_checkpoint(tmp_path):
+    from autotinybert.checkpoint import load_supernet, save_supernet
+
+    model, *_ = _superplm(tmp_path, depth_order="spaced")
+    save_supernet(model, tmp_path / "ckpt")
+    loaded = load_supernet(tmp_path / "ckpt")
+    assert type(loaded).__name__ == "SuperBertForSequenceClassification"
+    assert loaded.config.depth_layers == model.config.depth_layers
+    inputs = torch.tensor([[2, 7, 9, 3]])
+    arch = Arch(1, 20, 21, 4, 12)
+    for m in (model, loaded):
+        m.set_arch(arch)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs).logits, model(inputs).logits)
+
+
+def test_validation_rows_are_disjoint_from_the_training_rows_and_from_dev(tmp_path):
+    task, data, _ = _task_data(tmp_path, validation=5)
+    train, validation = {e.guid for e in data.train.examples}, {e.guid for e in data.validation.examples}
+    assert validation and not train & validation
+    assert all(g.startswith("train.tsv:") for g in validation)  # carved from train, never from dev
+    assert not validation & {e.guid for e in data.dev["dev"].examples}
+    # The same rows whatever the training budget: selection never depends on it.
+    budget = finetune.load_task_data(task, tmp_path / "glue_data", test=False,
+                                     settings=FinetuneSettings(validation_examples=5, max_train_examples=3))
+    assert {e.guid for e in budget.validation.examples} == validation
+    assert {e.guid for e in budget.train.examples} <= train
+
+
+def test_carving_more_than_a_tenth_of_train_takes_a_tenth(tmp_path):
+    task, data, _ = _task_data(tmp_path, validation=1000)
+    assert len(data.validation.examples) == (len(data.train.examples) + len(data.validation.examples)) // 10
+
+
+def _train(model, task, data, ft, tokenizer, out, settings=None):
+    teacher = finetune.TeacherLogits.record(model, finetune.train_features(task, tokenizer, data.train, ft), 0, ft)
+    settings = settings or TaskSuperPLMSettings(save_every=2, random_sub_models=1)
+    return task_supernet.train(model, tokenizer, task, data, teacher, ft, settings, out)
+
+
+def test_training_moves_every_sub_model_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    model, _, _, task, data, ft, tokenizer = _superplm(tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    summary = _train(model, task, data, ft, tokenizer, tmp_path / "a")
+    assert summary["steps"] == 4
+    assert not torch.equal(model.classifier.weight, before["classifier.weight"])
+
+    interrupted, *_ = _superplm(tmp_path / "b")
+    step_archs = task_supernet._step_archs
+
+    def stop_at_step_1(space, settings, seed, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_archs(space, settings, seed, step)
+
+    monkeypatch.setattr(task_supernet, "_step_archs", stop_at_step_1)
+    with pytest.raises(Preempted):
+        _train(interrupted, task, data, ft, tokenizer, tmp_path / "b-run")
+    monkeypatch.setattr(task_supernet, "_step_archs", step_archs)
+    resumed, *_ = _superplm(tmp_path / "c")
+    _train(resumed, task, data, ft, tokenizer, tmp_path / "b-run")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)
+
+
+def test_recorded_teacher_logits_give_the_live_teachers_loss(tmp_path):
+    model, _, _, task, data, ft, tokenizer = _superplm(tmp_path)
+    features = finetune.train_features(task, tokenizer, data.train, ft)
+    recorded = finetune.TeacherLogits.record(model, features, 0, ft)
+    rows = [3, 0, 5]
+    batch = finetune._collate([features[i] for i in rows], 0)
+    with torch.no_grad():
+        live = finetune._forward(model.eval(), batch)
+    torch.testing.assert_close(recorded.rows(rows)[0], live[0], atol=1e-5, rtol=1e-5)
+    recorded.save(tmp_path / "logits.safetensors")
+    torch.testing.assert_close(finetune.TeacherLogits.load(tmp_path / "logits.safetensors").outputs[0],
+                               recorded.outputs[0])
+
+
+def test_finetuning_runs_on_the_device_it_is_given(tmp_path, monkeypatch):
+    """The model is moved to settings.device and every batch follows it (CPU here; cuda on a GPU)."""
+    model, _, _, task, data, ft, tokenizer = _superplm(tmp_path)
+    student = extract(model, Arch(2, 28, 29, 4, 24))
+    moved, seen = [], []
+    original_to = student.to
+
+    def spy_to(*args, **kwargs):
+        moved.append(args[0] if args else kwargs.get("device"))
+        return original_to(*args, **kwargs)
+
+    forward = finetune._forward
+
+    def spy_forward(m, batch):
+        seen.append({v.device.type for v in batch.values()})
+        return forward(m, batch)
+
+    monkeypatch.setattr(student, "to", spy_to)
+    monkeypatch.setattr(finetune, "_forward", spy_forward)
+    finetune.finetune_model(student, tokenizer, task, data, dataclasses.replace(ft, device="cpu"))
+    assert "cpu" in moved
+    assert seen and all(devices == {"cpu"} for devices in seen)
+
+
+def test_develop_runs_the_task_route_end_to_end(tmp_path):
+    """task.enabled: the source fine-tuned on the task is the teacher, its task SuperPLM is searched
+    on the carved validation rows, the winner is trained by task KD and scored on dev."""
+    from develop_fixtures import NEGATIVE, POSITIVE, SENTENCES, tiny_config
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from autotinybert.develop import develop, validate_config
+
+    words = sorted({w for s in SENTENCES for w in s.split()} | set(POSITIVE) | set(NEGATIVE) | {"day"})
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        source = BertModel(BertConfig(vocab_size=len(tokens), hidden_size=36, num_hidden_layers=3, num_attention_heads=3,
+                                      intermediate_size=37, max_position_embeddings=40))
+    source.save_pretrained(tmp_path / "source")
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}).save_pretrained(tmp_path / "source")
+    config = tiny_config(tmp_path / "fixtures")
+    for key in ("space", "vocab_size"):
+        config["pretrain"].pop(key)
+    config["pretrain"]["init_from"] = str(tmp_path / "source")
+    config["task"] = {"enabled": True, "calibration_examples": 8, "random_sub_models": 1, "superplm_max_steps": 3,
+                      "save_every": 2}
+    config["search"].update(evaluator="task", rerank=1, ft_max_steps=2, ft_batch_size=4)
+    config["finetune"]["validation_examples"] = 2
+    manifest = develop(validate_config(config), tmp_path / "run", log=lambda _: None)
+    run = tmp_path / "run"
+    assert json.loads((run / "pretrain" / "config.json").read_text())["architectures"] == \
+        ["SuperBertForSequenceClassification"]
+    search = json.loads((run / "search" / "results.json").read_text())
+    assert search["evaluator"].startswith("task:sst2:") and ":validation=2:" in search["evaluator"]
+    assert any("rescored" in v for t in search["targets"] for v in t["history"])  # the shortlist was re-ranked
+    for target, model in manifest["stages"]["further_train"]["outputs"]["models"].items():
+        assert json.loads((Path(model["path"]) / "config.json").read_text())["architectures"][0].endswith(
+            "ForSequenceClassification")
+        record = json.loads((Path(model["run"]) / "sst2" / "results.json").read_text())
+        assert record["validation_examples"] == 2 and record["validation_score"] is not None
+    assert set(manifest["stages"]["finetune"]["outputs"]["runs"]) == {*manifest["stages"]["search"]["outputs"]["best"],
+                                                                      "source"}
+    assert (run / "report" / "summary.md").is_file()
