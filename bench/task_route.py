@@ -210,7 +210,7 @@ def stage_final(args, task, target: str, variant: str, arch: str, seed: int) -> 
     from autotinybert.export import extract
     from autotinybert.tasks.finetune import finetune_model
 
-    path = args.work / task.name / "final" / f"{target}-{variant}-seed{seed}.json"
+    path = args.work / task.name / "final" / f"{target}-{variant}-{arch}-seed{seed}.json"
     if path.is_file():
         return json.loads(path.read_text())
     supernet = args.work / task.name / variant_start(variant)
@@ -227,6 +227,81 @@ def stage_final(args, task, target: str, variant: str, arch: str, seed: int) -> 
               "best_step": result.best_step, "steps": result.steps, "train_seconds": round(result.train_seconds, 1)}
     atomic_write_json(path, record)
     return record
+
+
+# --- correlation: do the fitness functions rank like the final recipe? ------------------------------------
+def correlate_sample(args, predictor, space: SearchSpace, target_ms: float, count: int) -> list[str]:
+    """``count`` distinct architectures of the target's window (0.85..1.0), drawn depth by depth in
+    turn so that every depth the window holds is represented."""
+    from autotinybert.search import Target, arch_of, find_candidates, search_grid
+
+    grid = search_grid(space, 16, 32)
+    cands = find_candidates(grid, predictor.predict_features, [Target(target_ms)], (0.85, 1.0))[0]
+    by_depth: dict[int, list[str]] = {}
+    for row in cands.features:
+        arch = arch_of(row)
+        by_depth.setdefault(arch.num_hidden_layers, []).append(str(arch))
+    rng = random.Random(0)
+    for archs in by_depth.values():
+        rng.shuffle(archs)
+    chosen: list[str] = []
+    while len(chosen) < count and any(by_depth.values()):
+        for depth in sorted(by_depth):
+            if by_depth[depth] and len(chosen) < count:
+                chosen.append(by_depth[depth].pop())
+    return chosen
+
+
+def old_proxy(args, task) -> object:
+    """The proxy the search used before: last-layer KD loss against the pre-trained source, of the
+    source's importance-ordered SuperPLM (`init --from`), on held-out text."""
+    from autotinybert.evaluators import ProxyEvaluator
+
+    start = args.work / "proxy-superplm"
+    if not (start / "results.json").is_file():
+        subprocess.run([sys.executable, "-m", "autotinybert", "init", "--from", args.source, "--out", str(start)], check=True)
+    corpus = args.work / "proxy-corpus"
+    if not (corpus / "valid.txt").is_file():
+        from autotinybert import builtin_data
+
+        builtin_data.write_python_docs_corpus(corpus)
+    return ProxyEvaluator(start, [str(corpus / "valid.txt")], metric="kd_loss", teacher=args.source, batches=3,
+                          cache_dir=args.work / "cache")
+
+
+def stage_correlate(args, task, predictor, space: SearchSpace, target_ms: float) -> dict:
+    from scipy import stats
+
+    from autotinybert.evaluators import TaskEvaluator
+
+    path = args.work / task.name / "correlate.json"
+    archs = correlate_sample(args, predictor, space, target_ms, args.correlate)
+    state = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    inherited = proxy = None
+    for arch in archs:
+        row = state["rows"].setdefault(arch, {"predicted_ms": predictor.predict(Arch.parse(arch))})
+        if "inherited" not in row:
+            inherited = inherited or TaskEvaluator(args.work / task.name / "superplm", task.name, args.data_dir,
+                                                   settings=finetune_settings(args, None, 1, 1e-4, 0))
+            row["inherited"] = inherited(Arch.parse(arch))
+        if "kd_loss_proxy" not in row:
+            proxy = proxy or old_proxy(args, task)
+            row["kd_loss_proxy"] = proxy(Arch.parse(arch))  # negated loss: higher is better
+        if "final" not in row:
+            row["final"] = stage_final(args, task, "correlate", "searched", arch, 0)["score"]
+        atomic_write_json(path, state)
+    rows = [state["rows"][a] | {"arch": a} for a in archs]
+    final = [r["final"] for r in rows]
+    best_final = max(final)
+    summary = {"task": task.name, "target_ms": target_ms, "samples": len(rows),
+               "depths": sorted({Arch.parse(a).num_hidden_layers for a in archs}), "rows": rows}
+    for name in ("inherited", "kd_loss_proxy"):
+        values = [r[name] for r in rows]
+        pick = max(range(len(rows)), key=lambda i: values[i])
+        summary[name] = {"spearman": float(stats.spearmanr(values, final).statistic),
+                         "pick": rows[pick]["arch"], "top1_regret": best_final - final[pick]}
+    atomic_write_json(path, {**state, "summary": summary})
+    return summary
 
 
 # --- stage 6: measured latency -----------------------------------------------------------------------
@@ -304,6 +379,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generation-size", type=int, default=20)
     p.add_argument("--rerank", type=int, default=3)
     p.add_argument("--rerank-steps", type=int, default=150)
+    p.add_argument("--correlate", type=int, default=0, help="also correlate the fitness functions with the final "
+                                                           "recipe over this many architectures of the 3x window")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     args.source = resolve_model(args.source)
@@ -337,6 +414,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                     record = stage_final(args, task, target, variant, chosen[variant], seed)
                     rows.append({**record, "source_arch": str(space.largest())})
                     archs.append(chosen[variant])
+        if args.correlate:
+            correlations = searches[f"{task.name}-correlate"] = stage_correlate(
+                args, task, predictor, space, predictor.predict(space.largest()) / 3)
+            for name in ("inherited", "kd_loss_proxy"):
+                log(f"{task.name}: {name} vs final recipe: Spearman {correlations[name]['spearman']:+.2f}, top-1 regret "
+                    f"{correlations[name]['top1_regret']:.2f}")
     measured = stage_measured(args, list(dict.fromkeys(archs)))
     summary = summarize(args, rows, sources, searches, measured)
     table = markdown(summary)

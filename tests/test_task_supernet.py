@@ -240,3 +240,41 @@ def test_develop_runs_the_task_route_end_to_end(tmp_path):
     assert set(manifest["stages"]["finetune"]["outputs"]["runs"]) == {*manifest["stages"]["search"]["outputs"]["best"],
                                                                       "source"}
     assert (run / "report" / "summary.md").is_file()
+
+
+def test_the_task_evaluator_scores_the_carved_rows_and_never_reads_dev(tmp_path):
+    from autotinybert.checkpoint import save_supernet
+    from autotinybert.evaluators import TaskEvaluator
+
+    model, *_ = _superplm(tmp_path)
+    save_supernet(model, tmp_path / "superplm")
+    tiny_tokenizer().save_pretrained(tmp_path / "superplm")
+    evaluator = TaskEvaluator(tmp_path / "superplm", "sst2", tmp_path / "glue_data",
+                              settings=FinetuneSettings(validation_examples=5))
+    scored = {e.guid for e in evaluator.data.validation.examples}
+    assert scored and not scored & {e.guid for e in evaluator.data.train.examples}
+    assert all(split is evaluator.data.validation for split in evaluator.data.dev.values())  # dev replaced
+    assert len(evaluator.labels) == len(scored)
+    arch = Arch(2, 28, 29, 4, 24)
+    value = evaluator(arch)
+    model.set_arch(arch)
+    predictions = task_supernet.logits_of(model, [finetune._collate(evaluator.validation, 0)]).argmax(-1)
+    assert value == pytest.approx(100 * float((predictions == torch.tensor(evaluator.labels)).float().mean()))
+
+
+def test_rerank_picks_the_best_after_rescoring_among_the_leaders():
+    from autotinybert.search import Target, TargetResult, rerank
+
+    visits = [{"arch": a, "fitness": f, "latency_ms": 1.0} for a, f in
+              (("L1-H8-F8-A1-Q8", 90), ("L2-H8-F8-A1-Q8", 80), ("L1-H8-F8-A1-Q8", 90), ("L3-H8-F8-A1-Q8", 70))]
+    result = TargetResult(Target(1.0), (0.9, 1.0), 4, visits)
+    assert [v["arch"] for v in result.leaders(2)] == ["L1-H8-F8-A1-Q8", "L2-H8-F8-A1-Q8"]  # distinct, fittest first
+    calls = []
+
+    def after_retraining(arch):
+        calls.append(str(arch))
+        return {"L1-H8-F8-A1-Q8": 60.0, "L2-H8-F8-A1-Q8": 75.0}[str(arch)]
+
+    rerank([result], after_retraining, 2)
+    assert sorted(calls) == ["L1-H8-F8-A1-Q8", "L2-H8-F8-A1-Q8"]  # each leader once, the rest never
+    assert result.best["arch"] == "L2-H8-F8-A1-Q8"

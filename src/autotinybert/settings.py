@@ -43,7 +43,7 @@ class Options:
 
 _OUT = "output directory (created; refused when non-empty unless --overwrite)"
 PAPER_SPACES = ("paper-mlm", "paper-kd")
-BUILTIN_CONFIGS = ("demo", "cpu-small", "from-pretrained", "paper-mlm", "paper-kd")
+BUILTIN_CONFIGS = ("demo", "task", "cpu-small", "from-pretrained", "paper-mlm", "paper-kd")
 
 
 def task_problem(name: str) -> str | None:
@@ -556,7 +556,7 @@ class FinetuneCommand(ModelCommand):
 # --- develop / demo / report -------------------------------------------------------------------
 @dataclass
 class DevelopCommand(Options):
-    config: str = option(doc="demo, cpu-small, from-pretrained, paper-mlm, paper-kd, or a YAML file", path="file", text=True,
+    config: str = option(doc="demo, task, cpu-small, from-pretrained, paper-mlm, paper-kd, or a YAML file", path="file", text=True,
                          keywords=BUILTIN_CONFIGS)
     out: Path = option(doc="run directory; rerunning continues it", path="out")
     set: list[str] = option([], "override a config option, e.g. --set search.method=evolved (repeatable)",

@@ -198,6 +198,9 @@ def _check_task_route(config: dict, source: str) -> None:
     if not (config["pretrain"]["init_from"] or config["task"]["teacher"]):
         raise UserError(f"{source}: the task route starts from a pre-trained source: set pretrain.init_from (or "
                         "task.teacher, a model fine-tuned on the task)")
+    if config["pretrain"]["init_mode"] != config["task"]["mode"]:
+        raise UserError(f"{source}: the latency stage profiles pretrain.init_mode's space: set task.mode to the same "
+                        f"({config['pretrain']['init_mode']})")
     if not config["finetune"]["validation_examples"]:
         raise UserError(f"{source}: the task route selects on rows carved from train, never on dev: set "
                         "finetune.validation_examples (e.g. 1000)")

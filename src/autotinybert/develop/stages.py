@@ -443,7 +443,8 @@ def _final_recipe(run: Run, out: Path, extracted: dict) -> dict:
                                         resume=(target_dir / "config.yaml").is_file(),
                                         trust_remote_code=run.config["run"]["trust_remote_code"])
             run_finetune(command, _task_data_settings(run), _finetune_settings(run),
-                         arguments={"model": model["path"], "teacher": str(teacher), **run.config["finetune"]})
+                         arguments={"model": model["path"], "teacher": str(teacher), **run.config["finetune"]},
+                         teacher_cache=out)
         results = json.loads((target_dir / "results.json").read_text(encoding="utf-8"))
         models[target] = {"arch": model["arch"], "path": str(target_dir / task.name / "model"), "source": model["path"],
                           "run": str(target_dir)}

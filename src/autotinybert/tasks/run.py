@@ -24,8 +24,8 @@ from ..errors import UserError, reading
 from ..files import RunDirectory, atomic_write_json, atomic_write_text, staged_directory, write_stage_config
 from ..settings import EvaluateCommand, FinetuneCommand, TaskDataSettings
 from . import glue, metrics, squad
-from .finetune import (FinetuneSettings, RunStore, Task, evaluate_split, finetune_model, load_task_data,
-                       load_task_model, predict_glue, resolve_task)
+from .finetune import (FinetuneSettings, RunStore, Task, TeacherLogits, evaluate_split, finetune_model,
+                       load_task_data, load_task_model, predict_glue, resolve_task, train_features)
 
 # Arguments that may change between a run and its --resume without changing the result.
 _RESUME_FREE = {"resume", "overwrite", "no_progress", "progress", "threads", "command", "handler", "out", "device"}
@@ -74,8 +74,11 @@ def _tokenizer(command: Any, model_dir: Path):
 # --- finetune ------------------------------------------------------------------------------
 
 def run_finetune(command: FinetuneCommand, source: TaskDataSettings, settings: FinetuneSettings, *,
-                 arguments: dict[str, Any] | None = None) -> dict:
-    """Fine-tune ``command.model`` on each task; returns the run's results (also RUN/results.json)."""
+                 arguments: dict[str, Any] | None = None, teacher_cache: Path | None = None) -> dict:
+    """Fine-tune ``command.model`` on each task; returns the run's results (also RUN/results.json).
+
+    ``teacher_cache``: a folder where the teacher's logits on the training rows are kept, so that
+    several students of one teacher (develop's targets) record them once."""
     model, out, teacher, test = command.model, Path(command.out), command.teacher, command.test
     resume, overwrite, train_file, dev_file = command.resume, command.overwrite, source.train_file, source.dev_file
     task_list = resolve_tasks(source.tasks)
@@ -97,7 +100,7 @@ def run_finetune(command: FinetuneCommand, source: TaskDataSettings, settings: F
             results["tasks"][task.name] = json.loads(done.read_text())
             continue
         record = _finetune_task(model, task, data[task.name], tok, settings, work, teacher, data_dir,
-                                command.trust_remote_code)
+                                command.trust_remote_code, teacher_cache)
         atomic_write_json(done, record)
         results["tasks"][task.name] = record
         _write_results(work, results)
@@ -128,11 +131,18 @@ def _check_same_arguments(config_path: Path, arguments: dict) -> None:
 
 
 def _finetune_task(model_path: Path, task: Task, data, tokenizer, settings: FinetuneSettings, out: Path,
-                   teacher_path: Path | None, data_dir: Path | None, trust_remote_code: bool = False) -> dict:
+                   teacher_path: Path | None, data_dir: Path | None, trust_remote_code: bool = False,
+                   teacher_cache: Path | None = None) -> dict:
     store = RunStore(out / task.name)
     model = load_task_model(model_path, task, seed=settings.seed, trust_remote_code=trust_remote_code)
-    teacher = load_task_model(_teacher_dir(teacher_path, task), task, finetuned=True, flag="--teacher",
-                              trust_remote_code=trust_remote_code) if teacher_path else None
+    teacher = None
+    if teacher_path and teacher_cache and isinstance(task, glue.GlueTask):
+        features = train_features(task, tokenizer, data.train, settings)
+        teacher = TeacherLogits.cached(_teacher_dir(teacher_path, task), task, features, tokenizer.pad_token_id or 0,
+                                       settings, teacher_cache)
+    elif teacher_path:
+        teacher = load_task_model(_teacher_dir(teacher_path, task), task, finetuned=True, flag="--teacher",
+                                  trust_remote_code=trust_remote_code)
     result = finetune_model(model, tokenizer, task, data, settings, teacher=teacher, store=store)
     started = time.perf_counter()
     record = {
