@@ -159,16 +159,17 @@ def stage_search(args, task, predictor, speedup: float) -> dict:
                               window=(0.85, 1.0), seed=0)
     log(f"{task.name} {speedup:g}x: search ({args.generations} x {args.generation_size}, target "
         f"{target.ms:.2f} ms predicted)")
-    inherited = TaskEvaluator(supernet, task.name, args.data_dir, validation_examples=args.validation_examples)
+    inherited = TaskEvaluator(supernet, task.name, args.data_dir,
+                              settings=finetune_settings(args, None, 1, args.final_lr, 0))
     results, _ = search(space, [target], inherited, predictor.predict_features, settings, evaluator_key=inherited.key)
     visits = sorted(results[0].visits, key=lambda v: (-v["fitness"], v["latency_ms"], v["arch"]))
     shortlist = visits[:args.rerank]
-    retrain = TaskEvaluator(supernet, task.name, args.data_dir, validation_examples=args.validation_examples,
-                            retrain_steps=args.rerank_steps, teacher=teacher_dir(args, task.name) / task.name / "model",
-                            settings=finetune_settings(args, args.final_examples, 1, args.final_lr, 0),
+    retrain = TaskEvaluator(supernet, task.name, args.data_dir, retrain=True, teacher=teacher_dir(args, task.name),
+                            settings=replace(finetune_settings(args, args.final_examples, 1, args.final_lr, 0),
+                                             max_steps=args.rerank_steps),
                             cache_dir=args.work / "cache")
     for row in shortlist:
-        row["retrained"] = retrain(Arch.parse(row["arch"]))
+        row["retrained"] = retrain(Arch.parse(row["arch"]))  # the score on the carved rows after the retrain
         log(f"  {row['arch']}: inherited {row['fitness']:.2f}, after {args.rerank_steps} steps {row['retrained']:.2f}")
     chosen = max(shortlist, key=lambda v: (v["retrained"], -v["latency_ms"]))
     summary = {"target_ms": target.ms, "source_predicted_ms": source_ms, "chosen": chosen["arch"],
@@ -178,15 +179,16 @@ def stage_search(args, task, predictor, speedup: float) -> dict:
     return summary
 
 
-def bert_ratio(space: SearchSpace, target_ms: float, predict) -> Arch:
-    """F = 4H, Q = H: the widest predicted under the target, at the deepest depth where one fits."""
+def bert_ratio(space: SearchSpace, target_ms: float, predict) -> Arch | None:
+    """F = 4H, Q = H: the widest predicted under the target, at the deepest depth where one fits
+    (None where the space holds no such architecture under the target)."""
     heads = space.heads.max
     for depth in range(space.layers.max, 0, -1):
         for hidden in range(space.hidden.max - space.hidden.max % heads, space.hidden.min - 1, -heads):
             arch = Arch(depth, hidden, 4 * hidden, heads, hidden)
             if space.contains(arch) and predict(arch) <= target_ms:
                 return arch
-    raise SystemExit(f"no BERT-ratio architecture fits {target_ms:.2f} ms")
+    return None
 
 
 def layer_drop(space: SearchSpace, target_ms: float, predict) -> Arch:
@@ -265,8 +267,9 @@ def old_proxy(args, task) -> object:
         from autotinybert import builtin_data
 
         builtin_data.write_python_docs_corpus(corpus)
+    positions = json.loads((start / "config.json").read_text())["max_position_embeddings"]
     return ProxyEvaluator(start, [str(corpus / "valid.txt")], metric="kd_loss", teacher=args.source, batches=3,
-                          cache_dir=args.work / "cache")
+                          seq_len=min(128, positions), cache_dir=args.work / "cache")
 
 
 def stage_correlate(args, task, predictor, space: SearchSpace, target_ms: float) -> dict:
@@ -403,14 +406,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         for speedup in args.targets:
             target = f"{speedup:g}x"
             search_summary = searches[f"{task.name}-{target}"] = stage_search(args, task, predictor, speedup)
+            ratio = bert_ratio(space, search_summary["target_ms"], predictor.predict)
             chosen = {"searched": search_summary["chosen"], "firstk": search_summary["chosen"],
-                      "bert": str(bert_ratio(space, search_summary["target_ms"], predictor.predict)),
+                      "bert": str(ratio) if ratio else None,
                       "layerdrop": str(layer_drop(space, search_summary["target_ms"], predictor.predict))}
             # At 3x every baseline and every seed; elsewhere the searched and BERT-ratio models, one seed.
             variants = args.variants if speedup == 3 else [v for v in args.variants if v in ("searched", "bert")]
             seeds = args.seeds if speedup == 3 else args.seeds[:1]
             for seed in seeds:
-                for variant in variants:
+                for variant in [v for v in variants if chosen[v] is not None]:
                     record = stage_final(args, task, target, variant, chosen[variant], seed)
                     rows.append({**record, "source_arch": str(space.largest())})
                     archs.append(chosen[variant])

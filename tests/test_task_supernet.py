@@ -278,3 +278,35 @@ def test_rerank_picks_the_best_after_rescoring_among_the_leaders():
     rerank([result], after_retraining, 2)
     assert sorted(calls) == ["L1-H8-F8-A1-Q8", "L2-H8-F8-A1-Q8"]  # each leader once, the rest never
     assert result.best["arch"] == "L2-H8-F8-A1-Q8"
+
+
+def test_cli_search_with_the_task_evaluator_and_rerank(tmp_path, capsys):
+    """`search --evaluator task --rerank 2`: fitness from the carved rows, the shortlist re-scored
+    after a short task-KD retrain, best.json the re-ranked winner."""
+    from test_search import _toy_predictor
+
+    from autotinybert.checkpoint import save_supernet
+    from autotinybert.cli import main
+
+    model, _, source, *_ = _superplm(tmp_path)
+    save_supernet(model, tmp_path / "superplm")
+    tiny_tokenizer().save_pretrained(tmp_path / "superplm")
+    space = model.config.search_space
+    predictor = _toy_predictor(tmp_path / "pred.json", space)
+    argv = ["search", "--supernet", str(tmp_path / "superplm"), "--predictor", str(tmp_path / "pred.json"),
+            "--target-ms", f"{predictor.predict(Arch(2, 24, 25, 4, 20)):.4f}", "--window", "0.5", "1.0",
+            "--evaluator", "task", "--task", "sst2", "--data-dir", str(tmp_path / "glue_data"),
+            "--ft-validation-examples", "2", "--ft-max-steps", "2", "--ft-batch-size", "4", "--rerank", "2",
+            "--rerank-teacher", str(source), "--method", "random", "--generation-size", "4", "--generations", "1",
+            "--grid-step-hidden", "4", "--grid-step-ffn", "4", "--out", str(tmp_path / "search"), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "search" / "results.json").read_text())
+    assert results["evaluator"].startswith("task:sst2:") and results["metric"] == "task score"
+    rescored = [v for v in results["targets"][0]["history"] if "rescored" in v]
+    assert 1 <= len({v["arch"] for v in rescored}) <= 2
+    best = json.loads((tmp_path / "search" / "best.json").read_text())[0]
+    assert best["arch"] == max(rescored, key=lambda v: (v["rescored"], -v["latency_ms"]))["arch"]
+    # --rerank belongs to the task evaluator: with another it is refused before anything is written.
+    proxy = [a if a != "task" else "proxy" for a in argv]
+    proxy[proxy.index("--out") + 1] = str(tmp_path / "other")
+    assert main(proxy) == 2 and not (tmp_path / "other").exists()

@@ -134,6 +134,7 @@ def _reference_row(extract: dict, finetune: dict) -> dict | None:
     return {"target": "source", "arch": reference["arch"], "final": reference["name"], "further_run": None,
             "export": {"parameters": reference["parameters"]}, "latency": _read_json(Path(reference["latency"]), {}),
             "search": {}, "finetune": _read_json(Path(run_dir) / "results.json", None) if run_dir else None,
+            "finetune_int8": _read_json(Path(run_dir) / "int8-eval" / "results.json", None) if run_dir else None,
             "finetune_dir": run_dir}
 
 
@@ -421,7 +422,7 @@ def _sections(run: dict) -> list[tuple[str, str, str | None]]:
     search = run["search"] or {}
     return [
         ("Search space", _md_table(["dimension", "range"], _space_rows(run)) +
-         f"\n\nSuperPLM: `{run['supernet']}`; objective `{config.get('pretrain', {}).get('objective', '-')}`.", None),
+         f"\n\nSuperPLM: `{run['supernet']}`; {_training_line(config)}.", None),
         ("Exported models", _md_table(header, rows) + f"\n\nTargets: {targets}. Latency measured on: "
          f"{_fingerprint_line(run['models'][0]['latency']) if run['models'] and run['models'][0]['latency'] else '-'}.", None),
         ("Pareto front: latency vs score",
@@ -529,17 +530,20 @@ def model_card(run: dict, model: dict, inherited_only: bool = False) -> str:
         f"on {_fingerprint_line(lat)}." if measured else "", "",
         "## Scores", "", _card_scores(model, run, inherited_only), "",
         "## How it was produced", "",
-        f"- SuperPLM `{run['supernet']}` (pre-training objective `{config.get('pretrain', {}).get('objective')}`, "
-        f"{config.get('pretrain', {}).get('max_steps')} steps{' — reused' if config.get('pretrain', {}).get('reuse') else ''}).",
+        f"- SuperPLM `{run['supernet']}` ({_training_line(config)}"
+        f"{'' if _task_route(config) else ', ' + str(config.get('pretrain', {}).get('max_steps')) + ' steps'}"
+        f"{' — reused' if config.get('pretrain', {}).get('reuse') else ''}).",
         f"- Search `{(run['search'] or {}).get('method')}` with the `{(run['search'] or {}).get('evaluator')}` evaluator "
         f"for target {model['target']} ({model['search'].get('target_ms', 0):.2f} ms predicted budget).",
         f"- Extracted by slicing (first rows/columns of every matrix, first layers) into `{model['extracted']}`.",
-        (f"- Further trained for {config.get('further_train', {}).get('max_steps')} steps "
+        (f"- Trained on the task by KD from the fine-tuned source (the final recipe), checkpoint picked on "
+         f"rows carved from train, in `{model['further_run']}`." if _task_route(config) and trained else
+         f"- Further trained for {config.get('further_train', {}).get('max_steps')} steps "
          f"({config.get('further_train', {}).get('objective')}) in `{model['further_run']}`."
          if trained else f"- Not further trained here{'; the further-trained version is ' + chr(96) + str(model['final']) + chr(96) if inherited_only else ''}."),
         f"- Pipeline: `autotinybert develop` run in `{run['dir']}` (config in its manifest.json).", "",
-        "## Use", "", "```python", "from transformers import AutoModelForMaskedLM, AutoTokenizer",
-        f"model = AutoModelForMaskedLM.from_pretrained(PATH{', trust_remote_code=True' if remote else ''})",
+        "## Use", "", "```python", f"from transformers import {_auto_class(config)}, AutoTokenizer",
+        f"model = {_auto_class(config)}.from_pretrained(PATH{', trust_remote_code=True' if remote else ''})",
         "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
     ]
     return "\n".join(lines)
@@ -597,3 +601,20 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, title: str 
         atomic_write_text(tmp / "index.html", html)
     cards = write_model_cards(run)
     return {"html": out / "index.html", "markdown": out / "summary.md", **{f"card{i}": p for i, p in enumerate(cards)}}
+
+
+def _task_route(config: dict) -> bool:
+    return bool((config.get("task") or {}).get("enabled"))
+
+
+def _training_line(config: dict) -> str:
+    """How the SuperPLM was trained, as the report states it."""
+    if _task_route(config):
+        return ("task route: the fine-tuned source made elastic and every sub-model trained on the task by KD from "
+                "its logits")
+    return f"objective `{config.get('pretrain', {}).get('objective', '-')}`"
+
+
+def _auto_class(config: dict) -> str:
+    """The transformers class that loads the run's models: task-route models carry their task head."""
+    return "AutoModelForSequenceClassification" if _task_route(config) else "AutoModelForMaskedLM"
