@@ -161,7 +161,9 @@ def stage_search(args, task, predictor, speedup: float) -> dict:
         f"{target.ms:.2f} ms predicted)")
     inherited = TaskEvaluator(supernet, task.name, args.data_dir,
                               settings=finetune_settings(args, None, 1, args.final_lr, 0))
-    results, _ = search(space, [target], inherited, predictor.predict_features, settings, evaluator_key=inherited.key)
+    state = path.with_name(f"search-{speedup:g}x-state.json")  # every evaluation kept: a rerun continues
+    results, _ = search(space, [target], inherited, predictor.predict_features, settings, evaluator_key=inherited.key,
+                        state_path=state, resume=state.is_file())
     visits = sorted(results[0].visits, key=lambda v: (-v["fitness"], v["latency_ms"], v["arch"]))
     shortlist = visits[:args.rerank]
     retrain = TaskEvaluator(supernet, task.name, args.data_dir, retrain=True, teacher=teacher_dir(args, task.name),
@@ -207,7 +209,7 @@ def variant_start(variant: str) -> str:
     return "superplm" if variant in ("searched", "bert") else "superplm-start"
 
 
-def stage_final(args, task, target: str, variant: str, arch: str, seed: int) -> dict:
+def stage_final(args, task, target: str, variant: str, arch: str, seed: int, examples: int | None = None) -> dict:
     from autotinybert.checkpoint import load_supernet, load_tokenizer
     from autotinybert.export import extract
     from autotinybert.tasks.finetune import finetune_model
@@ -218,7 +220,7 @@ def stage_final(args, task, target: str, variant: str, arch: str, seed: int) -> 
     supernet = args.work / task.name / variant_start(variant)
     model, tokenizer = load_supernet(supernet), load_tokenizer(supernet)
     student = extract(model, Arch.parse(arch))
-    settings = finetune_settings(args, args.final_examples, args.final_epochs, args.final_lr, seed)
+    settings = finetune_settings(args, examples or args.final_examples, args.final_epochs, args.final_lr, seed)
     data = task_data(args, task, settings)
     log(f"{task.name} {target} {variant} {arch} seed {seed}: final task KD ({args.final_epochs} epochs of "
         f"{len(data.train.examples)} rows)")
@@ -290,8 +292,9 @@ def stage_correlate(args, task, predictor, space: SearchSpace, target_ms: float)
         if "kd_loss_proxy" not in row:
             proxy = proxy or old_proxy(args, task)
             row["kd_loss_proxy"] = proxy(Arch.parse(arch))  # negated loss: higher is better
-        if "final" not in row:
-            row["final"] = stage_final(args, task, "correlate", "searched", arch, 0)["score"]
+        if "final" not in row:  # the final recipe on --correlate-examples rows (a cheaper budget, stated)
+            row["final"] = stage_final(args, task, "correlate", "searched", arch, 0,
+                                       examples=args.correlate_examples)["score"]
         atomic_write_json(path, state)
     rows = [state["rows"][a] | {"arch": a} for a in archs]
     final = [r["final"] for r in rows]
@@ -384,6 +387,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rerank-steps", type=int, default=150)
     p.add_argument("--correlate", type=int, default=0, help="also correlate the fitness functions with the final "
                                                            "recipe over this many architectures of the 3x window")
+    p.add_argument("--correlate-examples", type=int, default=8000, help="training rows of the correlation's final "
+                                                                       "recipe")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     args.source = resolve_model(args.source)

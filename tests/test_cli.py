@@ -149,7 +149,7 @@ def test_init_rejects_contradicting_vocabulary(capsys, tmp_path, minilm_dir):
 
 def test_develop_with_a_missing_config_says_so(capsys):
     code, _, err = _run(capsys, "develop", "--config", "x.yaml", "--out", "unused")
-    _assert_user_error(code, err, "x.yaml", "demo, cpu-small")
+    _assert_user_error(code, err, "x.yaml", "demo, task, cpu-small")
 
 
 def test_the_real_console_script_exits_non_zero_without_traceback(tmp_path):

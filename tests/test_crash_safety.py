@@ -147,6 +147,41 @@ def test_pretrain_sigterm_saves_and_the_rerun_finishes_identically(pretrain_case
     assert json.loads((out / "results.json").read_text())["resumed_from"] == step
 
 
+def _one_sigterm_line(log: Path) -> str:
+    """The child's whole stderr: one line reporting SIGTERM with advice, no traceback."""
+    errors = _errors(log)
+    lines = errors.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in errors, errors
+    assert "stopped by SIGTERM" in lines[0] and "--resume" in lines[0], lines
+    return lines[0]
+
+
+def test_pretrain_sigterm_during_data_preparation_gives_one_line_and_resume_starts_again(pretrain_case):
+    """SIGTERM before the training loop (here: while the WordPiece vocabulary is trained into a fresh
+    cache) is one line and exit 143, leaves no half-written cache entry, and --resume finishes."""
+    root, argv, _, _ = pretrain_case
+    out, log, cache = root / "sigterm-early", root / "sigterm-early.log", root / "cache-sigterm-early"
+
+    def early_argv(out: Path) -> list:
+        command = argv(out)
+        command[command.index("--cache-dir") + 1] = cache
+        return command
+
+    process = crash_harness.start(early_argv(out), log)
+    deadline = time.time() + 60
+    while not cache.exists() and process.is_alive() and time.time() < deadline:
+        time.sleep(0.0005)
+    os.kill(process.pid, signal.SIGTERM)
+    process.join()
+    assert process.exitcode == 143, _errors(log)
+    _one_sigterm_line(log)
+    assert not (out / "checkpoint").exists()
+    assert not [p for p in cache.rglob("*") if p.name.startswith(".")], list(cache.rglob("*"))
+    _run([*early_argv(out), "--resume"], root / "sigterm-early-resume.log")
+    results = json.loads((out / "results.json").read_text())
+    assert results["resumed_from"] == 0 and results["steps"] == 30
+
+
 # --- finetune ---------------------------------------------------------------------------------
 def _finetune_argv(root: Path):
     def argv(out: Path) -> list:
@@ -189,4 +224,21 @@ def test_finetune_sigterm_saves_and_the_rerun_finishes_identically(finetune_case
     lines = _errors(log).strip().splitlines()
     assert process.exitcode != 0 and len(lines) == 1 and "stopped by SIGTERM at step" in lines[0], lines
     _run([*argv(out), "--resume"], root / "sigterm-resume.log")
+    assert _same(_weights(out / "sst2" / "model" / "model.safetensors"), reference)
+
+
+def test_finetune_sigterm_before_its_first_checkpoint_gives_one_line_and_resume_finishes_identically(finetune_case):
+    """SIGTERM as soon as the run folder is made (the model and data still loading) is one line and
+    exit 143; --resume then finishes with the weights of an uninterrupted run."""
+    root, argv, _, reference = finetune_case
+    out, log = root / "sigterm-early", root / "sigterm-early.log"
+    process = crash_harness.start(argv(out), log)
+    deadline = time.time() + 60
+    while not (out / "config.yaml").is_file() and process.is_alive() and time.time() < deadline:
+        time.sleep(0.0005)
+    os.kill(process.pid, signal.SIGTERM)
+    process.join()
+    assert process.exitcode == 143, _errors(log)
+    _one_sigterm_line(log)
+    _run([*argv(out), "--resume"], root / "sigterm-early-resume.log")
     assert _same(_weights(out / "sst2" / "model" / "model.safetensors"), reference)

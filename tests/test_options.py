@@ -165,3 +165,27 @@ def test_every_kd_teacher_option_takes_the_packaged_model_by_name(cls):
 
     teacher = next(o for o in options_of(cls) if o.name == "teacher")
     assert path_problem(teacher.spec, "builtin:all-minilm-l6-v2") is None
+
+
+def test_resume_behaviour_is_part_of_the_declaration():
+    """``option(resume="free")`` marks what may change on --resume; finetune's free arguments are
+    derived from it (the same set as before it was declared)."""
+    from autotinybert.options import resume_free, resume_invariant
+    from autotinybert.pretrain import _RESUME_INVARIANT
+    from autotinybert.tasks.run import _RESUME_FREE
+
+    with pytest.raises(TypeError, match="resume="):
+        option(1, "a number", resume="sometimes")
+    assert _RESUME_FREE == {"command", "handler", "no_progress", "out", "resume", "overwrite", "threads", "device",
+                            "progress"}
+    assert _RESUME_INVARIANT == resume_invariant(S.PretrainSettings)
+    assert not set(_RESUME_INVARIANT) & resume_free(S.PretrainSettings)
+    assert {"max_steps", "progress", "log_every", "out"} <= resume_free(S.PretrainSettings)
+
+
+def test_sequence_length_defaults_come_from_the_task():
+    from autotinybert.tasks import glue, squad
+
+    assert S.FinetuneSettings().sequence_length(glue.glue_task("sst2")) == 128
+    assert S.FinetuneSettings().sequence_length(squad.squad_task("squad_v2")) == 384
+    assert S.FinetuneSettings(max_seq_length=64).sequence_length(squad.squad_task("squad")) == 64

@@ -356,3 +356,34 @@ def test_in_place_distillation_with_mapped_layers_maps_onto_the_largest_sub_mode
     for layers in from_largest:
         assert all(torch.equal(a, b) for a, b in zip(layers, from_largest[0]))
         assert not any(torch.equal(a, b) for a, b in zip(layers, from_teacher))
+
+
+def test_resume_refuses_a_change_of_every_option_not_declared_free(tmp_path, corpus, space_file):
+    """Derived from the declarations, so a new option is covered: on --resume every option must keep
+    its recorded value unless declared ``resume="free"`` (those may change)."""
+    from autotinybert import pretrain as pretrain_module
+    from autotinybert.checkpoint import load_supernet
+    from autotinybert.options import options_of
+    from autotinybert.training import adamw
+
+    settings = _settings(tmp_path, corpus, space_file, max_steps=2)
+    pretrain(settings)
+    run, state_file = tmp_path / "run", tmp_path / "run" / "checkpoint" / "trainer_state.json"
+    original = state_file.read_text()
+    model = load_supernet(run)
+    optimizer = adamw(model, settings.lr, settings.weight_decay)
+    options = options_of(PretrainSettings)
+    assert {"distill_from", "kd_layers", "text_column"} <= {o.field for o in options if o.spec.resume != "free"}
+    for opt in options:
+        state = json.loads(original)
+        state["settings"][opt.field] = ["recorded", opt.field]  # never the value given now
+        state_file.write_text(json.dumps(state))
+        if opt.spec.resume == "free":
+            assert pretrain_module.load_checkpoint(run, model, optimizer, settings) == 2, opt.field
+        else:
+            with pytest.raises(UserError, match=f"--resume with different {opt.field} than the checkpoint"):
+                pretrain_module.load_checkpoint(run, model, optimizer, settings)
+    state_file.write_text(original)
+    with pytest.raises(UserError, match="different kd_layers"):  # the whole command, a real KD-mode change
+        pretrain(replace(settings, kd_layers="mapped", max_steps=4), resume=True)
+    assert pretrain(replace(settings, max_steps=4, log_every=2, progress=False), resume=True)["resumed_from"] == 2

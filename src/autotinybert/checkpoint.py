@@ -1,8 +1,9 @@
 """SuperPLM checkpoint directories: `config.json` + `model.safetensors` (+ tokenizer files).
 
 `save_supernet` writes one, `load_supernet` reads one strictly (every problem is a one-line
-`UserError`), `init_supernet_checkpoint` is the `init` command, `load_tokenizer` reads the
-tokenizer saved beside the weights. Training state (optimizer, step) is not here: see
+`UserError`; it lives in modeling, beside the classes' `from_pretrained`, and is importable from
+here), `init_supernet_checkpoint` is the `init` command, `load_tokenizer` reads the tokenizer
+saved beside the weights. Training state (optimizer, step) is not here: see
 `training.py`, whose checkpoints a run keeps in `--out/checkpoint`.
 """
 
@@ -16,98 +17,10 @@ import torch
 
 from .errors import UserError, reading
 from .files import atomic_write_json, atomic_write_text, atomic_write_with, staged_directory, write_stage_config
-from .modeling import (SuperBertConfig, SuperBertForPreTraining, SuperBertForSequenceClassification, SuperBertModel,
-                       SuperBertPreTrainedModel, _no_init, new_supernet)
+# load_supernet lives beside the model classes (their from_pretrained); importable from here too.
+from .modeling import (CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, _SUPERNET_CLASSES, SuperBertConfig,  # noqa: F401
+                       SuperBertPreTrainedModel, load_supernet, new_supernet, tokenizer_vocab_size)
 from .space import SearchSpace
-
-CHECKPOINT_WEIGHTS = "model.safetensors"
-# The class a checkpoint was saved from (config.json "architectures"): MLM / KD pre-training, or
-# the task route's SuperPLM with a classification head.
-_SUPERNET_CLASSES = {cls.__name__: cls for cls in (SuperBertForPreTraining, SuperBertForSequenceClassification)}
-CHECKPOINT_CONFIG = "config.json"
-
-
-def load_supernet(path: str | Path, cls: type[SuperBertPreTrainedModel] | None = None):
-    """Load a SuperPLM directory strictly; any problem is a one-line `UserError`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    config_file, weights_file = path / CHECKPOINT_CONFIG, path / CHECKPOINT_WEIGHTS
-    if not path.is_dir():
-        raise UserError(f"SuperPLM checkpoint {path} does not exist; pass the directory written by "
-                        "'autotinybert pretrain' or 'autotinybert init'")
-    for required in (config_file, weights_file):
-        if not required.is_file():
-            raise UserError(f"SuperPLM checkpoint {path} has no {required.name}; it is incomplete or not a SuperPLM")
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{config_file} is corrupt ({err}); re-export or re-train the SuperPLM") from None
-    if raw.get("model_type") != SuperBertConfig.model_type:
-        raise UserError(f"{path} holds a {raw.get('model_type')!r} model, not a SuperPLM "
-                        f"({SuperBertConfig.model_type!r})")
-    cls = cls or _SUPERNET_CLASSES.get((raw.get("architectures") or [""])[0], SuperBertForPreTraining)
-    try:
-        config = SuperBertConfig.from_dict(raw)
-    except (UserError, TypeError, ValueError) as err:
-        raise UserError(f"{config_file} is not a valid SuperPLM config: {err}") from None
-    try:
-        state = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{weights_file} is corrupt ({err}); re-download or re-train the SuperPLM") from None
-    with _no_init():
-        model = cls(config)
-    expected = model.state_dict()
-    if cls is SuperBertModel:  # a bare encoder loads from a pre-training checkpoint too
-        state = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")}
-    problems = _state_mismatch(expected, state)
-    if problems:
-        raise UserError(f"{weights_file} does not match its config.json ({problems}); the checkpoint is "
-                        "corrupt or its vocab_size / space was edited")
-    model.load_state_dict(state, strict=True)
-    _check_tokenizer_vocab(path, config.vocab_size)
-    model.eval()
-    return model
-
-
-def _state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = [k for k in expected if k in found and tuple(expected[k].shape) != tuple(found[k].shape)]
-    parts = []
-    if missing:
-        parts.append(f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    if unexpected:
-        parts.append(f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
-    if shapes:
-        k = shapes[0]
-        parts.append(f"{k} has shape {tuple(found[k].shape)}, expected {tuple(expected[k].shape)}")
-    return "; ".join(parts)
-
-
-def _check_tokenizer_vocab(path: Path, vocab_size: int) -> None:
-    """A tokenizer saved beside the weights must not produce ids beyond the embedding table."""
-    size, source = tokenizer_vocab_size(path)
-    if size is not None and size > vocab_size:
-        raise UserError(f"{source} has {size} tokens but the SuperPLM's vocab_size is {vocab_size}; "
-                        "the tokenizer belongs to another model")
-
-
-def tokenizer_vocab_size(path: Path) -> tuple[int | None, Path | None]:
-    """Token count of the tokenizer files in ``path`` (tokenizer.json, else vocab.txt), read cheaply."""
-    fast, vocab_file = path / "tokenizer.json", path / "vocab.txt"
-    try:
-        if fast.is_file():
-            data = json.loads(fast.read_text(encoding="utf-8"))
-            added = {token["id"] for token in data.get("added_tokens", [])}
-            return len(set(data["model"]["vocab"].values()) | added), fast
-        if vocab_file.is_file():
-            with vocab_file.open(encoding="utf-8") as handle:
-                return sum(1 for _ in handle), vocab_file
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise UserError(f"tokenizer files in {path} are corrupt ({err}); replace them") from None
-    return None, None
 
 
 def save_supernet(model: SuperBertPreTrainedModel, out_dir: str | Path) -> None:

@@ -8,12 +8,16 @@ become one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import statistics
 import sys
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 from . import settings as S
-from .errors import Preempted, SetupWarning, UserError, first_line
+from .errors import Preempted, SetupWarning, Terminated, UserError, first_line
 from .options import add_options, as_plain, from_namespace
 
 # command -> (help, [(dataclass, add_options keyword arguments)], handler)
@@ -429,13 +433,41 @@ def _one_line_warnings(name: str) -> Callable[..., None]:
     return show
 
 
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` (the training loops' `StopOnSigterm` takes
+    over inside their steps); the previous handler comes back after.
+
+    Only in the process that installed it: a child forked meanwhile (which inherits the handler)
+    dies of SIGTERM as it would have. Outside the main thread (no signal handlers there) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def handle(signum, frame) -> None:
+        if os.getpid() != owner:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
     args = build_parser().parse_args(argv)
     name = _command_name(args)
     try:
-        with warnings.catch_warnings():  # restores warnings.showwarning afterwards
+        # SIGTERM at any moment: one line and exit 143, never a silent death (the writes are staged).
+        with _sigterm_raises(), warnings.catch_warnings():  # restores warnings.showwarning afterwards
             warnings.showwarning = _one_line_warnings(name)
             return int(args.handler(args) or 0)
     except Preempted as err:  # SIGTERM: a checkpoint was saved at a step boundary
@@ -458,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted; {_how_to_continue(args)}", file=sys.stderr)
         return 130
+    except Terminated as err:  # SIGTERM outside a training step: nothing the rerun cannot redo
+        print(f"{name}: stopped by SIGTERM; {_how_to_continue(args)}", file=sys.stderr)
+        return err.exit_code
 
 
 def _how_to_continue(args: argparse.Namespace) -> str:

@@ -10,7 +10,7 @@ Which fusions apply (counted by `fusion_counts`, tests/test_deploy.py, docs/late
 
 * our ``autotinybert`` type (``qkv_size != hidden_size``): all of them; the optimiser reads the
   attention width from the Q/K/V weights, so we pass ``qkv_size`` as its ``hidden_size``;
-* stock ``bert``: all of them when traced through eager attention (`export.export_onnx` does that),
+* stock ``bert``: all of them when traced through eager attention (`export_onnx` does that),
   none of ``Attention`` / ``EmbedLayerNormalization`` when traced through transformers' SDPA
   attention (``fusable=False``).
 """
@@ -23,10 +23,15 @@ import logging
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
 
 from .errors import UserError
 from .settings import ONNX_FORMS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Fused / quantised operators worth counting in an optimised graph.
 FUSED_OPS = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "SkipLayerNormalization",
@@ -113,12 +118,100 @@ def fusion_counts(path: str | Path) -> dict[str, int]:
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
 
 
+# --- ONNX ------------------------------------------------------------------------------------
+def random_inputs(vocab_size: int, batch: int = 3, seq_len: int = 19, seed: int = 0,
+                  type_vocab_size: int = 2) -> dict[str, torch.Tensor]:
+    """Random ids with ragged right padding and mixed token types (padding bugs show up)."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, vocab_size, (batch, seq_len), generator=gen)
+    lengths = torch.randint(max(1, seq_len // 2), seq_len + 1, (batch,), generator=gen)
+    lengths[0] = seq_len  # one full row
+    attention_mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+    input_ids = input_ids * attention_mask  # pad id 0
+    split = torch.randint(1, seq_len, (batch, 1), generator=gen)
+    token_type_ids = ((torch.arange(seq_len)[None, :] >= split).long() * attention_mask).clamp(max=type_vocab_size - 1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+
+
+class _LogitsOnly(torch.nn.Module):
+    """ONNX wants tensors out: the head's logits (two for question answering), or the last hidden
+    state of a bare encoder."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        if getattr(out, "start_logits", None) is not None:
+            return out.start_logits, out.end_logits
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def onnx_output_names(model: PreTrainedModel) -> list[str]:
+    """``start_logits, end_logits`` for question answering, ``logits`` for a classifier, else ``output``."""
+    name = type(model).__name__
+    if name.endswith("ForQuestionAnswering"):
+        return ["start_logits", "end_logits"]
+    return ["logits"] if name.endswith("ForSequenceClassification") else ["output"]
+
+
+@contextlib.contextmanager
+def _eager_attention(model: PreTrainedModel):
+    """Trace stock BERT with its eager attention: ONNX Runtime's transformer optimiser fuses that
+    graph (Attention, EmbedLayerNormalization) but not transformers' SDPA graph (measured in
+    docs/latency.md). The two compute the same function; the model is restored afterwards."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    switch = model.config.model_type == "bert" and previous not in (None, "eager")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(previous)
+
+
+def export_onnx(model: PreTrainedModel, path: str | Path, opset: int = 17, *, fusable: bool = True) -> Path:
+    """Write ``model`` as ONNX with dynamic batch and sequence axes (inputs: ids, mask, token types).
+
+    ``fusable``: trace stock BERT through its eager attention so that ONNX Runtime's transformer
+    optimiser can fuse it (`_eager_attention`); False keeps the model's own attention (SDPA).
+    """
+    try:
+        import onnx  # noqa: F401  (the exporter needs it; fail early with the fix)
+    except ImportError:
+        raise UserError("ONNX export needs the onnx extra: pip install 'autotinybert[onnx]'") from None
+    path = Path(path)
+    example = random_inputs(model.config.vocab_size, batch=2, seq_len=16, seed=0)
+    wrapper = _LogitsOnly(model).eval()
+    outputs = onnx_output_names(model)
+    # The tracer warns about Python-side shape checks in transformers' masking code; the
+    # exported graph is verified numerically instead (verify_export), on other shapes too.
+    with torch.no_grad(), warnings.catch_warnings(), (_eager_attention(model) if fusable else contextlib.nullcontext()):
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*aten::index.*", category=UserWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)  # legacy exporter: see the dynamo note
+        torch.onnx.export(
+            wrapper,
+            (example["input_ids"], example["attention_mask"], example["token_type_ids"]),
+            str(path),
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} if name == "logits" else {0: "batch", 1: "sequence"}
+                          for name in ("input_ids", "attention_mask", "token_type_ids", *outputs)},
+            opset_version=opset,
+            # The TorchScript exporter is deprecated but still shipped; it handles transformers'
+            # masking code with dynamic axes and is much faster than the dynamo exporter here.
+            dynamo=False,
+        )
+    return path
+
+
 def onnx_forms(model, directory: str | Path, forms: tuple[str, ...] = ONNX_FORMS, *,
                fusable: bool = True) -> dict[str, Path]:
     """Write the requested forms of ``model`` (fp32, optimized, int8 = optimised then quantised)
     into ``directory``; returns ``{form: path}`` (intermediate forms are written too)."""
-    from .export import export_onnx
-
     unknown = set(forms) - set(ONNX_FORMS)
     if unknown:
         raise UserError(f"unknown ONNX form(s) {sorted(unknown)}; choose from {', '.join(ONNX_FORMS)}")

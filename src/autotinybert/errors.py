@@ -27,6 +27,18 @@ class Preempted(UserError):
     step: int = 0       # the step its checkpoint holds
 
 
+class Terminated(BaseException):
+    """SIGTERM outside a training loop's own handling (`training.StopOnSigterm`): while data is
+    prepared, a model loads, results are written. Raised by the command line's handler (`cli.main`).
+
+    A `BaseException`, like `KeyboardInterrupt`, so that no ``except Exception`` on the way turns
+    it into some other error; the writes it interrupts are staged or atomic, so a rerun with
+    ``--resume`` continues (or, before the first checkpoint, starts again). Exit code 143.
+    """
+
+    exit_code = 143
+
+
 class SetupWarning(UserWarning):
     """Something about the user's setup that may make results wrong but does not stop the run
     (e.g. a latency predictor measured on another machine). The command line prints it as one

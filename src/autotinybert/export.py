@@ -13,12 +13,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassificat
 from . import hf
 from .errors import UserError
 from .checkpoint import load_supernet, load_tokenizer
+from .deploy import export_onnx, onnx_output_names, random_inputs  # noqa: F401  (live in deploy; importable here too)
 from .modeling import SuperBertForPreTraining, SuperBertForSequenceClassification, SuperBertModel, SuperBertPreTrainedModel
 from .space import Arch, parameter_count
 
@@ -107,81 +106,6 @@ def save_export(model: PreTrainedModel, out_dir: str | Path, tokenizer=None) -> 
 
 
 # --- ONNX ------------------------------------------------------------------------------------
-class _LogitsOnly(torch.nn.Module):
-    """ONNX wants tensors out: the head's logits (two for question answering), or the last hidden
-    state of a bare encoder."""
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        if getattr(out, "start_logits", None) is not None:
-            return out.start_logits, out.end_logits
-        return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def onnx_output_names(model: PreTrainedModel) -> list[str]:
-    """``start_logits, end_logits`` for question answering, ``logits`` for a classifier, else ``output``."""
-    name = type(model).__name__
-    if name.endswith("ForQuestionAnswering"):
-        return ["start_logits", "end_logits"]
-    return ["logits"] if name.endswith("ForSequenceClassification") else ["output"]
-
-
-@contextlib.contextmanager
-def _eager_attention(model: PreTrainedModel):
-    """Trace stock BERT with its eager attention: ONNX Runtime's transformer optimiser fuses that
-    graph (Attention, EmbedLayerNormalization) but not transformers' SDPA graph (measured in
-    docs/latency.md). The two compute the same function; the model is restored afterwards."""
-    previous = getattr(model.config, "_attn_implementation", None)
-    switch = model.config.model_type == "bert" and previous not in (None, "eager")
-    if switch:
-        model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if switch:
-            model.set_attn_implementation(previous)
-
-
-def export_onnx(model: PreTrainedModel, path: str | Path, opset: int = 17, *, fusable: bool = True) -> Path:
-    """Write ``model`` as ONNX with dynamic batch and sequence axes (inputs: ids, mask, token types).
-
-    ``fusable``: trace stock BERT through its eager attention so that ONNX Runtime's transformer
-    optimiser can fuse it (`_eager_attention`); False keeps the model's own attention (SDPA).
-    """
-    try:
-        import onnx  # noqa: F401  (the exporter needs it; fail early with the fix)
-    except ImportError:
-        raise UserError("ONNX export needs the onnx extra: pip install 'autotinybert[onnx]'") from None
-    path = Path(path)
-    example = random_inputs(model.config.vocab_size, batch=2, seq_len=16, seed=0)
-    wrapper = _LogitsOnly(model).eval()
-    outputs = onnx_output_names(model)
-    # The tracer warns about Python-side shape checks in transformers' masking code; the
-    # exported graph is verified numerically instead (verify_export), on other shapes too.
-    with torch.no_grad(), warnings.catch_warnings(), (_eager_attention(model) if fusable else contextlib.nullcontext()):
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*aten::index.*", category=UserWarning)
-        warnings.simplefilter("ignore", category=DeprecationWarning)  # legacy exporter: see the dynamo note
-        torch.onnx.export(
-            wrapper,
-            (example["input_ids"], example["attention_mask"], example["token_type_ids"]),
-            str(path),
-            input_names=["input_ids", "attention_mask", "token_type_ids"],
-            output_names=outputs,
-            dynamic_axes={name: {0: "batch"} if name == "logits" else {0: "batch", 1: "sequence"}
-                          for name in ("input_ids", "attention_mask", "token_type_ids", *outputs)},
-            opset_version=opset,
-            # The TorchScript exporter is deprecated but still shipped; it handles transformers'
-            # masking code with dynamic axes and is much faster than the dynamo exporter here.
-            dynamo=False,
-        )
-    return path
-
-
 def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor], threads: int | None = None) -> torch.Tensor:
     """The first output of the ONNX graph at ``path`` on ``inputs``, with ONNX Runtime (CPU)."""
     from .deploy import OnnxTaskModel
@@ -190,20 +114,6 @@ def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor], threads: int | N
 
 
 # --- verification ----------------------------------------------------------------------------------
-def random_inputs(vocab_size: int, batch: int = 3, seq_len: int = 19, seed: int = 0,
-                  type_vocab_size: int = 2) -> dict[str, torch.Tensor]:
-    """Random ids with ragged right padding and mixed token types (padding bugs show up)."""
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1, vocab_size, (batch, seq_len), generator=gen)
-    lengths = torch.randint(max(1, seq_len // 2), seq_len + 1, (batch,), generator=gen)
-    lengths[0] = seq_len  # one full row
-    attention_mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
-    input_ids = input_ids * attention_mask  # pad id 0
-    split = torch.randint(1, seq_len, (batch, 1), generator=gen)
-    token_type_ids = ((torch.arange(seq_len)[None, :] >= split).long() * attention_mask).clamp(max=type_vocab_size - 1)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-
-
 def _model_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs)

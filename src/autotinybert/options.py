@@ -55,6 +55,9 @@ class Spec:
     text: bool = False                 # an existing file must be UTF-8 text (checked on its first 64 KiB)
     keywords: tuple = ()               # names that are not paths (paper-mlm, demo, ...)
     check: Callable[[Any], str | None] | None = None  # a rule no keyword above says (e.g. task names)
+    # On --resume of a training run (pretrain, finetune): "same" (the value must equal the recorded
+    # one: it changes what is trained) or "free" (may change: progress, logging, threads, budget).
+    resume: str = "same"
 
 
 def option(default: Any = MISSING, doc: str = "", **spec: Any) -> Any:
@@ -63,6 +66,8 @@ def option(default: Any = MISSING, doc: str = "", **spec: Any) -> Any:
         raise TypeError("every option needs a one-line doc")
     if spec.get("path") not in (None, *PATH_KINDS):
         raise TypeError(f"path= must be one of {PATH_KINDS}")
+    if spec.get("resume", "same") not in RESUME_KINDS:
+        raise TypeError(f"resume= must be one of {RESUME_KINDS}")
     metadata = {"option": Spec(doc=doc, **spec)}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
@@ -111,6 +116,17 @@ def options_of(cls: type, *, include: Iterable[str] | None = None, exclude: Iter
     return found
 
 
+def resume_free(*classes: type) -> set[str]:
+    """Fields of ``classes`` whose options may change between a run and its --resume
+    (``option(resume="free")``); every other option must keep its recorded value."""
+    return {opt.field for cls in classes for opt in options_of(cls) if opt.spec.resume == "free"}
+
+
+def resume_invariant(cls: type) -> tuple[str, ...]:
+    """Fields of ``cls`` whose options must keep their recorded value on --resume (the default)."""
+    return tuple(opt.field for opt in options_of(cls) if opt.spec.resume != "free")
+
+
 def _strip_none(hint: Any) -> tuple[Any, bool]:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -143,6 +159,7 @@ class PathProblem(str):
 
 
 PATH_KINDS = ("dir", "file", "source", "out", "outfile")
+RESUME_KINDS = ("same", "free")
 _NOUNS = {"dir": "folder", "file": "file", "source": "file or folder"}
 
 

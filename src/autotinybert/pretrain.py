@@ -62,16 +62,15 @@ from .data import (
 from .errors import UserError
 from .files import RunDirectory, atomic_write_json, fsync_path, staged_directory
 from .modeling import SuperBertConfig, SuperBertForPreTraining, new_supernet
+from .options import resume_invariant
 from .settings import OBJECTIVES, SAMPLING_RULES, PretrainSettings  # noqa: F401 - re-exported
 from .space import RELEASED, Arch, Dim, SearchSpace
 from .training import (MetricsLog, Schedule, StopOnSigterm, Workers, adamw, all_reduce_gradients, clip_and_step,
                        init_workers, parameter_groups, progress_bar)
 
-# Changing these between a run and its --resume would silently change what is trained.
-_RESUME_INVARIANT = ("corpus", "valid_corpus", "tokenizer", "vocab_size", "space", "max_layers", "max_hidden",
-                     "max_ffn", "max_heads", "max_qkv", "objective",
-                     "teacher", "sampling", "samples_per_batch", "arch", "init", "batch_size", "grad_accum", "lr",
-                     "weight_decay", "warmup_ratio", "max_grad_norm", "bf16", "seq_len", "seed")
+# Changing these between a run and its --resume would silently change what is trained: every
+# option not declared ``resume="free"`` (progress, logging, the step budget, paths).
+_RESUME_INVARIANT = resume_invariant(PretrainSettings)
 __all__ = ["PretrainSettings", "pretrain", "ArchSampler", "Teacher", "step_loss", "kd_loss", "Workers", "init_workers",
            "all_reduce_gradients", "parameter_groups", "save_checkpoint", "load_checkpoint", "weights_digest"]
 

@@ -57,10 +57,11 @@ def task_problem(name: str) -> str | None:
         return f"must be one of {', '.join([*glue.GLUE_TASKS, *squad.SQUAD_TASKS])}"
 
 
-def trust_remote_code_option() -> Any:
+def trust_remote_code_option(**spec: Any) -> Any:
     """The one declaration of --trust-remote-code, shared by every command that loads checkpoints."""
     return option(False, "run Python files shipped inside a --model / --teacher / --init checkpoint folder "
-                         "(custom model code); only for folders you trust (autotinybert's own models never need it)")
+                         "(custom model code); only for folders you trust (autotinybert's own models never need it)",
+                  **spec)
 
 
 # --- space / init / extract ---------------------------------------------------------------------
@@ -118,7 +119,8 @@ class ExtractSettings(Options):
 class PretrainSettings(Options):
     """One-shot SuperPLM pre-training, or further training of one ``arch`` (see `pretrain`)."""
 
-    out: str = option(doc="run directory; it is also a SuperPLM checkpoint", path="out")
+    # resume="free": may change on --resume (pretrain._RESUME_INVARIANT is every other option).
+    out: str = option(doc="run directory; it is also a SuperPLM checkpoint", path="out", resume="free")
     corpus: list[str] = option(doc="text files / directories of .txt (one sentence per line, blank line between "
                                    "documents) or hf:NAME[:CONFIG] (needs internet)", group="data", path="source",
                                text=True)
@@ -131,7 +133,7 @@ class PretrainSettings(Options):
                                     group="data")
     seq_len: int = option(128, "packed sequence length", minimum=2, group="data")
     cache_dir: str | None = option(None, "tokenised-corpus cache (default ~/.cache/autotinybert/data)", group="data",
-                                   path="out")
+                                   path="out", resume="free")
     space: str = option("paper-mlm", "paper-mlm, paper-kd, a YAML/JSON space file, or a SuperPLM folder (e.g. from "
                                       "init --from)", group="model", path="source", text=True, keywords=PAPER_SPACES)
     max_layers: int | None = option(None, "shrink the space's maximum layers (small machines)", minimum=1, group="model")
@@ -158,8 +160,8 @@ class PretrainSettings(Options):
                               group="model")
     init: str | None = option(None, "initial weights: a SuperPLM directory or an extracted checkpoint", group="model",
                               path="dir")
-    trust_remote_code: bool = trust_remote_code_option()
-    max_steps: int = option(1000, "optimiser steps", minimum=1, group="training")
+    trust_remote_code: bool = trust_remote_code_option(resume="free")
+    max_steps: int = option(1000, "optimiser steps", minimum=1, group="training", resume="free")
     batch_size: int = option(32, "sequences per worker per micro-batch", minimum=1, group="training")
     grad_accum: int = option(1, "micro-batches per optimiser step", minimum=1, group="training")
     lr: float = option(1e-4, "peak learning rate", above=0, group="training")
@@ -168,12 +170,14 @@ class PretrainSettings(Options):
     max_grad_norm: float = option(1.0, "gradient clipping norm", above=0, group="training")
     bf16: bool = option(False, "bfloat16 autocast (GPUs)", group="training")
     seed: int = option(0, "seed of every random choice (architectures, batches, masks, dropout)", group="training")
-    log_every: int = option(10, "steps between training-loss rows in metrics.csv", minimum=1, group="training")
-    eval_every: int = option(200, "steps between validation-panel evaluations", minimum=1, group="training")
-    eval_batches: int = option(4, "validation batches per evaluation", minimum=1, group="training")
+    log_every: int = option(10, "steps between training-loss rows in metrics.csv", minimum=1, group="training",
+                            resume="free")
+    eval_every: int = option(200, "steps between validation-panel evaluations", minimum=1, group="training",
+                             resume="free")
+    eval_batches: int = option(4, "validation batches per evaluation", minimum=1, group="training", resume="free")
     save_every: int = option(200, "steps between checkpoints (what --resume continues from)", minimum=1,
-                             group="training")
-    progress: bool = option(True, "progress bar")
+                             group="training", resume="free")
+    progress: bool = option(True, "progress bar", resume="free")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -476,7 +480,7 @@ class FinetuneSettings(Options):
         None, "carve up to this many training examples (at most a tenth of them, seeded) into a validation split "
               "that picks the best checkpoint; the dev sets are then only reported, never selected on", minimum=1)
     subset_seed: int = option(0, "which seeded subset (separate from the training seed)", cli=False)
-    device: str = option("cpu", "torch device of training and evaluation (cuda on a GPU machine)")
+    device: str = option("cpu", "torch device of training and evaluation (cuda on a GPU machine)", resume="free")
     eval_every: int | None = option(None, "also evaluate every N steps (default: at each epoch end)", minimum=1)
     group_by_length: bool = option(False, "batch inputs of similar length together (less padding: faster on a CPU)")
     n_best: int = option(20, "SQuAD: span candidates per window", minimum=1, cli=False)
@@ -484,13 +488,12 @@ class FinetuneSettings(Options):
     null_score_threshold: float = option(0.0, "SQuAD v2.0: answer only when best span score + threshold >= null score")
     kd_alpha: float = option(0.5, "weight of the teacher's soft targets (with --teacher)", minimum=0, maximum=1)
     kd_temperature: float = option(2.0, "distillation temperature", above=0)
-    progress: bool = option(True, "progress bars")
+    progress: bool = option(True, "progress bars", resume="free")
     log_evaluations: bool = option(True, "a line per dev evaluation (off inside the search)", cli=False)
 
     def sequence_length(self, task: Any) -> int:
-        from .tasks import squad  # lazy: keeps this module free of the task code
-
-        return self.max_seq_length or (384 if isinstance(task, squad.SquadTask) else 128)
+        """--max-seq-length, else the task's default (128 for GLUE, 384 for SQuAD)."""
+        return self.max_seq_length or task.default_max_seq_length
 
     def validate(self) -> None:
         """Kept for callers; every value is checked on construction."""
@@ -524,8 +527,8 @@ class ModelCommand(Options):
     tokenizer: Path | None = option(None, "tokenizer directory (default: the model's)", path="dir")
     test: bool = option(True, "write the GLUE submission files for test sets", negative="no-test-predictions")
     threads: int | None = option(None, "CPU threads for torch (default: torch's; 1 is fastest on a busy machine)",
-                                 minimum=1)
-    overwrite: bool = option(False, "replace a non-empty --out directory")
+                                 minimum=1, resume="free")
+    overwrite: bool = option(False, "replace a non-empty --out directory", resume="free")
     trust_remote_code: bool = trust_remote_code_option()
 
 
@@ -547,10 +550,10 @@ class EvaluateCommand(ModelCommand):
 @dataclass(kw_only=True)
 class FinetuneCommand(ModelCommand):
     model: Path = option(doc="Hugging Face checkpoint directory (e.g. from extract)", path="dir")
-    out: Path = option(doc="run directory (created)", path="out")
+    out: Path = option(doc="run directory (created)", path="out", resume="free")
     teacher: Path | None = option(None, "a model fine-tuned on the task (or a finetune run) to distil logits from",
                                   path="dir")
-    resume: bool = option(False, "continue an interrupted run in --out")
+    resume: bool = option(False, "continue an interrupted run in --out", resume="free")
 
 
 # --- develop / demo / report -------------------------------------------------------------------

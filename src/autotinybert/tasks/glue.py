@@ -73,6 +73,11 @@ class GlueTask:
         return self.labels is None
 
     @property
+    def default_max_seq_length(self) -> int:
+        """The sequence length when --max-seq-length is not given (BERT's GLUE recipe)."""
+        return 128
+
+    @property
     def num_labels(self) -> int:
         return 1 if self.labels is None else len(self.labels)
 

@@ -22,13 +22,15 @@ from typing import Any, Callable, Iterable
 from ..checkpoint import check_checkpoint
 from ..errors import UserError, reading
 from ..files import RunDirectory, atomic_write_json, atomic_write_text, staged_directory, write_stage_config
+from ..options import resume_free
 from ..settings import EvaluateCommand, FinetuneCommand, TaskDataSettings
 from . import glue, metrics, squad
 from .finetune import (FinetuneSettings, RunStore, Task, TeacherLogits, evaluate_split, finetune_model,
                        load_task_data, load_task_model, predict_glue, resolve_task, train_features)
 
-# Arguments that may change between a run and its --resume without changing the result.
-_RESUME_FREE = {"resume", "overwrite", "no_progress", "progress", "threads", "command", "handler", "out", "device"}
+# Arguments that may change between a run and its --resume without changing the result: the
+# options declared ``resume="free"``, and the parser's own entries.
+_RESUME_FREE = {"no_progress", "command", "handler", *resume_free(FinetuneCommand, TaskDataSettings, FinetuneSettings)}
 
 # Column order of results tables: the paper's (Table 3), then WNLI and SQuAD v2.0.
 _TABLE_ORDER = ("squad", "sst2", "mnli", "mrpc", "cola", "qnli", "qqp", "stsb", "rte", "wnli", "squad_v2")

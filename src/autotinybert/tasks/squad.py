@@ -38,6 +38,11 @@ class SquadTask:
         return self.version == "2.0"
 
     @property
+    def default_max_seq_length(self) -> int:
+        """The sequence length when --max-seq-length is not given (BERT's SQuAD recipe)."""
+        return 384
+
+    @property
     def main_dev_split(self) -> str:
         return "dev"
 
