@@ -85,10 +85,10 @@ def task_data(args, task, settings):
 
 
 def teacher_logits(args, task, tokenizer, data, settings):
-    from autotinybert.tasks.finetune import TeacherLogits, _pad_id, train_features
+    from autotinybert.tasks.finetune import TeacherLogits, padding_id, train_features
 
     features = train_features(task, tokenizer, data.train, settings)
-    return TeacherLogits.cached(teacher_dir(args, task.name) / task.name / "model", task, features, _pad_id(tokenizer),
+    return TeacherLogits.cached(teacher_dir(args, task.name) / task.name / "model", task, features, padding_id(tokenizer),
                                 replace(settings, progress=False), args.work / "cache")
 
 

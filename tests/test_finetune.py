@@ -108,7 +108,7 @@ def test_distillation_from_a_teacher(glue_dir):
     batch = {"labels": torch.tensor([0])}
     student_logits = (torch.tensor([[2.0, 0.0]]),)
     kd_only = ft.FinetuneSettings(kd_alpha=1.0)
-    assert ft._loss(task, student_logits, batch, teacher_logits, kd_only).item() == pytest.approx(0.0, abs=1e-7)
+    assert ft.task_loss(task, student_logits, batch, teacher_logits, kd_only).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_resume_reproduces_an_uninterrupted_run(glue_dir, tmp_path, monkeypatch):
@@ -259,14 +259,14 @@ def test_group_by_length_is_a_seeded_permutation_with_less_padding():
     features = [{"input_ids": [0] * (1 + (i * 7) % 30)} for i in range(400)]
     grouped = ft.FinetuneSettings(batch_size=4, group_by_length=True, seed=3)
     plain = ft.FinetuneSettings(batch_size=4, seed=3)
-    order = ft._epoch_order(features, grouped, epoch=1)
-    assert sorted(order) == list(range(400)) and order == ft._epoch_order(features, grouped, epoch=1)
-    assert order != ft._epoch_order(features, grouped, epoch=2)
+    order = ft.epoch_order(features, grouped, epoch=1)
+    assert sorted(order) == list(range(400)) and order == ft.epoch_order(features, grouped, epoch=1)
+    assert order != ft.epoch_order(features, grouped, epoch=2)
 
     def padded(o):
         return sum(4 * max(len(features[i]["input_ids"]) for i in o[b:b + 4]) for b in range(0, 400, 4))
 
-    assert padded(order) < 0.7 * padded(ft._epoch_order(features, plain, epoch=1))
+    assert padded(order) < 0.7 * padded(ft.epoch_order(features, plain, epoch=1))
 
 
 def test_results_table_merges_runs_of_one_model():

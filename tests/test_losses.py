@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from autotinybert.pretrain import kd_loss
-from autotinybert.tasks.finetune import FinetuneSettings, _loss
+from autotinybert.tasks.finetune import FinetuneSettings, task_loss
 from autotinybert.tasks.glue import glue_task
 from autotinybert.tasks.squad import squad_task
 
@@ -100,7 +100,7 @@ def test_finetune_classification_loss_mixes_cross_entropy_and_tempered_kl():
     alpha, t = 0.25, 3.0
     settings = FinetuneSettings(kd_alpha=alpha, kd_temperature=t)
     batch = {"labels": torch.tensor(LABELS)}
-    got = _loss(glue_task("mnli"), (torch.tensor(STUDENT),), batch, (torch.tensor(TEACHER),), settings)
+    got = task_loss(glue_task("mnli"), (torch.tensor(STUDENT),), batch, (torch.tensor(TEACHER),), settings)
 
     hard = _cross_entropy(STUDENT, LABELS)
     soft = _kl(TEACHER, STUDENT, t) * t * t  # T^2 keeps the soft gradients' scale (Hinton et al.)
@@ -118,7 +118,7 @@ def test_finetune_classification_loss_mixes_cross_entropy_and_tempered_kl():
         alpha * _kl(TEACHER, STUDENT, 1.0) + (1 - alpha) * hard,  # temperature ignored
     )
     # without a teacher: plain cross-entropy
-    torch.testing.assert_close(_loss(glue_task("mnli"), (torch.tensor(STUDENT),), batch, None, settings),
+    torch.testing.assert_close(task_loss(glue_task("mnli"), (torch.tensor(STUDENT),), batch, None, settings),
                                torch.tensor(hard))
 
 
@@ -126,7 +126,7 @@ def test_finetune_regression_loss_mixes_label_and_teacher_mse():
     alpha = 0.25
     settings = FinetuneSettings(kd_alpha=alpha, kd_temperature=3.0)
     student, teacher, labels = [[0.5], [2.0]], [[1.5], [0.0]], [0.0, 3.0]
-    got = _loss(glue_task("stsb"), (torch.tensor(student),), {"labels": torch.tensor(labels)},
+    got = task_loss(glue_task("stsb"), (torch.tensor(student),), {"labels": torch.tensor(labels)},
                 (torch.tensor(teacher),), settings)
     hard = ((0.5 - 0.0) ** 2 + (2.0 - 3.0) ** 2) / 2     # 0.625
     soft = ((0.5 - 1.5) ** 2 + (2.0 - 0.0) ** 2) / 2     # 2.5: no temperature for regression
@@ -146,7 +146,7 @@ def test_finetune_squad_loss_averages_start_and_end_with_a_padded_sequence():
     teacher_end = [[0.0, 0.0, 4.0, -1.0], [0.0, 3.0, 0.0, 0.0]]
     starts, ends = [1, 0], [2, 1]
     batch = {"start_positions": torch.tensor(starts), "end_positions": torch.tensor(ends)}
-    got = _loss(squad_task("squad"), (torch.tensor(student_start), torch.tensor(student_end)), batch,
+    got = task_loss(squad_task("squad"), (torch.tensor(student_start), torch.tensor(student_end)), batch,
                 (torch.tensor(teacher_start), torch.tensor(teacher_end)), settings)
 
     def mixed(student, teacher, targets):
@@ -163,7 +163,7 @@ def test_finetune_kd_alpha_endpoints(alpha):
     """alpha 0: labels only; alpha 1: teacher only."""
     t = 3.0
     settings = FinetuneSettings(kd_alpha=alpha, kd_temperature=t)
-    got = _loss(glue_task("mnli"), (torch.tensor(STUDENT),), {"labels": torch.tensor(LABELS)},
+    got = task_loss(glue_task("mnli"), (torch.tensor(STUDENT),), {"labels": torch.tensor(LABELS)},
                 (torch.tensor(TEACHER),), settings)
     expected = _kl(TEACHER, STUDENT, t) * t * t if alpha == 1.0 else _cross_entropy(STUDENT, LABELS)
     torch.testing.assert_close(got, torch.tensor(expected))

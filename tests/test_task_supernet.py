@@ -168,9 +168,9 @@ def test_recorded_teacher_logits_give_the_live_teachers_loss(tmp_path):
     features = finetune.train_features(task, tokenizer, data.train, ft)
     recorded = finetune.TeacherLogits.record(model, features, 0, ft)
     rows = [3, 0, 5]
-    batch = finetune._collate([features[i] for i in rows], 0)
+    batch = finetune.collate([features[i] for i in rows], 0)
     with torch.no_grad():
-        live = finetune._forward(model.eval(), batch)
+        live = finetune.head_outputs(model.eval(), batch)
     torch.testing.assert_close(recorded.rows(rows)[0], live[0], atol=1e-5, rtol=1e-5)
     recorded.save(tmp_path / "logits.safetensors")
     torch.testing.assert_close(finetune.TeacherLogits.load(tmp_path / "logits.safetensors").outputs[0],
@@ -188,14 +188,14 @@ def test_finetuning_runs_on_the_device_it_is_given(tmp_path, monkeypatch):
         moved.append(args[0] if args else kwargs.get("device"))
         return original_to(*args, **kwargs)
 
-    forward = finetune._forward
+    forward = finetune.head_outputs
 
     def spy_forward(m, batch):
         seen.append({v.device.type for v in batch.values()})
         return forward(m, batch)
 
     monkeypatch.setattr(student, "to", spy_to)
-    monkeypatch.setattr(finetune, "_forward", spy_forward)
+    monkeypatch.setattr(finetune, "head_outputs", spy_forward)
     finetune.finetune_model(student, tokenizer, task, data, dataclasses.replace(ft, device="cpu"))
     assert "cpu" in moved
     assert seen and all(devices == {"cpu"} for devices in seen)
@@ -258,7 +258,7 @@ def test_the_task_evaluator_scores_the_carved_rows_and_never_reads_dev(tmp_path)
     arch = Arch(2, 28, 29, 4, 24)
     value = evaluator(arch)
     model.set_arch(arch)
-    predictions = task_supernet.logits_of(model, [finetune._collate(evaluator.validation, 0)]).argmax(-1)
+    predictions = task_supernet.logits_of(model, [finetune.collate(evaluator.validation, 0)]).argmax(-1)
     assert value == pytest.approx(100 * float((predictions == torch.tensor(evaluator.labels)).float().mean()))
 
 

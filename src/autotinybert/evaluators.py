@@ -208,7 +208,7 @@ class TaskEvaluator:
         if not isinstance(self.model, SuperBertForSequenceClassification):
             raise UserError(f"--supernet {supernet} has no task head; the task evaluator scores a task SuperPLM "
                             "(the task route's)")
-        self.validation = finetune._glue_features(self.task, self.tokenizer, self.data.validation,
+        self.validation = finetune.glue_features(self.task, self.tokenizer, self.data.validation,
                                                   self.settings.sequence_length(self.task), with_labels=False)
         self.labels = finetune.glue.label_ids(self.task, self.data.validation.examples)
         self.space = self.model.config.search_space
@@ -216,11 +216,11 @@ class TaskEvaluator:
         if retrain:
             if teacher is None:
                 raise UserError("re-ranking by retraining distils from the fine-tuned source: give --teacher")
-            from .tasks.run import _teacher_dir
+            from .tasks.run import teacher_model_dir
 
             features = finetune.train_features(self.task, self.tokenizer, self.data.train, self.settings)
-            self.teacher = finetune.TeacherLogits.cached(_teacher_dir(Path(teacher), self.task), self.task, features,
-                                                         finetune._pad_id(self.tokenizer), self.settings,
+            self.teacher = finetune.TeacherLogits.cached(teacher_model_dir(Path(teacher), self.task), self.task, features,
+                                                         finetune.padding_id(self.tokenizer), self.settings,
                                                          Path(cache_dir) if cache_dir else supernet)
         budget = ""
         if retrain:
@@ -234,9 +234,9 @@ class TaskEvaluator:
         """The task score of a task model (the SuperPLM at an arch, or an extracted one) on the rows."""
         from .tasks import finetune, metrics
 
-        outputs = finetune._predict_features(model, self.validation, finetune._pad_id(self.tokenizer),
+        outputs = finetune.predict_features(model, self.validation, finetune.padding_id(self.tokenizer),
                                              self.settings.eval_batch_size, False)
-        return metrics.task_score(metrics.glue_metrics(self.task.name, finetune._glue_predictions(self.task, outputs),
+        return metrics.task_score(metrics.glue_metrics(self.task.name, finetune.glue_predictions(self.task, outputs),
                                                        self.labels))
 
     def __call__(self, arch: Arch) -> float:

@@ -52,7 +52,7 @@ def load_finetuned_source(path: str | Path, task, trust_remote_code: bool = Fals
 def calibration_batches(features: list[dict], pad_id: int, count: int, seed: int, batch_size: int = 32) -> list[dict]:
     """``count`` training rows drawn with ``seed``, collated (the rows the importance order is read on)."""
     rows = sorted(random.Random(seed).sample(range(len(features)), min(count, len(features))))
-    return [finetune._collate([features[i] for i in rows[b:b + batch_size]], pad_id)
+    return [finetune.collate([features[i] for i in rows[b:b + batch_size]], pad_id)
             for b in range(0, len(rows), batch_size)]
 
 
@@ -126,7 +126,7 @@ def task_superplm_from_source(source_dir: str | Path, task, tokenizer, train_fea
     if settings.mode not in ("kd", "mlm"):
         raise UserError(f"unknown mode {settings.mode!r}; use kd or mlm")
     shape = importance.Shape.of(source.config)
-    batches = calibration_batches(train_features, finetune._pad_id(tokenizer), settings.calibration_examples,
+    batches = calibration_batches(train_features, finetune.padding_id(tokenizer), settings.calibration_examples,
                                   settings.seed)
     if settings.importance == "activation":
         orders = importance.activation_scores(source, batches, shape).orders(settings.mode)
@@ -171,11 +171,11 @@ def train(model: SuperBertForSequenceClassification, tokenizer, task, data: fine
     features = finetune.train_features(task, tokenizer, data.train, ft)
     if len(teacher) != len(features):
         raise ValueError(f"teacher logits cover {len(teacher)} rows, the training data has {len(features)}")
-    per_epoch, total, _ = finetune._plan(len(features), ft)
+    per_epoch, total, _ = finetune.plan_steps(len(features), ft)
     schedule = training.Schedule(ft.learning_rate, total, ft.warmup_ratio)
     model.to(ft.device)
     optimizer = training.adamw(model, ft.learning_rate, ft.weight_decay)
-    checkpoint, space, pad_id = Path(out) / CHECKPOINT_DIR, model.config.search_space, finetune._pad_id(tokenizer)
+    checkpoint, space, pad_id = Path(out) / CHECKPOINT_DIR, model.config.search_space, finetune.padding_id(tokenizer)
     step, seconds, losses = 0, 0.0, []
     stop = training.StopOnSigterm("task SuperPLM training")
     with torch.random.fork_rng(devices=[]), stop:
@@ -189,13 +189,13 @@ def train(model: SuperBertForSequenceClassification, tokenizer, task, data: fine
         started = time.perf_counter()
         while step < total:
             epoch, position = divmod(step, per_epoch)
-            rows = finetune._epoch_order(features, ft, epoch)[position * ft.batch_size:(position + 1) * ft.batch_size]
-            batch = {k: v.to(ft.device) for k, v in finetune._collate([features[i] for i in rows], pad_id).items()}
+            rows = finetune.epoch_order(features, ft, epoch)[position * ft.batch_size:(position + 1) * ft.batch_size]
+            batch = {k: v.to(ft.device) for k, v in finetune.collate([features[i] for i in rows], pad_id).items()}
             targets = teacher.rows(rows, ft.device)
             loss = 0.0
             for arch in _step_archs(space, settings, ft.seed, step):
                 model.set_arch(arch)
-                sub_loss = finetune._loss(task, finetune._forward(model, batch), batch, targets, ft)
+                sub_loss = finetune.task_loss(task, finetune.head_outputs(model, batch), batch, targets, ft)
                 sub_loss.backward()  # gradients of the sub-models add up in the shared weights
                 loss += float(sub_loss.detach())
             schedule.apply(optimizer, step)

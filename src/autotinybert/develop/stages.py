@@ -161,10 +161,10 @@ def _stage_task_superplm(run: Run, out: Path) -> dict:
     from ..evaluators import file_digest
     from ..files import staged_directory
     from ..tasks import finetune
-    from ..tasks.run import _teacher_dir
+    from ..tasks.run import teacher_model_dir
 
     task = route_task(run)
-    teacher = _teacher_dir(_teacher_run(run), task)
+    teacher = teacher_model_dir(_teacher_run(run), task)
     t = run.config["task"]
     settings = TASK_SUPERPLM.build(t, seed=run.config["run"]["seed"])
     budget = TASK_BUDGET.build(t)
@@ -185,7 +185,7 @@ def _stage_task_superplm(run: Run, out: Path) -> dict:
             atomic_write_json(tmp / "results.json", summary)
     model, tokenizer = load_supernet(start), load_tokenizer(start)
     features = finetune.train_features(task, tokenizer, data.train, ft)
-    logits = finetune.TeacherLogits.cached(teacher, task, features, finetune._pad_id(tokenizer), ft, start)
+    logits = finetune.TeacherLogits.cached(teacher, task, features, finetune.padding_id(tokenizer), ft, start)
     run.log(f"  train every sub-model on {task.name} ({len(features)} rows, sandwich of "
             f"{2 + settings.random_sub_models}, KD from the teacher's logits)")
     summary = task_supernet.train(model, tokenizer, task, data, logits, ft, settings, out)

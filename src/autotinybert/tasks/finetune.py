@@ -203,7 +203,7 @@ def build_task_model(encoder, task: Task, *, seed: int = 42):
 _INPUT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 
 
-def _glue_features(task: glue.GlueTask, tokenizer, split, max_length: int, with_labels: bool) -> list[dict]:
+def glue_features(task: glue.GlueTask, tokenizer, split, max_length: int, with_labels: bool) -> list[dict]:
     examples = split.examples
     second = [e.text_b for e in examples] if task.train_columns.text_b is not None else None
     encoding = tokenizer([e.text_a for e in examples], second, truncation=True, max_length=max_length)
@@ -215,7 +215,7 @@ def _glue_features(task: glue.GlueTask, tokenizer, split, max_length: int, with_
     return features
 
 
-def _collate(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad to the longest feature in the batch (dynamic padding: short GLUE inputs stay cheap)."""
     width = max(len(f["input_ids"]) for f in features)
     batch = {}
@@ -235,7 +235,7 @@ def _device_of(model) -> torch.device | None:
     return getattr(model, "device", None) if isinstance(model, torch.nn.Module) else None
 
 
-def _forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def head_outputs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The heads' outputs: (logits,) for GLUE, (start_logits, end_logits) for SQuAD."""
     device = _device_of(model)
     outputs = model(**{k: v if device is None else v.to(device) for k, v in batch.items() if k in _INPUT_KEYS})
@@ -244,7 +244,7 @@ def _forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return (outputs.logits,)
 
 
-def _loss(task: Task, student: tuple[torch.Tensor, ...], batch: dict, teacher: tuple[torch.Tensor, ...] | None,
+def task_loss(task: Task, student: tuple[torch.Tensor, ...], batch: dict, teacher: tuple[torch.Tensor, ...] | None,
           settings: FinetuneSettings) -> torch.Tensor:
     """Cross-entropy (MSE for STS-B); with a teacher, mixed with logits distillation
     (Hinton et al. 2015: KL between temperature-softened distributions, scaled by T^2)."""
@@ -272,7 +272,7 @@ def _loss(task: Task, student: tuple[torch.Tensor, ...], batch: dict, teacher: t
 # --- evaluation ------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _predict_features(model, features: Sequence[dict], pad_id: int, batch_size: int, token_level: bool,
+def predict_features(model, features: Sequence[dict], pad_id: int, batch_size: int, token_level: bool,
                       progress: bool = False, desc: str = "eval") -> list[tuple]:
     """Head outputs per feature (numpy), batched by length so padding stays small."""
     from tqdm.auto import tqdm
@@ -284,7 +284,7 @@ def _predict_features(model, features: Sequence[dict], pad_id: int, batch_size: 
     try:
         for begin in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
             chunk = order[begin: begin + batch_size]
-            heads = [h.float().cpu().numpy() for h in _forward(model, _collate([features[i] for i in chunk], pad_id))]
+            heads = [h.float().cpu().numpy() for h in head_outputs(model, collate([features[i] for i in chunk], pad_id))]
             for row, i in enumerate(chunk):
                 width = len(features[i]["input_ids"])
                 outputs[i] = tuple(h[row, :width] if token_level else h[row] for h in heads)
@@ -293,7 +293,7 @@ def _predict_features(model, features: Sequence[dict], pad_id: int, batch_size: 
     return outputs
 
 
-def _glue_predictions(task: glue.GlueTask, outputs: Sequence[tuple]) -> list:
+def glue_predictions(task: glue.GlueTask, outputs: Sequence[tuple]) -> list:
     if task.is_regression:
         return [float(o[0][0]) for o in outputs]
     return [int(o[0].argmax()) for o in outputs]
@@ -301,16 +301,16 @@ def _glue_predictions(task: glue.GlueTask, outputs: Sequence[tuple]) -> list:
 
 def predict_glue(model, tokenizer, task: glue.GlueTask, split, settings: FinetuneSettings) -> list:
     """Label indices (or STS-B scores) for every example of `split`, labelled or not."""
-    features = _glue_features(task, tokenizer, split, settings.sequence_length(task), with_labels=False)
-    outputs = _predict_features(model, features, _pad_id(tokenizer), settings.eval_batch_size, False,
+    features = glue_features(task, tokenizer, split, settings.sequence_length(task), with_labels=False)
+    outputs = predict_features(model, features, padding_id(tokenizer), settings.eval_batch_size, False,
                                 settings.progress, f"{task.name} {split.split}")
-    return _glue_predictions(task, outputs)
+    return glue_predictions(task, outputs)
 
 
 def predict_squad(model, tokenizer, task: squad.SquadTask, split, settings: FinetuneSettings) -> dict[str, squad.SpanPrediction]:
     length = settings.sequence_length(task)
     features = squad.eval_features(tokenizer, split.examples, length, settings.doc_stride)
-    outputs = _predict_features(model, features, _pad_id(tokenizer), settings.eval_batch_size, True,
+    outputs = predict_features(model, features, padding_id(tokenizer), settings.eval_batch_size, True,
                                 settings.progress, f"{task.name} {split.split}")
     return squad.best_spans(split.examples, features, [o[0] for o in outputs], [o[1] for o in outputs],
                             settings.n_best, settings.max_answer_length)
@@ -345,7 +345,7 @@ def split_score(task: Task, scores: dict[str, float]) -> float:
     return scores["f1"] if isinstance(task, squad.SquadTask) else metrics.task_score(scores)
 
 
-def _pad_id(tokenizer) -> int:
+def padding_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
@@ -381,10 +381,10 @@ def train_features(task: Task, tokenizer, split, settings: FinetuneSettings) -> 
     length = settings.sequence_length(task)
     if isinstance(task, squad.SquadTask):
         return squad.train_features(tokenizer, split.examples, length, settings.doc_stride)
-    return _glue_features(task, tokenizer, split, length, with_labels=True)
+    return glue_features(task, tokenizer, split, length, with_labels=True)
 
 
-def _plan(num_features: int, settings: FinetuneSettings) -> tuple[int, int, set[int]]:
+def plan_steps(num_features: int, settings: FinetuneSettings) -> tuple[int, int, set[int]]:
     """(steps per epoch, total steps, steps after which to evaluate)."""
     per_epoch = math.ceil(num_features / settings.batch_size)
     total = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
@@ -399,7 +399,7 @@ def _schedule(total: int, settings: FinetuneSettings) -> training.Schedule:
     return training.Schedule(settings.learning_rate, total, settings.warmup_ratio)
 
 
-def _epoch_order(features: Sequence[dict], settings: FinetuneSettings, epoch: int) -> list[int]:
+def epoch_order(features: Sequence[dict], settings: FinetuneSettings, epoch: int) -> list[int]:
     """The shuffle of one epoch, a function of (seed, epoch) only, so a resumed run replays it.
 
     With `group_by_length`, each chunk of 50 batches of the shuffle is sorted by length (as
@@ -434,10 +434,10 @@ def finetune_model(model, tokenizer, task: Task, data: TaskData, settings: Finet
     if isinstance(teacher, torch.nn.Module) and not isinstance(task, squad.SquadTask):
         # The teacher runs in eval mode: its logits on each training row never change, so one pass
         # over the rows replaces a teacher forward pass per step and epoch.
-        teacher = TeacherLogits.record(teacher.to(settings.device), features, _pad_id(tokenizer), settings)
+        teacher = TeacherLogits.record(teacher.to(settings.device), features, padding_id(tokenizer), settings)
     elif isinstance(teacher, TeacherLogits) and len(teacher) != len(features):
         raise ValueError(f"recorded teacher logits cover {len(teacher)} rows, the training data has {len(features)}")
-    plan = _plan(len(features), settings)
+    plan = plan_steps(len(features), settings)
     optimizer = training.adamw(model, settings.learning_rate, settings.weight_decay)
     state, best_weights = TrainState(), None
     # SIGTERM is caught only when there is a store to save a checkpoint into.
@@ -463,7 +463,7 @@ def finetune_model(model, tokenizer, task: Task, data: TaskData, settings: Finet
 
 def _train_loop(model, tokenizer, task, data, settings, features, optimizer, teacher, store, state, plan, stop):
     per_epoch, total, evaluate_at = plan
-    schedule, pad_id = _schedule(total, settings), _pad_id(tokenizer)
+    schedule, pad_id = _schedule(total, settings), padding_id(tokenizer)
     best = {"weights": None, "predictions": None}
     model.train()
     bar = training.progress_bar(total, state.step, f"{task.name} train", settings.progress)
@@ -471,8 +471,8 @@ def _train_loop(model, tokenizer, task, data, settings, features, optimizer, tea
     try:
         while state.step < total:
             epoch, position = divmod(state.step, per_epoch)
-            rows = _epoch_order(features, settings, epoch)[position * settings.batch_size:(position + 1) * settings.batch_size]
-            batch = _collate([features[i] for i in rows], pad_id)
+            rows = epoch_order(features, settings, epoch)[position * settings.batch_size:(position + 1) * settings.batch_size]
+            batch = collate([features[i] for i in rows], pad_id)
             loss = _training_step(model, task, batch, rows, optimizer, teacher, settings, schedule, state.step)
             state.step += 1
             state.running_loss, state.running_steps = state.running_loss + loss, state.running_steps + 1
@@ -529,8 +529,8 @@ def _training_step(model, task, batch, rows: list[int], optimizer, teacher, sett
         teacher_outputs = teacher.rows(rows, settings.device)
     elif teacher is not None:
         with torch.no_grad():
-            teacher_outputs = tuple(t.detach() for t in _forward(teacher, batch))
-    loss = _loss(task, _forward(model, batch), batch, teacher_outputs, settings)
+            teacher_outputs = tuple(t.detach() for t in head_outputs(teacher, batch))
+    loss = task_loss(task, head_outputs(model, batch), batch, teacher_outputs, settings)
     loss.backward()
     schedule.apply(optimizer, step)
     training.clip_and_step(optimizer, model.parameters(), settings.max_grad_norm)
@@ -554,7 +554,7 @@ class TeacherLogits:
 
     @classmethod
     def record(cls, teacher, features: Sequence[dict], pad_id: int, settings: FinetuneSettings) -> "TeacherLogits":
-        outputs = _predict_features(teacher, features, pad_id, settings.eval_batch_size, False, settings.progress,
+        outputs = predict_features(teacher, features, pad_id, settings.eval_batch_size, False, settings.progress,
                                     "teacher logits")
         return cls(tuple(torch.from_numpy(np.stack([o[h] for o in outputs]))
                          for h in range(len(outputs[0]))))

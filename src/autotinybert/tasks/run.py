@@ -92,7 +92,7 @@ def run_finetune(command: FinetuneCommand, source: TaskDataSettings, settings: F
             for t in task_list}
     check_checkpoint(model, "--model", command.trust_remote_code)
     for task in task_list if teacher else ():
-        check_checkpoint(_teacher_dir(teacher, task), "--teacher", command.trust_remote_code)
+        check_checkpoint(teacher_model_dir(teacher, task), "--teacher", command.trust_remote_code)
     tok = _tokenizer(command, model)
     work, publish = _work_directory(out, resume, overwrite, arguments or {})
     results = _read_results(work) if resume else _empty_results(model)
@@ -140,10 +140,10 @@ def _finetune_task(model_path: Path, task: Task, data, tokenizer, settings: Fine
     teacher = None
     if teacher_path and teacher_cache and isinstance(task, glue.GlueTask):
         features = train_features(task, tokenizer, data.train, settings)
-        teacher = TeacherLogits.cached(_teacher_dir(teacher_path, task), task, features, tokenizer.pad_token_id or 0,
+        teacher = TeacherLogits.cached(teacher_model_dir(teacher_path, task), task, features, tokenizer.pad_token_id or 0,
                                        settings, teacher_cache)
     elif teacher_path:
-        teacher = load_task_model(_teacher_dir(teacher_path, task), task, finetuned=True, flag="--teacher",
+        teacher = load_task_model(teacher_model_dir(teacher_path, task), task, finetuned=True, flag="--teacher",
                                   trust_remote_code=trust_remote_code)
     result = finetune_model(model, tokenizer, task, data, settings, teacher=teacher, store=store)
     started = time.perf_counter()
@@ -161,7 +161,7 @@ def _finetune_task(model_path: Path, task: Task, data, tokenizer, settings: Fine
     return record
 
 
-def _teacher_dir(path: Path, task: Task) -> Path:
+def teacher_model_dir(path: Path, task: Task) -> Path:
     """A teacher model directory, or a finetune run holding `<task>/model`."""
     nested = Path(path) / task.name / "model"
     return nested if nested.is_dir() else Path(path)
