@@ -1,6 +1,7 @@
 """develop: every stage runs; an interrupted stage continues; a changed section reruns it and downstream."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -163,23 +164,30 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_smaller_budget(tmp_path, capsys):
-    small = ["pretrain.max_steps=3", "pretrain.batch_size=4", "pretrain.eval_every=3", "pretrain.save_every=3",
-             "pretrain.eval_batches=1", "latency.samples=7", "latency.repeats=1", "latency.max_repeats=2", "latency.warmup=0", "latency.clock=cpu",
-             "latency.epochs=600", "search.generation_size=2", "search.window=[0.5, 1.5]", "search.eval_batches=1", "search.eval_batch_size=4",
-             "extract.latency_repeats=1", "further_train.max_steps=1", "further_train.batch_size=2",
-             "further_train.eval_batches=1", "finetune.max_steps=2", "finetune.max_eval_examples=40",
+    """The README's first command: the task route on the built-in task, on a tiny budget."""
+    small = ["finetune.max_steps=2", "finetune.max_train_examples=64", "finetune.validation_examples=16",
+             "finetune.max_eval_examples=40", "finetune.eval_batch_size=32", "task.superplm_max_steps=2",
+             "task.calibration_examples=16", "latency.samples=7", "latency.repeats=1", "latency.max_repeats=2",
+             "latency.warmup=0", "latency.epochs=600", "search.generation_size=2", "search.generations=1",
+             "task.superplm_max_train_examples=64", "search.ft_max_train_examples=64",
+             "search.rerank=1", "search.ft_max_steps=1", "search.window=[0.5, 1.0]", "extract.latency_repeats=1",
+             "extract.onnx=false", "finetune.int8_eval=false",  # the int8 route is covered by test_task_supernet
              f"data.cache_dir={tmp_path / 'cache'}", "run.progress=false"]
     argv = ["demo", "--out", str(tmp_path / "demo")] + [item for s in small for item in ("--set", s)]
     code, out, err = _cli(capsys, *argv)
     assert code == 0, err
     manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
     assert all(manifest["stages"][name]["status"] == "done" for name in STAGES)
+    assert manifest["config"]["task"]["enabled"]  # the demo is the task route
     models = develop_module.final_models(manifest)
-    assert len(models) == 2
+    assert len(models) == 1  # 3x faster than the source
     for path in models.values():
-        assert (tmp_path / "demo" / path / "config.json").is_file() and (tmp_path / "demo" / path / "README.md").is_file()
+        assert json.loads((Path(path) / "config.json").read_text())["architectures"][0].endswith(
+            "ForSequenceClassification")
     assert (tmp_path / "demo" / "report" / "index.html").is_file() and "report:" in out
+    assert "AutoModelForSequenceClassification" in out
     finetune = manifest["stages"]["finetune"]["outputs"]["runs"]
+    assert set(finetune) == {*models, "source"}
     assert all(json.loads((tmp_path / "demo" / d / "results.json").read_text())["tasks"]["sst2"]["dev_examples"]
                for d in finetune.values())
 

@@ -310,7 +310,8 @@ def _develop(config_name: str, o: Any) -> int:
     print(f"report:          {report['html']}\n                 {report['markdown']}")
     for target, path in final_models(manifest).items():
         print(f"model {target:>9}: {path}")
-    print("load a model with transformers.AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)")
+    auto = "AutoModelForSequenceClassification" if config["task"]["enabled"] else "AutoModelForMaskedLM"
+    print(f"load a model with transformers.{auto}.from_pretrained(path, trust_remote_code=True)")
     return 0
 
 
@@ -320,7 +321,9 @@ def _run_develop(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    return _develop("demo", from_namespace(S.DemoCommand, args))
+    from .demo import DEMO_CONFIG
+
+    return _develop(DEMO_CONFIG, from_namespace(S.DemoCommand, args))
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -337,7 +340,8 @@ def _run_report(args: argparse.Namespace) -> int:
 _ROBUST = ("warmup", "repeats", "tolerance", "max_repeats", "noise_limit", "interleave")
 _TIMING = ("engine", "optimize", "quantize", "threads", "batch_size", "seq_len", "clock", *_ROBUST)
 COMMANDS: dict[str, tuple[str, list[Part], Callable[[argparse.Namespace], int]]] = {
-    "demo": ("the whole pipeline on the built-in 'demo' config: no data files, offline, ~10 min on 2 CPUs",
+    "demo": ("the task route on the built-in 'task' config: all-MiniLM-L6-v2 made 3x faster on a built-in task, "
+             "no data files, offline, ~7 min on 2 CPUs",
              [(S.DemoCommand, {})], _run_demo),
     "space": ("print a search space, its size and the released architectures", [(S.SpaceCommand, {})], _run_space),
     "init": ("create a SuperPLM checkpoint: randomly initialised for a space, or from a pre-trained BERT (--from)",

@@ -570,7 +570,7 @@ class DevelopCommand(Options):
 @dataclass
 class DemoCommand(Options):
     out: Path = option(Path("autotinybert-demo"), "run directory", path="out")
-    set: list[str] = option([], "override an option of the demo config, e.g. --set pretrain.max_steps=50 "
+    set: list[str] = option([], "override an option of the demo's 'task' config, e.g. --set task.superplm_epochs=2 "
                                 "(repeatable)", repeat=True, metavar="SECTION.KEY=VALUE")
     overwrite: bool = option(False, "delete a previous run in --out first (default: continue it)")
 

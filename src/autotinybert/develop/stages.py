@@ -45,7 +45,9 @@ def _stage_data(run: Run, out: Path, resume: bool) -> dict:
     data = run.config["data"]
     corpus, valid = list(data["corpus"]), data["valid_corpus"]
     files: list[Path] = []
-    if builtin_data.CORPUS in corpus or valid == [builtin_data.CORPUS]:
+    if task_route(run):  # the task route trains on the task's rows only: no corpus to prepare
+        corpus, valid = [], []
+    elif builtin_data.CORPUS in corpus or valid == [builtin_data.CORPUS]:
         train_file, valid_file = builtin_data.write_python_docs_corpus(out / "corpus")
         files += [train_file, valid_file]
         corpus = [str(train_file) if c == builtin_data.CORPUS else c for c in corpus]
@@ -54,7 +56,7 @@ def _stage_data(run: Run, out: Path, resume: bool) -> dict:
         for path in paths:
             if not path.startswith("hf:") and not Path(path).exists():
                 raise UserError(f"data.{key}: {path} does not exist; fix the path (or use {builtin_data.CORPUS})")
-    if not valid:
+    if not valid and not task_route(run):
         raise UserError("data.valid_corpus: give held-out text files (validation, and the search's proxy evaluator "
                         "scores architectures on them)")
     tasks_dir = data["tasks_dir"]
