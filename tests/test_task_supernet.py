@@ -44,7 +44,12 @@ def _finetuned_source(path, num_labels: int = 2, seed: int = 0):
 def _task_data(tmp_path, task_name: str = "sst2", validation: int | None = 1):
     task = glue_task(task_name)
     settings = FinetuneSettings(validation_examples=validation, progress=False, batch_size=4, max_steps=4)
-    return task, finetune.load_task_data(task, glue_layout(tmp_path), test=False, settings=settings), settings
+    glue = glue_layout(tmp_path)
+    if task_name == "stsb":  # enough rows to carve a tenth
+        train = glue / "STS-B" / "train.tsv"
+        header, *rows = train.read_text().splitlines()
+        train.write_text("\n".join([header, *(rows * 4)]) + "\n")
+    return task, finetune.load_task_data(task, glue, test=False, settings=settings), settings
 
 
 def _superplm(tmp_path, mode="kd", depth_order="spaced", importance="activation", task_name="sst2"):
@@ -310,3 +315,20 @@ def test_cli_search_with_the_task_evaluator_and_rerank(tmp_path, capsys):
     proxy = [a if a != "task" else "proxy" for a in argv]
     proxy[proxy.index("--out") + 1] = str(tmp_path / "other")
     assert main(proxy) == 2 and not (tmp_path / "other").exists()
+
+
+def test_a_regression_task_builds_trains_and_scores(tmp_path):
+    """STS-B: one output, MSE against the teacher's scores; the evaluator scores Pearson/Spearman."""
+    from autotinybert.checkpoint import save_supernet
+    from autotinybert.evaluators import TaskEvaluator
+
+    model, summary, _, task, data, ft, tokenizer = _superplm(tmp_path, task_name="stsb", depth_order="importance")
+    assert summary["max_abs_diff"] < 1e-5 and len(summary["layer_scores"]) == 3
+    assert model.classifier.out_features == 1
+    _train(model, task, data, ft, tokenizer, tmp_path / "run")
+    save_supernet(model, tmp_path / "superplm")
+    tokenizer.save_pretrained(tmp_path / "superplm")
+    evaluator = TaskEvaluator(tmp_path / "superplm", "stsb", tmp_path / "glue_data",
+                              settings=FinetuneSettings(validation_examples=1))
+    value = evaluator(Arch(2, 28, 29, 4, 24))
+    assert value == value  # a number (correlations of a single row are undefined, scored as such)

@@ -123,8 +123,6 @@ def task_superplm_from_source(source_dir: str | Path, task, tokenizer, train_fea
     """(task SuperPLM, summary): the fine-tuned source at ``source_dir``, importance-ordered on its
     own training rows, with the configured depth order; its largest sub-model equals the source."""
     source = load_finetuned_source(source_dir, task, trust_remote_code)
-    if settings.mode not in ("kd", "mlm"):
-        raise UserError(f"unknown mode {settings.mode!r}; use kd or mlm")
     shape = importance.Shape.of(source.config)
     batches = calibration_batches(train_features, finetune.padding_id(tokenizer), settings.calibration_examples,
                                   settings.seed)
