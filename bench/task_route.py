@@ -151,6 +151,8 @@ def stage_search(args, task, predictor, speedup: float) -> dict:
     path = args.work / task.name / f"search-{speedup:g}x.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if args.summary_only:
+        return None
     supernet = args.work / task.name / "superplm"
     space = search_grid(SearchSpace.of_checkpoint(supernet, "--supernet"), 16, 32)
     source_ms = predictor.predict(space.largest())
@@ -217,6 +219,8 @@ def stage_final(args, task, target: str, variant: str, arch: str, seed: int, exa
     path = args.work / task.name / "final" / f"{target}-{variant}-{arch}-seed{seed}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if args.summary_only:
+        return None
     supernet = args.work / task.name / variant_start(variant)
     model, tokenizer = load_supernet(supernet), load_tokenizer(supernet)
     student = extract(model, Arch.parse(arch))
@@ -283,6 +287,8 @@ def stage_correlate(args, task, predictor, space: SearchSpace, target_ms: float)
     archs = correlate_sample(args, predictor, space, target_ms, args.correlate)
     state = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
     inherited = proxy = None
+    if args.summary_only:  # the architectures every score was measured for
+        archs = [a for a in archs if {"inherited", "kd_loss_proxy", "final"} <= set(state["rows"].get(a, {}))]
     for arch in archs:
         row = state["rows"].setdefault(arch, {"predicted_ms": predictor.predict(Arch.parse(arch))})
         if "inherited" not in row:
@@ -297,6 +303,8 @@ def stage_correlate(args, task, predictor, space: SearchSpace, target_ms: float)
                                        examples=args.correlate_examples)["score"]
         atomic_write_json(path, state)
     rows = [state["rows"][a] | {"arch": a} for a in archs]
+    if len(rows) < 3:
+        return {"samples": len(rows)}
     final = [r["final"] for r in rows]
     best_final = max(final)
     summary = {"task": task.name, "target_ms": target_ms, "samples": len(rows),
@@ -389,6 +397,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                            "recipe over this many architectures of the 3x window")
     p.add_argument("--correlate-examples", type=int, default=8000, help="training rows of the correlation's final "
                                                                        "recipe")
+    p.add_argument("--summary-only", action="store_true", help="train nothing: summarise the finished runs (and "
+                                                                 "time their architectures side by side)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     args.source = resolve_model(args.source)
@@ -410,7 +420,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         archs.append(str(space.largest()))
         for speedup in args.targets:
             target = f"{speedup:g}x"
-            search_summary = searches[f"{task.name}-{target}"] = stage_search(args, task, predictor, speedup)
+            search_summary = stage_search(args, task, predictor, speedup)
+            if search_summary is None:
+                continue
+            searches[f"{task.name}-{target}"] = search_summary
             ratio = bert_ratio(space, search_summary["target_ms"], predictor.predict)
             chosen = {"searched": search_summary["chosen"], "firstk": search_summary["chosen"],
                       "bert": str(ratio) if ratio else None,
@@ -421,12 +434,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             for seed in seeds:
                 for variant in [v for v in variants if chosen[v] is not None]:
                     record = stage_final(args, task, target, variant, chosen[variant], seed)
+                    if record is None:
+                        continue
                     rows.append({**record, "source_arch": str(space.largest())})
                     archs.append(chosen[variant])
         if args.correlate:
             correlations = searches[f"{task.name}-correlate"] = stage_correlate(
                 args, task, predictor, space, predictor.predict(space.largest()) / 3)
-            for name in ("inherited", "kd_loss_proxy"):
+            for name in ("inherited", "kd_loss_proxy") if "inherited" in correlations else ():
                 log(f"{task.name}: {name} vs final recipe: Spearman {correlations[name]['spearman']:+.2f}, top-1 regret "
                     f"{correlations[name]['top1_regret']:.2f}")
     measured = stage_measured(args, list(dict.fromkeys(archs)))
