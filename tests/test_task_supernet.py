@@ -245,6 +245,11 @@ def test_develop_runs_the_task_route_end_to_end(tmp_path):
     assert set(manifest["stages"]["finetune"]["outputs"]["runs"]) == {*manifest["stages"]["search"]["outputs"]["best"],
                                                                       "source"}
     assert (run / "report" / "summary.md").is_file()
+    # A changed task option redoes the task SuperPLM from a fresh start (never a stale one).
+    config["task"]["depth_order"] = "first"
+    develop(validate_config(config), run, log=lambda _: None)
+    assert json.loads((run / "pretrain_start" / "config.json").read_text())["depth_order"] == "first"
+    assert json.loads((run / "pretrain" / "config.json").read_text())["depth_layers"]["2"] == [0, 1]
 
 
 def test_the_task_evaluator_scores_the_carved_rows_and_never_reads_dev(tmp_path):

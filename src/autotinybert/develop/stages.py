@@ -92,7 +92,7 @@ def _stage_pretrain(run: Run, out: Path, resume: bool) -> dict:
     from ..pretrain import CHECKPOINT_DIR, pretrain
 
     if task_route(run):
-        return _stage_task_superplm(run, out)
+        return _stage_task_superplm(run, out, resume)
     reuse = run.config["pretrain"]["reuse"]
     if reuse:
         if not (Path(reuse) / "model.safetensors").is_file():
@@ -156,8 +156,9 @@ def _teacher_run(run: Run) -> Path:
     return out
 
 
-def _stage_task_superplm(run: Run, out: Path) -> dict:
-    """The teacher made elastic (RUN/pretrain_start) and trained on its task (RUN/pretrain)."""
+def _stage_task_superplm(run: Run, out: Path, resume: bool) -> dict:
+    """The teacher made elastic (RUN/pretrain_start) and trained on its task (RUN/pretrain). A fresh
+    attempt (changed inputs) redoes the teacher and the start too; a resumed one continues them."""
     from .. import task_supernet
     from ..checkpoint import load_supernet, load_tokenizer, save_supernet
     from ..evaluators import file_digest
@@ -165,6 +166,9 @@ def _stage_task_superplm(run: Run, out: Path) -> dict:
     from ..tasks import finetune
     from ..tasks.run import teacher_model_dir
 
+    if not resume:
+        for stale in (run.out / "teacher", out.with_name("pretrain_start")):
+            shutil.rmtree(stale, ignore_errors=True)
     task = route_task(run)
     teacher = teacher_model_dir(_teacher_run(run), task)
     t = run.config["task"]
