@@ -212,7 +212,7 @@ class TaskEvaluator:
                                                   self.settings.sequence_length(self.task), with_labels=False)
         self.labels = finetune.glue.label_ids(self.task, self.data.validation.examples)
         self.space = self.model.config.search_space
-        self.retrain, self.teacher = retrain, None
+        self.retrain, self.teacher, budget = retrain, None, ""
         if retrain:
             if teacher is None:
                 raise UserError("re-ranking by retraining distils from the fine-tuned source: give --teacher")
@@ -222,8 +222,6 @@ class TaskEvaluator:
             self.teacher = finetune.TeacherLogits.cached(teacher_model_dir(Path(teacher), self.task), self.task, features,
                                                          finetune.padding_id(self.tokenizer), self.settings,
                                                          Path(cache_dir) if cache_dir else supernet)
-        budget = ""
-        if retrain:
             fields = {k: v for k, v in asdict(self.settings).items() if k not in ("progress", "log_evaluations", "device")}
             budget = ":retrain=" + hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
         self.key = (f"task:{self.task.name}:supernet={file_digest(supernet / 'model.safetensors')}"

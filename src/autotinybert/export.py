@@ -27,7 +27,7 @@ from . import hf
 from .errors import UserError
 from .checkpoint import load_supernet, load_tokenizer
 from .deploy import export_onnx, onnx_output_names, random_inputs  # noqa: F401  (live in deploy; importable here too)
-from .modeling import SuperBertForPreTraining, SuperBertForSequenceClassification, SuperBertModel, SuperBertPreTrainedModel
+from .modeling import SuperBertForSequenceClassification, SuperBertModel, SuperBertPreTrainedModel
 from .space import Arch, parameter_count
 
 ONNX_FILE = "model.onnx"

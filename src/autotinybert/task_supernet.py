@@ -19,6 +19,7 @@ architectures backwards from a pre-trained start: docs/results-pretrained.md).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from pathlib import Path
@@ -103,8 +104,7 @@ def layer_scores(model: SuperBertForSequenceClassification, batches: list[dict],
     try:
         for skipped in range(total):
             config.depth_layers = {**(previous or {}), str(total - 1): [i for i in range(total) if i != skipped]}
-            model.set_arch(Arch(total - 1, *(getattr(largest, f) for f in
-                                              ("hidden_size", "intermediate_size", "num_attention_heads", "qkv_size"))))
+            model.set_arch(dataclasses.replace(largest, num_hidden_layers=total - 1))
             logits = logits_of(model, batches)
             if regression:
                 scores.append(float(F.mse_loss(logits, reference)))

@@ -26,7 +26,7 @@ from ..options import resume_free
 from ..settings import EvaluateCommand, FinetuneCommand, TaskDataSettings
 from . import glue, metrics, squad
 from .finetune import (FinetuneSettings, RunStore, Task, TeacherLogits, evaluate_split, finetune_model,
-                       load_task_data, load_task_model, predict_glue, resolve_task, train_features)
+                       load_task_data, load_task_model, padding_id, predict_glue, resolve_task, train_features)
 
 # Arguments that may change between a run and its --resume without changing the result: the
 # options declared ``resume="free"``, and the parser's own entries.
@@ -140,7 +140,7 @@ def _finetune_task(model_path: Path, task: Task, data, tokenizer, settings: Fine
     teacher = None
     if teacher_path and teacher_cache and isinstance(task, glue.GlueTask):
         features = train_features(task, tokenizer, data.train, settings)
-        teacher = TeacherLogits.cached(teacher_model_dir(teacher_path, task), task, features, tokenizer.pad_token_id or 0,
+        teacher = TeacherLogits.cached(teacher_model_dir(teacher_path, task), task, features, padding_id(tokenizer),
                                        settings, teacher_cache)
     elif teacher_path:
         teacher = load_task_model(teacher_model_dir(teacher_path, task), task, finetuned=True, flag="--teacher",
