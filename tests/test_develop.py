@@ -9,6 +9,7 @@ from autotinybert import develop as develop_module
 from autotinybert import pretrain as pretrain_module
 from autotinybert.cli import main
 from autotinybert.develop import STAGES, develop, load_config, validate_config
+from autotinybert.develop.stages import space_of
 from autotinybert.errors import UserError
 from develop_fixtures import tiny_config, write_config
 
@@ -59,9 +60,13 @@ def test_develop_resumes_an_interrupted_stage_and_reruns_only_what_changed(tmp_p
     assert predictor["fingerprint"]["quantize"] == "int8" and predictor["kind"] in ("mlp", "costs", "flops")
     (model_dir,) = (out / "extract").glob("target-*")
     measured = json.loads((model_dir / "latency.json").read_text())
-    assert measured["form"] == "torch-int8" and set(measured["forms"]) >= {"fp32", "int8"}
+    # Timed side by side with the reference (the largest) in the searched form and every deployed form.
+    assert measured["form"] == "torch-int8" and {"torch", "torch-int8"} <= set(measured["forms"])
+    assert measured["speedup"] > 0 and measured["reference_arch"] == str(space_of(config["pretrain"]).largest())
+    verified = json.loads((out / "search" / "verify.json").read_text())
+    assert [row["arch"] for row in verified["targets"]] == [measured["arch"]]  # what was verified shipped
     summary = (out / "report" / "summary.md").read_text()
-    assert "torch-int8" in summary and "int8 ms" in summary
+    assert "torch-int8" in summary and "Targets verified before shipping" in summary and "ships as" in summary
     pytest.importorskip("onnxruntime")
     (int8_eval,) = (out / "finetune").glob("target-*/int8-eval/results.json")
     assert json.loads(int8_eval.read_text())["tasks"]["sst2"]["form"] == "onnx-int8"

@@ -1,14 +1,19 @@
 """Each option is declared once (settings.py); the CLI, develop's YAML and torchrun agree with it."""
 
+import contextlib
 import dataclasses
+import importlib.util
 import inspect
 
 import pytest
 import yaml
 
+from conftest import REPO
+
 from autotinybert import settings as S
 from autotinybert.cli import COMMANDS, LATENCY_COMMANDS, build_parser, main
-from autotinybert.develop.config import SECTIONS, config_path, load_config, section_options, validate_config
+from autotinybert.develop.config import (SECTIONS, config_path, load_config, render_config, section_options,
+                                         validate_config)
 from autotinybert.errors import UserError
 from autotinybert.options import MISSING, as_plain, OptionError, add_options, from_namespace, option, options_of, to_arguments
 
@@ -17,10 +22,10 @@ SETTINGS = [cls for _, cls in inspect.getmembers(S, inspect.isclass)
 # Required values for commands whose flags are mandatory (everything else stays at its default).
 REQUIRED = {"pretrain": ["--out", "o", "--corpus", "c"], "extract": ["--supernet", "s", "--arch", "L1-H8-F8-A1-Q8",
                                                                      "--out", "o"],
-            "init": ["--out", "o"], "finetune": ["--model", "m", "--out", "o"], "develop": ["--config", "demo",
-                                                                                        "--out", "o"],
+            "init": ["--out", "o"], "finetune": ["--model", "m", "--out", "o"],  # develop: --print-config needs none
             "report": ["run"], "latency profile": ["--out", "o"], "latency bundle": ["--out", "o"], "latency fit": ["--data", "d", "--out", "o"],
-            "latency predict": ["--predictor", "p", "--arch", "a"], "latency check": ["--predictor", "p", "--arch", "a"]}
+            "latency predict": ["--predictor", "p", "--arch", "a"], "latency check": ["--predictor", "p", "--arch", "a"],
+            "latency compare": ["--model", "m", "--reference", "m"]}
 
 
 def _commands():
@@ -80,19 +85,137 @@ def test_develop_sections_default_to_the_declared_defaults_and_never_declare_a_k
             assert as_plain(config[section][opt.name]) == as_plain(expected), (section, opt.name)
 
 
-@pytest.mark.parametrize("name", ["demo", "cpu-small", "paper-mlm", "paper-kd"])
-def test_shipped_configs_use_only_declared_keys_and_list_every_option(name):
-    load_config(name, check_paths=False)  # unknown keys and bad values are errors (paths: the user's data)
-    raw = yaml.safe_load(config_path(name).read_text())
+def _key_line(lines, section, key):
+    """The index of ``key:`` in ``section`` of a YAML text's lines."""
+    start = lines.index(f"{section}:")
+    return next(i for i in range(start + 1, len(lines)) if lines[i].strip().startswith(f"{key}:"))
+
+
+@pytest.mark.parametrize("name", S.BUILTIN_CONFIGS)
+def test_shipped_configs_list_only_what_they_change_each_with_why(name):
+    """A shipped config states only the options whose value differs from the declared default,
+    each with a comment saying why: a key restating its default is an error (nothing copied can
+    drift); every option with its doc is in the generated configuration instead."""
+    config = load_config(name, check_paths=False)  # unknown keys and bad values are errors (paths: the user's data)
+    text = config_path(name).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for section, given in (yaml.safe_load(text) or {}).items():
+        defaults = {o.name: o.default for o in section_options(section)}
+        for key in given or {}:
+            assert as_plain(config[section][key]) != as_plain(defaults[key]), \
+                f"{name}.yaml: {section}.{key} restates its declared default; drop it"
+            at = _key_line(lines, section, key)
+            assert " #" in lines[at] or lines[at - 1].strip().startswith("#"), \
+                f"{name}.yaml: {section}.{key} needs a comment saying why it differs from the default"
+
+
+def test_the_generated_config_lists_every_option_with_its_doc_and_loads_back(tmp_path):
+    """`render_config` (develop --print-config, docs/config-reference.md): every option of every
+    section, its declared doc in the comment above it, its default; a config printed in full loads
+    back to the same configuration."""
+    text = render_config()
+    lines = text.splitlines()
+    assert yaml.safe_load(text) == {s: {o.name: as_plain(o.default) for o in section_options(s)} for s in SECTIONS}
     for section in SECTIONS:
-        assert set(raw.get(section) or {}) == {o.name for o in section_options(section)}, (name, section)
-    if name == "demo":  # the demo config documents every option in a comment
-        lines = config_path(name).read_text().splitlines()
-        for section in SECTIONS:
-            start = lines.index(f"{section}:")
-            for opt in section_options(section):
-                at = next(i for i in range(start, len(lines)) if lines[i].strip().startswith(f"{opt.name}:"))
-                assert "#" in lines[at] or lines[at - 1].strip().startswith("#"), (section, opt.name)
+        for opt in section_options(section):
+            at = _key_line(lines, section, opt.name)
+            above = at
+            while lines[above - 1].startswith("  #"):
+                above -= 1
+            comment = " ".join(line.strip()[1:].strip() for line in lines[above:at])
+            assert comment == " ".join(opt.spec.doc.split()), (section, opt.name)
+            if opt.spec.choices:
+                assert "# one of " in lines[at], (section, opt.name)
+    for name in S.BUILTIN_CONFIGS:
+        config = load_config(name, check_paths=False)
+        (tmp_path / f"{name}.yaml").write_text(render_config(config, name), encoding="utf-8")
+        assert load_config(tmp_path / f"{name}.yaml", check_paths=False) == config, name
+
+
+def test_develop_print_config_prints_the_generated_config_and_runs_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["develop", "--print-config"]) == 0
+    assert capsys.readouterr().out == render_config()
+    assert main(["develop", "--print-config", "--config", "demo", "--set", "search.method=random"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == render_config(load_config("demo", ["search.method=random"]), "demo")
+    assert "  method: random  # one of random, fast, evolved; default: evolved" in printed.splitlines()
+    assert list(tmp_path.iterdir()) == []
+    assert main(["develop", "--config", "demo"]) == 2  # running needs --out
+    assert "develop needs --config" in capsys.readouterr().err
+
+
+_SPEC = importlib.util.spec_from_file_location("config_reference", REPO / "tools" / "config_reference.py")
+config_reference = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(config_reference)
+
+
+def test_docs_config_reference_is_up_to_date():
+    written = (REPO / "docs" / "config-reference.md").read_text(encoding="utf-8")
+    assert written == config_reference.render(), \
+        "docs/config-reference.md is out of date: run python tools/config_reference.py"
+
+
+@contextlib.contextmanager
+def _declared(cls, **fields):
+    """``cls`` as if its class statement in settings.py declared more fields (``name=(annotation,
+    option(...))``): the same class object, re-made by the same decorator, so everything derived
+    from it (the commands' flags, develop's sections, the resume rules) sees the new options as it
+    would see ones written there. The class is restored afterwards."""
+    saved = dict(vars(cls))
+    own = cls.__annotations__
+    try:
+        for f in dataclasses.fields(cls):  # the declarations as the class statement wrote them
+            if f.name in own:
+                setattr(cls, f.name, f)
+        cls.__annotations__ = {**own, **{name: annotation for name, (annotation, _) in fields.items()}}
+        for name, (_, field) in fields.items():
+            setattr(cls, name, field)
+        for generated in ("__init__", "__repr__", "__eq__", "__match_args__"):  # the decorator adds only missing ones
+            if generated in vars(cls):
+                delattr(cls, generated)
+        dataclasses.dataclass(cls)
+        yield cls
+    finally:
+        for key in set(vars(cls)) - set(saved):
+            delattr(cls, key)
+        for key, value in saved.items():
+            if vars(cls).get(key) is not value:
+                setattr(cls, key, value)
+
+
+def test_adding_an_option_touches_one_file(capsys, required_paths, tmp_path):
+    """Two options declared on `PretrainSettings` at test time, and nothing else: the `pretrain`
+    flags and --help, develop's `pretrain` section (defaults, validation, the generated config),
+    the torchrun command line and the --resume rules all have them."""
+    fields = {"test_only_steps": ("int", option(7, "a throwaway option declared by a test", minimum=1)),
+              "test_only_ratio": ("float", option(0.5, "another, free on --resume", maximum=1, resume="free"))}
+    with _declared(S.PretrainSettings, **fields):
+        with pytest.raises(SystemExit):
+            main(["pretrain", "--help"])
+        usage = " ".join(capsys.readouterr().out.split())
+        assert "--test-only-steps TEST_ONLY_STEPS a throwaway option declared by a test (default 7)" in usage
+        args = build_parser().parse_args(["pretrain", *REQUIRED["pretrain"], "--test-only-steps", "3"])
+        settings = from_namespace(S.PretrainSettings, args)
+        assert (settings.test_only_steps, settings.test_only_ratio) == (3, 0.5)
+        assert to_arguments(settings)[-2:] == ["--test-only-steps", "3"]  # what torchrun is handed
+
+        path = tmp_path / "config.yaml"
+        path.write_text("search: {speedups: [2]}\npretrain: {test_only_steps: 4}\n")
+        config = load_config(path, check_paths=False)
+        assert (config["pretrain"]["test_only_steps"], config["pretrain"]["test_only_ratio"]) == (4, 0.5)
+        with pytest.raises(UserError, match=r"pretrain\.test_only_steps must be at least 1"):
+            load_config(path, ["pretrain.test_only_steps=0"], check_paths=False)
+        lines = render_config().splitlines()
+        at = _key_line(lines, "pretrain", "test_only_steps")
+        assert lines[at - 1:at + 1] == ["  # a throwaway option declared by a test", "  test_only_steps: 7  # at least 1"]
+
+        from autotinybert.options import resume_free, resume_invariant
+
+        assert "test_only_steps" in resume_invariant(S.PretrainSettings)
+        assert "test_only_ratio" in resume_free(S.PretrainSettings)
+    assert "test_only_steps" not in {f.name for f in dataclasses.fields(S.PretrainSettings)}
+    assert "--test-only-steps" not in to_arguments(S.PretrainSettings(out="o", corpus=["c"], max_steps=2))
 
 
 def _too_small(opt):
@@ -107,7 +230,8 @@ def _too_small(opt):
 @pytest.mark.parametrize("cls", SETTINGS, ids=[c.__name__ for c in SETTINGS])
 def test_declared_bounds_and_choices_are_enforced(cls, tmp_path):
     required = {"out": "o", "corpus": ["c"], "supernet": tmp_path, "arch": "L1-H8-F8-A1-Q8", "data": tmp_path,
-                "predictor": tmp_path, "archs": ["a"], "model": tmp_path, "config": "demo", "run_dir": tmp_path}
+                "predictor": tmp_path, "archs": ["a"], "model": tmp_path, "config": "demo", "run_dir": tmp_path,
+                "models": [str(tmp_path)], "reference": str(tmp_path)}
     base = {f.name: required[f.name] for f in dataclasses.fields(cls)
             if f.default is MISSING and f.default_factory is MISSING}
     cls(**base)

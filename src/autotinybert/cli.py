@@ -209,6 +209,22 @@ def _run_latency_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_latency_compare(args: argparse.Namespace) -> int:
+    from .files import atomic_write_json
+    from .latency.compare import compare_models, compare_table
+
+    o, settings = from_namespace(S.CompareCommand, args), from_namespace(S.LatencySettings, args)
+    if o.out is not None and o.out.exists() and not o.overwrite:
+        raise UserError(f"--out {o.out} already exists; pass --overwrite to replace it or choose another path")
+    _quiet_transformers()
+    result = compare_models(o.models, o.reference, settings, rounds=o.rounds, trust_remote_code=o.trust_remote_code)
+    print(compare_table(result))
+    if o.out is not None:
+        atomic_write_json(o.out, {**result, "arguments": _arguments(args)})
+        print(f"results in {o.out}")
+    return 0
+
+
 # --- search -------------------------------------------------------------------------------------
 def _search_job(args: argparse.Namespace, **fixed: Any):
     from .search_stage import SearchJob
@@ -317,6 +333,19 @@ def _develop(config_name: str, o: Any) -> int:
 
 def _run_develop(args: argparse.Namespace) -> int:
     o = from_namespace(S.DevelopCommand, args)
+    if o.print_config:
+        from .develop.config import load_config, render_config
+
+        if o.set and not o.config:
+            raise UserError("--set changes a config: give --config NAME too (without it --print-config prints the "
+                            "declared defaults)")
+        # Printing runs nothing: the data paths a config names are checked when it runs (paper-* name /data/...).
+        config = load_config(o.config, o.set, check_paths=False) if o.config else None
+        print(render_config(config, o.config), end="")
+        return 0
+    if not o.config or not o.out:
+        raise UserError("develop needs --config (demo, task, cpu-small, from-pretrained, paper-mlm, paper-kd or a "
+                        "YAML file) and --out DIR; --print-config prints a configuration instead")
     return _develop(o.config, o)
 
 
@@ -339,6 +368,7 @@ def _run_report(args: argparse.Namespace) -> int:
 # --- the parser ---------------------------------------------------------------------------------
 _ROBUST = ("warmup", "repeats", "tolerance", "max_repeats", "noise_limit", "interleave")
 _TIMING = ("engine", "optimize", "quantize", "threads", "batch_size", "seq_len", "clock", *_ROBUST)
+_COMPARE_TIMING = ("batch_size", "seq_len", "threads", "warmup", "clock")  # the form: each file's own
 COMMANDS: dict[str, tuple[str, list[Part], Callable[[argparse.Namespace], int]]] = {
     "demo": ("the task route on the built-in 'task' config: all-MiniLM-L6-v2 made 3x faster on a built-in task, "
              "no data files, offline, ~7 min on 2 CPUs",
@@ -372,6 +402,9 @@ LATENCY_COMMANDS: dict[str, tuple[str, list[Part], Callable[[argparse.Namespace]
     "check": ("measure architectures now and compare with the predictor",
               [(S.PredictCommand, {"exclude": ("space",)}), (S.LatencySettings, {"include": _ROBUST})],
               _run_latency_check),
+    "compare": ("time shipped models (checkpoint folders, .onnx files) against a reference as a user would: fixed "
+                "inputs, a plain loop of shuffled rounds, speed-up = median of per-round reference / model",
+                [(S.CompareCommand, {}), (S.LatencySettings, {"include": _COMPARE_TIMING})], _run_latency_compare),
 }
 _SEARCH_PARTS: list[Part] = [(S.SearchCommand, {}), (S.TargetSettings, {}), (S.SearchSettings, {}), *_EVALUATOR_PARTS]
 _CORRELATE_PARTS: list[Part] = [

@@ -118,6 +118,7 @@ def load_run(run_dir: str | Path) -> dict:
            "latency_fit": _read_json(Path(outputs("latency")["predictor"]).with_name("results.json"), None)
            if outputs("latency").get("predictor") else None,
            "search": _read_json(search_results, None) if search_results else None,
+           "verify": _read_json(Path(outputs("search")["verify"]), None) if outputs("search").get("verify") else None,
            "search_state": _read_json(Path(search_results).with_name("state.json"), None) if search_results else None,
            "models": _model_rows(outputs("extract"), outputs("further_train"), outputs("finetune"),
                                  outputs("search")),
@@ -317,7 +318,8 @@ def _space_rows(run: dict) -> list[list[str]]:
 
 def _model_table(run: dict) -> tuple[list[str], list[list[str]]]:
     header = ["target", "architecture", "params (M)", "GFLOPs", "form searched", "predicted ms", "measured ms", "error",
-              "speedup vs BERT-base", "fp32 ms", "int8 ms", "fp32 score", "int8 score", "proxy fitness", "model"]
+              "speedup vs BERT-base", "forms measured (ms)", "fp32 score", "int8 score", "ships as", "proxy fitness",
+              "model"]
     reference = run.get("reference")
     if reference:
         header += ["speedup vs source", "params vs source", "score vs source"]
@@ -329,28 +331,65 @@ def _model_table(run: dict) -> tuple[list[str], list[list[str]]]:
         bert_base = lat.get("reference_ms")
         forms = lat.get("forms") or {}
         rows.append([m["target"], m["arch"], _fmt(m["export"].get("parameters"), 1e-6, 2), _fmt(lat.get("flops"), 1e-9, 2),
-                     lat.get("form", "-"), _fmt(predicted, 1, 2), _fmt(measured, 1, 2),
-                     f"{100 * (predicted - measured) / measured:+.1f}%" if predicted and measured else "-",
+                     lat.get("form", "-"), _fmt(predicted, 1, 2), _fmt(measured, 1, 2), _prediction_error(lat),
                      f"{bert_base / measured:.1f}x" if bert_base and measured else "-",
-                     _fmt(forms.get("fp32", {}).get("median_ms"), 1, 2), _fmt(forms.get("int8", {}).get("median_ms"), 1, 2),
+                     ", ".join(f"{name} {form['median_ms']:.2f}" for name, form in forms.items()) or "-",
                      _fmt(_mean_score(m["finetune"]) if m["finetune"] and m["finetune"].get("tasks") else None, 1, 2),
                      _fmt(_mean_score(m["finetune_int8"]) if m.get("finetune_int8") else None, 1, 2),
+                     _shipped_form(m, run["config"]),
                      _fmt(m["search"].get("fitness"), 1, 4), str(m["final"])])
         if reference:
             rows[-1] += _versus(m, reference)
     return header, rows
 
 
+# The int8 graph `finetune.int8_eval` scores (model.opt.int8.onnx); other int8 forms are not scored.
+SCORED_INT8_FORM = "onnxruntime-opt-int8"
+
+
+def _shipped_form(model: dict, config: dict) -> str:
+    """The fastest measured form whose dev score is within finetune.form_tolerance of fp32 (`choose_form`)."""
+    from .verify import choose_form
+
+    forms = {name: form["median_ms"] for name, form in ((model["latency"] or {}).get("forms") or {}).items()}
+    if not forms:
+        return "-"
+    fp32 = _mean_score(model["finetune"]) if model["finetune"] and model["finetune"].get("tasks") else None
+    int8 = _mean_score(model["finetune_int8"]) if model.get("finetune_int8") else None
+    scores = {name: (int8 if name == SCORED_INT8_FORM else None) if "int8" in name else fp32 for name in forms}
+    tolerance = (config.get("finetune") or {}).get("form_tolerance", 0.5)
+    choice = choose_form(forms, scores, tolerance)
+    return f"{choice['form']} ({choice['reason']})" if choice["form"] else "-"
+
+
+def _prediction_error(latency: dict) -> str:
+    """Signed error of the predicted speed-up over the reference timed side by side (negative: the
+    model measured slower than predicted); runs before that measurement: of the absolute times."""
+    if "speedup_error_pct" in latency:
+        return f"{latency['speedup_error_pct']:+.1f}% (speed-up)"
+    predicted, measured = latency.get("predicted_ms"), latency.get("latency", {}).get("median_ms")
+    return f"{100 * (predicted - measured) / measured:+.1f}%" if predicted and measured else "-"
+
+
+def _speedup(model: dict, reference: dict) -> float | None:
+    """The model's speed-up over the source: measured side by side in one run where it was, else the
+    ratio of two separate medians (runs before that measurement)."""
+    lat, ref_lat = model["latency"] or {}, reference["latency"] or {}
+    if "speedup" in lat and lat.get("reference_arch") == reference["arch"]:
+        return lat["speedup"]
+    ms, ref_ms = lat.get("latency", {}).get("median_ms"), ref_lat.get("latency", {}).get("median_ms")
+    return ref_ms / ms if ms and ref_ms else None
+
+
 def _versus(model: dict, reference: dict) -> list[str]:
     """Speedup, parameter share and mean-score share of a model relative to the pre-trained source."""
     from .tasks.run import score_share
 
-    ms = (model["latency"] or {}).get("latency", {}).get("median_ms")
-    ref_ms = (reference["latency"] or {}).get("latency", {}).get("median_ms")
+    speedup = _speedup(model, reference)
     params, ref_params = model["export"].get("parameters"), reference["export"].get("parameters")
     tasks, ref_tasks = ((model["finetune"] or {}).get("tasks"), (reference["finetune"] or {}).get("tasks"))
     share = score_share(tasks, ref_tasks) if tasks and ref_tasks else None
-    return [f"{ref_ms / ms:.2f}x" if ms and ref_ms else "-",
+    return [f"{speedup:.2f}x" if speedup else "-",
             f"{100 * params / ref_params:.0f}%" if params and ref_params else "-",
             "-" if share is None else f"{share:.1f}%"]
 
@@ -429,6 +468,7 @@ def _sections(run: dict) -> list[tuple[str, str, str | None]]:
          f"Method `{search.get('method', '-')}`, evaluator `{search.get('evaluator', '-')}`, "
          f"{search.get('evaluations', 0)} architectures evaluated.", "pareto"),
         ("Predicted vs measured latency", _latency_text(run), "latency"),
+        ("Targets verified before shipping", _verify_text(run.get("verify")), None),
         ("Training curves", f"From `{run['metrics_csv']}`.", "training"),
         ("Downstream tasks", (task_table or "No fine-tuning in this run (finetune.tasks is empty).") + note,
          "downstream"),
@@ -436,6 +476,29 @@ def _sections(run: dict) -> list[tuple[str, str, str | None]]:
          "\n\nCPU hours count this process and its children (user + system time); GPU hours are wall time × GPUs used.",
          None),
     ]
+
+
+def _verify_text(verify: dict | None) -> str:
+    """Each target's shortlist timed side by side with the reference, and what shipped."""
+    if not verify:
+        return "Not verified (search.verify is 0, or the predictor was fitted on another device)."
+    rows = []
+    for target in verify["targets"]:
+        for c in target["candidates"]:
+            shipped = "**ships**" if c["arch"] == target["arch"] else ""
+            rows.append([target["target"], f"{target['target_speedup']:.2f}x", str(c["rank"] + 1), c["arch"],
+                         f"{c['fitness']:.4f}", f"{c['predicted_speedup']:.2f}x", f"{c['measured_speedup']:.2f}x",
+                         f"{c['error_pct']:+.1f}%", "yes" if c["meets"] else "no", shipped])
+    missed = [t for t in verify["targets"] if not t["met"]]
+    note = "".join(f"\n\n**{t['target']}: no candidate met the target**; the fastest measured ships, "
+                   f"{t['shortfall_pct']:.1f}% short of it." for t in missed)
+    reference = verify["reference"]
+    return (f"Each target's best candidates (each predicted faster than the better ones) and the reference "
+            f"`{reference['arch']}` timed together in one interleaved run ({verify.get('form') or '-'}; load average "
+            f"{verify.get('load_average')}); speed-ups are the median over rounds of the reference's time / the "
+            "model's in the same round; the best whose measured speed-up meets the target ships.\n\n"
+            + _md_table(["target", "target speed-up", "rank", "architecture", "fitness", "predicted", "measured",
+                         "error", "meets", ""], rows) + note)
 
 
 def _latency_text(run: dict) -> str:

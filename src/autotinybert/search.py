@@ -149,7 +149,7 @@ class Candidates:
 
 
 def find_candidates(space: SearchSpace, latency: Latency, targets: Sequence[Target],
-                    window: tuple[float, float] = (0.85, 1.1)) -> list[Candidates]:
+                    window: tuple[float, float] = (0.85, 1.0)) -> list[Candidates]:
     """Every grid point in each target's window; an empty window is a `UserError` naming the
     nearest latency the grid can reach (and the architecture that reaches it)."""
     low, high = window
@@ -344,6 +344,13 @@ class _Run:
                 return
 
 
+def preference(visit: dict) -> tuple:
+    """The order of preference among visits: a shortlist re-scored by `rerank` first (by that score),
+    then the fitness; ties: the faster architecture, then the name."""
+    return (0 if "rescored" in visit else 1, -visit.get("rescored", visit["fitness"]), visit["latency_ms"],
+            visit["arch"])
+
+
 @dataclass
 class TargetResult:
     target: Target
@@ -353,11 +360,7 @@ class TargetResult:
 
     @property
     def best(self) -> dict:
-        # A shortlist re-scored by `rerank` decides; ties: the faster architecture, then the name.
-        rescored = [v for v in self.visits if "rescored" in v]
-        if rescored:
-            return min(rescored, key=lambda v: (-v["rescored"], v["latency_ms"], v["arch"]))
-        return min(self.visits, key=lambda v: (-v["fitness"], v["latency_ms"], v["arch"]))
+        return min(self.visits, key=preference)
 
     def leaders(self, count: int) -> list[dict]:
         """The ``count`` fittest distinct architectures visited (ties: faster first)."""

@@ -319,6 +319,22 @@ class PredictCommand(Options):
                                path="file", text=True, keywords=PAPER_SPACES)
 
 
+@dataclass
+class CompareCommand(Options):
+    """`latency compare`: shipped models timed against a reference as a user would (batch, sequence,
+    threads, warm-up and clock are `LatencySettings`')."""
+
+    models: list[str] = option(doc="models as they ship: Hugging Face checkpoint folders, .onnx files (ONNX Runtime) "
+                                   "or builtin:all-minilm-l6-v2", flag="model", metavar="MODEL", path="source")
+    reference: str = option(doc="the model the others are compared with, timed in every round (same kinds as --model)",
+                            metavar="REF", path="source")
+    rounds: int = option(15, "timed rounds; each times every model once, in a shuffled order", minimum=5)
+    out: Path | None = option(None, "also write the results (every timing included) to this JSON file",
+                              path="outfile")
+    overwrite: bool = option(False, "replace an existing --out file")
+    trust_remote_code: bool = trust_remote_code_option()
+
+
 # --- search ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SearchSettings(Options):
@@ -327,7 +343,9 @@ class SearchSettings(Options):
     generations: int | None = option(None, "generations (default: 1 for fast, 10 otherwise)", minimum=1)
     generation_size: int = option(25, "architectures per generation and target (the paper's 25)", minimum=1)
     explore_rate: float = option(0.5, "evolved: chance a child is a fresh random architecture", minimum=0, maximum=1)
-    window: tuple[float, float] = option((0.85, 1.1), "candidates' latency window, as factors of the target",
+    window: tuple[float, float] = option((0.85, 1.0), "candidates' latency window, as factors of the target (it ends "
+                                         "at the target, so a model is never predicted slower than promised; the "
+                                         "paper's 0.85 1.1 allows that)",
                                          above=0, metavar=("LOW", "HIGH"))
     seed: int = option(0, "seed of the search")
     mutation: MutationRates = MutationRates()
@@ -559,9 +577,13 @@ class FinetuneCommand(ModelCommand):
 # --- develop / demo / report -------------------------------------------------------------------
 @dataclass
 class DevelopCommand(Options):
-    config: str = option(doc="demo, task, cpu-small, from-pretrained, paper-mlm, paper-kd, or a YAML file", path="file", text=True,
-                         keywords=BUILTIN_CONFIGS)
-    out: Path = option(doc="run directory; rerunning continues it", path="out")
+    # --config and --out are required to run (cli._run_develop says so); --print-config needs neither.
+    config: str | None = option(None, "demo, task, cpu-small, from-pretrained, paper-mlm, paper-kd, or a YAML file "
+                                      "(required to run)", path="file", text=True, keywords=BUILTIN_CONFIGS)
+    out: Path | None = option(None, "run directory; rerunning continues it (required to run)", path="out")
+    print_config: bool = option(False, "print the full configuration as YAML and exit, running nothing: every option "
+                                       "with its value (--config's and --set's over the declared defaults; without "
+                                       "--config: the declared defaults) and its doc")
     set: list[str] = option([], "override a config option, e.g. --set search.method=evolved (repeatable)",
                             repeat=True, metavar="SECTION.KEY=VALUE")
     overwrite: bool = option(False, "delete a previous run in --out first (default: continue it)")
@@ -635,6 +657,9 @@ class SearchStage(Options):
                                               "architecture, as predicted (machine-independent)", above=0, maximum=1)
     source_speedups: list[float] = option([], "targets this many times faster than the pre-trained source "
                                               "(pretrain.init_from: the largest architecture), as predicted", above=0)
+    verify: int = option(3, "time this many of each target's best candidates (each predicted faster than the "
+                            "better ones) side by side with the largest architecture, and ship the best whose "
+                            "measured speed-up meets the target (0: ship the predicted best untimed)", minimum=0)
 
 
 @dataclass
@@ -650,6 +675,8 @@ class FinetuneStage(Options):
     int8_eval: bool | str = option("auto", "also score each fine-tuned model as its int8 ONNX Runtime graph (optimised "
                                            "+ dynamic int8) next to fp32: true, false, or auto (when onnxruntime is "
                                            "installed)", choices=(True, False, "auto"))
+    form_tolerance: float = option(0.5, "ship each model in its fastest measured form whose dev score is within this "
+                                        "many points of its fp32 score (the report names the form and why)", minimum=0)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import settings as S
 from ..errors import UserError, reading
-from ..options import Opt, build, check_mapping, options_of
+from ..options import Opt, as_plain, build, check_mapping, options_of
 
 BUILTIN_CONFIGS = S.BUILTIN_CONFIGS
 
@@ -209,10 +209,64 @@ def _check_task_route(config: dict, source: str) -> None:
                         "search.evaluator: task")
 
 
+def render_config(config: dict[str, dict[str, Any]] | None = None, source: str | None = None) -> str:
+    """The full configuration as commented YAML, generated from the declarations: every section,
+    every option with its value, its declared doc and its declared bounds / choices.
+
+    ``config`` (a `load_config` result; None: the declared defaults) gives the values, and a value
+    that differs from the declared default says so; ``source`` names it in the heading. The text
+    loads back (`load_config`) to the same configuration. The shipped configs list only what they
+    change: this is where every option and its doc is written out, so nothing copied can drift.
+    """
+    import textwrap
+
+    if config is None:
+        heading = ("autotinybert develop: every option of every section with its declared default and doc, generated "
+                   "from the declarations (src/autotinybert/settings.py) by `autotinybert develop --print-config`. A "
+                   "config file lists only what it changes (a run needs at least one target, e.g. search.speedups); "
+                   "--set SECTION.KEY=VALUE changes one option.")
+    else:
+        heading = (f"autotinybert develop: the full configuration of {source or 'a config'}, generated from the "
+                   f"declarations by `autotinybert develop --print-config --config {source or 'FILE'}`: every option "
+                   "with its value (over the declared defaults; '# default: ...' marks each value changed) and its "
+                   "declared doc.")
+    lines = textwrap.wrap(heading, width=100, initial_indent="# ", subsequent_indent="# ", break_long_words=False,
+                          break_on_hyphens=False)
+    for section in SECTIONS:
+        lines += ["", f"{section}:"]
+        for opt in section_options(section):
+            value = opt.default if config is None else config[section][opt.name]
+            lines += textwrap.wrap(opt.spec.doc, width=100, initial_indent="  # ", subsequent_indent="  # ",
+                                   break_long_words=False, break_on_hyphens=False)
+            notes = _declared_rules(opt)
+            if config is not None and as_plain(value) != as_plain(opt.default):
+                notes.append(f"default: {_yaml_value(opt.default)}")
+            lines.append(f"  {opt.name}: {_yaml_value(value)}" + (f"  # {'; '.join(notes)}" if notes else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _declared_rules(opt: Opt) -> list[str]:
+    """What the declaration accepts besides the type: ``one of a, b``, ``at least 1``, ..."""
+    spec = opt.spec
+    rules = ["one of " + ", ".join(_yaml_value(c) for c in spec.choices)] if spec.choices else []
+    for bound, words in ((spec.minimum, "at least"), (spec.above, "greater than"), (spec.maximum, "at most"),
+                         (spec.below, "less than")):
+        if bound is not None:
+            rules.append(f"{words} {bound:g}")
+    return rules
+
+
+def _yaml_value(value: Any) -> str:
+    """One value in YAML flow style, on one line (what ``key: value`` needs)."""
+    import yaml
+
+    text = yaml.safe_dump(as_plain(value), default_flow_style=True, width=float("inf")).strip()
+    return text.removesuffix("\n...").strip()
+
+
 def write_resolved_config(out: Path, config: dict) -> None:
     import yaml
 
     from ..files import atomic_write_text
-    from ..options import as_plain
 
     atomic_write_text(Path(out) / "config.yaml", yaml.safe_dump(as_plain(config), sort_keys=False))

@@ -312,7 +312,41 @@ def _stage_search(run: Run, out: Path, resume: bool) -> dict:
     best = {row["target"]: row["arch"] for row in summary["best"]}
     for row in summary["best"]:
         run.log(f"  {row['target']:>10}: {row['arch']} ({row['latency_ms']:.2f} ms predicted, fitness {row['fitness']:.4f})")
-    return {"results": str(out / "results.json"), "best": best, "_digest": stable_hash(summary["best"])}
+    verified = _verify_shortlists(run, out / "verify.json", summary, predictor, supernet) if s["verify"] else None
+    if verified is not None:
+        best = {row["target"]: row["arch"] for row in verified["targets"]}
+    return {"results": str(out / "results.json"), "best": best,
+            "verify": str(out / "verify.json") if verified is not None else None, "_digest": stable_hash(best)}
+
+
+def _verify_shortlists(run: Run, path: Path, summary: dict, predictor, supernet: Path) -> dict | None:
+    """Each target's best few timed side by side with the largest architecture (`verify`); what ships
+    is the best whose measured speed-up meets its target. Skipped (the predicted best ships) when the
+    predictor was fitted on another device: nothing here can time that device."""
+    from ..latency import settings_of
+    from ..search_stage import _supernet_space
+    from ..verify import measure_against, verify_targets
+
+    if predictor.check_fingerprint():  # it warned, naming the differences
+        run.log("  verify: skipped (the predictor was fitted on another device); the predicted best ships")
+        return None
+    lat = run.config["latency"]
+    settings = settings_of(predictor.fingerprint, warmup=lat["warmup"], repeats=lat["repeats"],
+                           **{k: lat[k] for k in ("tolerance", "max_repeats", "noise_limit")})
+    targets = [{"target": t["target"]["name"], "target_ms": t["target"]["ms"], "visits": t["history"]}
+               for t in summary["targets"]]
+    reference = _supernet_space(supernet).largest()
+    run.log(f"  verify: each target's {run.config['search']['verify']} best timed side by side with {reference} "
+            f"({settings.form})")
+    verified = verify_targets(targets, reference, predictor.predict, run.config["search"]["verify"],
+                              measure_against(settings), form=settings.form)
+    for row in verified["targets"]:
+        shipped = next(c for c in row["candidates"] if c["arch"] == row["arch"])
+        run.log(f"  {row['target']:>10}: ships {row['arch']}, measured {shipped['measured_speedup']:.2f}x the "
+                f"largest (target {row['target_speedup']:.2f}x, predicted {shipped['predicted_speedup']:.2f}x)"
+                + ("" if row["met"] else f": NO candidate met the target; the nearest is {row['shortfall_pct']:.1f}% short"))
+    atomic_write_json(path, verified)
+    return verified
 
 
 def _route_budget(run: Run, search: dict) -> dict[str, Any]:
@@ -336,57 +370,88 @@ def _stage_extract(run: Run, out: Path, resume: bool) -> dict:
             export_checkpoint(run.outputs["pretrain"]["supernet"], arch, model_dir, onnx=onnx, verify=e["verify"],
                               onnx_optimize=onnx and e["onnx_optimize"], onnx_int8=onnx and e["onnx_int8"],
                               overwrite=True)
-        if not (model_dir / "latency.json").is_file():
-            atomic_write_json(model_dir / "latency.json", measure_exported(run, arch))
         models[target] = {"arch": arch, "path": str(model_dir)}
-    return {"models": models, "reference": _reference(run, out / "source"),
+    reference = _reference(run, out / "reference")
+    _measure_side_by_side(run, {Path(m["path"]): m["arch"] for m in models.values()}, reference["arch"],
+                          out / "reference")
+    return {"models": models, "reference": reference if run.config["pretrain"]["init_from"] else None,
             "_digest": file_hash([out / _safe(t) / "model.safetensors" for t in models])}
 
 
-def _reference(run: Run, out: Path) -> dict | None:
-    """The pre-trained source as the reference the report compares with: its architecture (the
-    SuperPLM's largest), parameters and measured latency (RUN/extract/source/latency.json)."""
+def _reference(run: Run, out: Path) -> dict:
+    """The largest architecture, every model's timing reference; with a pre-trained start it is the
+    source, which the report compares with: its architecture, parameters and measured latency
+    (RUN/extract/reference/latency.json)."""
     from ..builtin_data import resolve_model
     from ..search_stage import _supernet_space
     from ..space import parameter_count
 
     source = run.config["pretrain"]["init_from"]
-    if not source:
-        return None
     supernet = run.outputs["pretrain"]["supernet"]
     arch = _supernet_space(Path(supernet)).largest()
-    if not (out / "latency.json").is_file():
-        run.log(f"  source: measure {arch}")
-        atomic_write_json(out / "latency.json", measure_exported(run, str(arch)))
     config = json.loads((Path(supernet) / "config.json").read_text(encoding="utf-8"))
     parameters = parameter_count(arch, config["vocab_size"], config["max_position_embeddings"])
-    return {"arch": str(arch), "path": resolve_model(source), "name": source, "latency": str(out / "latency.json"),
-            "parameters": parameters}
+    return {"arch": str(arch), "path": resolve_model(source) if source else None, "name": source or "largest",
+            "latency": str(out / "latency.json"), "parameters": parameters}
 
 
-def measure_exported(run: Run, arch: str) -> dict:
-    """Measured latency of an exported architecture in the predictor's form (engine, optimisation,
-    quantisation), next to its prediction; ``forms`` adds its fp32 and int8 forms on the same engine
-    (those that need onnxruntime only where it is installed)."""
+def _measure_side_by_side(run: Run, models: dict[Path, str], reference: str, reference_dir: Path) -> None:
+    """Every exported model and the reference timed together in one interleaved run per form (the
+    searched form, and fp32 / int8 on its engine): each model's ``speedup`` is the median over rounds
+    of the reference's time / its time in the same round, the number a user's side-by-side timing
+    gives (absolute times drift with the host; ratios of one run do not). Writes each model's
+    latency.json and the reference's; kept when all are there (a resumed run)."""
+    files = {directory / "latency.json": arch for directory, arch in models.items()}
+    files[reference_dir / "latency.json"] = reference
+    if all(path.is_file() for path in files):
+        return
+    run.log(f"  measure {len(models)} model(s) side by side with the reference {reference}")
+    records = measure_exported(run, list(dict.fromkeys(files.values())), reference)
+    for path, arch in files.items():
+        atomic_write_json(path, records[arch])
+
+
+# The forms a model ships in, each timed side by side with the reference: torch eager fp32 and the ONNX
+# Runtime graphs `extract` writes (model.opt.onnx, model.opt.int8.onnx: the one `finetune` scores).
+DEPLOYED_FORMS = ({"engine": "torch"}, {"engine": "onnxruntime", "optimize": True},
+                  {"engine": "onnxruntime", "optimize": True, "quantize": "int8"})
+
+
+def measure_exported(run: Run, archs: list[str], reference: str) -> dict[str, dict]:
+    """Measured latency of exported architectures in the predictor's (searched) form, next to their
+    predictions, each form timed in one interleaved run with ``reference`` in every round; ``forms``
+    has every deployed form (`DEPLOYED_FORMS`; ONNX Runtime's where it is installed), timed the same
+    way. Each record has ``speedup`` (measured, over ``reference``), ``predicted_speedup`` and their
+    signed ``speedup_error_pct`` (negative: slower than predicted)."""
     import dataclasses
 
-    from ..latency import LatencyPredictor, measure, settings_of
+    from ..latency import LatencyPredictor, measure_many, settings_of
+    from ..space import Arch
 
     predictor = LatencyPredictor.load(run.outputs["latency"]["predictor"], check_fingerprint=False)
-    settings = settings_of(predictor.fingerprint, warmup=3, repeats=run.config["extract"]["latency_repeats"],
+    searched = settings_of(predictor.fingerprint, warmup=3, repeats=run.config["extract"]["latency_repeats"],
+                           interleave=len(archs),
                            **{k: run.config["latency"][k] for k in ("tolerance", "max_repeats", "noise_limit")})
-    record = measure(arch, settings)
-    record["predicted_ms"] = predictor.predict(arch)
-    record["reference_ms"] = predictor.reference_ms
-    record["form"] = settings.form
-    record["forms"] = {}
-    for name, quantize in (("fp32", "none"), ("int8", "int8")):
-        form = dataclasses.replace(settings, quantize=quantize)
-        if form.engine == "onnxruntime" and not _onnx_available():
-            continue
-        same = form.quantize == settings.quantize
-        record["forms"][name] = {"form": form.form, **(record if same else measure(arch, form))["latency"]}
-    return record
+    forms = {searched.form: searched}
+    for shape in DEPLOYED_FORMS:
+        form = dataclasses.replace(searched, **{"optimize": False, "quantize": "none", **shape})
+        if form.engine == "torch" or _onnx_available():
+            forms.setdefault(form.form, form)
+    timed = {name: {r["arch"]: r for r in measure_many(archs, form, anchor=Arch.parse(reference))}
+             for name, form in forms.items()}
+    reference_predicted = predictor.predict(reference)
+    records = {}
+    for arch in archs:
+        record = timed[searched.form][arch]
+        predicted_speedup, speedup = reference_predicted / predictor.predict(arch), 1 / record["paced"]["ratio"]
+        records[arch] = {**record, "predicted_ms": predictor.predict(arch), "reference_ms": predictor.reference_ms,
+                         "form": searched.form, "reference_arch": reference, "speedup": round(speedup, 4),
+                         "predicted_speedup": round(predicted_speedup, 4),
+                         "speedup_error_pct": round(100 * (predicted_speedup / speedup - 1), 2),
+                         "forms": {name: {**timed[name][arch]["latency"],
+                                          "speedup": round(1 / timed[name][arch]["paced"]["ratio"], 4)}
+                                   for name in forms}}
+    return records
 
 
 def _safe(name: str) -> str:

@@ -23,6 +23,7 @@ Modules, each importing only those above it:
 * ``predictor`` `LatencyPredictor`: numpy forward pass, JSON file format, checks.
 * ``profiling`` the resumable `profile` stage and its JSONL records.
 * ``fitting``   the `fit` (MLP + FLOPs baseline, held-out metrics) and `check` stages.
+* ``compare``   `compare_models`: shipped files (checkpoint folders, .onnx) timed against a reference.
 
 Everything callers use is re-exported here: ``from autotinybert.latency import X`` keeps working.
 """
@@ -37,10 +38,12 @@ from .profiling import plan_architectures, profile, read_records, write_output_c
 from ..settings import CLOCKS, ENGINES, LatencySettings
 from .hardware import settings_of
 from .timing import build_model, measure, measure_many, summarize, torch_threads
+from .compare import compare_models, compare_table
 
 __all__ = [
     "CLOCKS", "DERIVED_INPUTS", "ENGINES", "INPUT_NAMES", "PREDICTOR_FORMAT", "PREDICTOR_VERSION",
-    "LatencyPredictor", "LatencySettings", "build_model", "check", "design_inputs", "drift_corrected_ms", "features_of",
+    "LatencyPredictor", "LatencySettings", "build_model", "check", "compare_models", "compare_table", "design_inputs",
+    "drift_corrected_ms", "features_of",
     "fingerprint",
     "fingerprint_differences", "fit", "fit_baseline", "fit_mlp", "flops", "flops_array", "measure", "measure_many",
     "metrics",

@@ -1,0 +1,122 @@
+"""Verify before shipping: a target is met when the *measured* speed-up over a reference timed side by
+side with the model reaches the speed-up the target asks for.
+
+The search trusts the latency predictor; the predictor was fitted minutes or hours earlier, the host's
+speed drifts by tens of percent between minutes, and a predictor can be biased in one region of the
+space. So each target's best few candidates (`shortlist`: the best, then the best that is predicted
+faster, ...) and the reference (the SuperPLM's largest architecture: the pre-trained source, or the
+space's largest) are timed together in one interleaved run, in the predictor's deployed form; each
+timing is divided by the reference's in the same round (`runner.paced_summary`), so the host's drift
+cancels. Each target ships the best-ranked candidate whose measured ratio meets it (`choose`); when
+none does, the fastest measured ships and the record says by how much it misses.
+
+The record (`verify_targets`) keeps, per candidate, the predicted and measured speed-ups and the
+signed error of the prediction (negative: slower than predicted).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any, Callable, Sequence
+
+from .latency import LatencySettings, measure_many
+from .search import preference
+from .space import Arch
+
+# measure(candidates, reference) -> ({arch: its latency / the reference's, median over rounds},
+#                                    the reference's median ms, or None when not timed in ms)
+Measure = Callable[[Sequence[str], str], tuple[dict[str, float], float | None]]
+
+
+def shortlist(visits: Sequence[dict], count: int) -> list[dict]:
+    """Up to ``count`` visited architectures in the search's order of preference, each predicted faster
+    than every better one kept: when the best measures slower than predicted, the next is a faster
+    runner-up rather than a near twin of it."""
+    kept: list[dict] = []
+    for visit in sorted({v["arch"]: v for v in visits}.values(), key=preference):
+        if len(kept) == count:
+            break
+        if all(visit["latency_ms"] < k["latency_ms"] for k in kept):
+            kept.append(visit)
+    return kept
+
+
+def choose(candidates: Sequence[dict], allowed_ratio: float) -> dict:
+    """The first candidate (in preference order) whose measured ``ratio`` (its latency / the
+    reference's) is at most ``allowed_ratio``; else the fastest measured, marked as missing."""
+    meeting = [c for c in candidates if c["ratio"] <= allowed_ratio]
+    pick = meeting[0] if meeting else min(candidates, key=lambda c: (c["ratio"], c["arch"]))
+    return {"arch": pick["arch"], "met": bool(meeting),
+            # how far the shipped model's measured speed-up falls short of the target's (0 when met)
+            "shortfall_pct": 0.0 if meeting else round(100 * (1 - allowed_ratio / pick["ratio"]), 2)}
+
+
+def measure_against(settings: LatencySettings, timer: Callable[[], float] | None = None) -> Measure:
+    """Time the candidates and the reference in one interleaved run (`latency.measure_many` with the
+    reference as the anchor of every round); each candidate's ratio is the median over rounds of its
+    time / the reference's time in that round."""
+    def measure(archs: Sequence[str], reference: str) -> tuple[dict[str, float], float | None]:
+        records = measure_many(list(archs), replace(settings, interleave=max(1, len(archs))), timer=timer,
+                               anchor=Arch.parse(reference))
+        return {record["arch"]: record["paced"]["ratio"] for record in records}, records[0]["anchor"]["median_ms"]
+
+    return measure
+
+
+def verify_targets(targets: Sequence[dict], reference: Arch | str, predict: Callable[[Arch], float], count: int,
+                   measure: Measure, *, form: str = "") -> dict[str, Any]:
+    """Time each target's `shortlist` against ``reference`` (one interleaved run for all targets) and
+    `choose` what ships. ``targets``: ``{"target": name, "target_ms": predicted budget, "visits": [...]}``
+    (a search's results); ``predict``: the latency predictor the search used."""
+    reference = str(reference)
+    reference_ms = float(predict(Arch.parse(reference)))
+    lists = {t["target"]: shortlist(t["visits"], count) for t in targets}
+    archs = list(dict.fromkeys(v["arch"] for visits in lists.values() for v in visits))
+    ratios, reference_measured_ms = measure(archs, reference)
+    rows = []
+    for target in targets:
+        allowed = target["target_ms"] / reference_ms  # the target as a fraction of the reference's latency
+        candidates = [_candidate(v, rank, ratios[v["arch"]], reference_ms, allowed)
+                      for rank, v in enumerate(lists[target["target"]])]
+        rows.append({"target": target["target"], "target_ms": target["target_ms"],
+                     "target_speedup": round(1 / allowed, 4), **choose(candidates, allowed), "candidates": candidates})
+    return {"reference": {"arch": reference, "predicted_ms": reference_ms,
+                          "measured_ms": reference_measured_ms},
+            "form": form, "load_average": _load_average(), "targets": rows}
+
+
+def _candidate(visit: dict, rank: int, ratio: float, reference_ms: float, allowed: float) -> dict:
+    predicted = visit["latency_ms"] / reference_ms
+    return {"arch": visit["arch"], "rank": rank, "fitness": visit.get("rescored", visit["fitness"]),
+            "predicted_ms": visit["latency_ms"], "ratio": ratio, "meets": ratio <= allowed,
+            "predicted_speedup": round(1 / predicted, 4), "measured_speedup": round(1 / ratio, 4),
+            # signed: negative when the model measured slower than the predictor said
+            "error_pct": round(100 * (predicted / ratio - 1), 2)}
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def choose_form(forms: dict[str, float], scores: dict[str, float | None], tolerance: float) -> dict[str, Any]:
+    """The form to ship: the fastest (``forms``: measured ms by form name) whose dev score is within
+    ``tolerance`` points of the best fp32 score. ``scores`` maps form names to their dev score (None:
+    not scored); a form that was not scored is never chosen over a scored one, and int8 forms (whose
+    scores move) only when scored. Returns the form and the reason in words."""
+    fp32 = [score for form, score in scores.items() if score is not None and "int8" not in form]
+    floor = max(fp32) - tolerance if fp32 else None
+    eligible = {form: ms for form, ms in forms.items()
+                if (floor is None and "int8" not in form)
+                or (floor is not None and scores.get(form) is not None and scores[form] >= floor)}
+    if not eligible:
+        return {"form": None, "reason": "no form was scored"}
+    form = min(eligible, key=lambda f: (eligible[f], f))
+    why = f"{forms[form]:.2f} ms, the fastest" + ("" if floor is None else f" within {tolerance:g} points of fp32")
+    faster = [f for f in forms if forms[f] < forms[form]]
+    if faster:
+        why += "; faster: " + ", ".join(faster) + (" (not scored)" if floor is None else " (lost more)")
+    return {"form": form, "reason": why}

@@ -1,0 +1,122 @@
+"""Verify before shipping (`autotinybert.verify`): what ships is the best candidate whose speed-up,
+measured side by side with the reference, meets the target."""
+
+import pytest
+
+from autotinybert.space import Arch
+from autotinybert.verify import choose, choose_form, measure_against, shortlist, verify_targets
+
+REFERENCE = "L6-H384-F1536-A12-Q384"
+REFERENCE_MS = 30.0  # predicted
+
+
+def visit(arch: str, fitness: float, ms: float, **extra) -> dict:
+    return {"arch": arch, "fitness": fitness, "latency_ms": ms, **extra}
+
+
+# A 3x target (10 ms predicted): the fittest at 9.9 ms, a faster runner-up, a near twin of the best
+# that is not faster (never shortlisted), and the fastest.
+VISITS = [visit("L4-H256-F512-A8-Q256", 0.90, 9.9), visit("L4-H256-F480-A8-Q256", 0.89, 9.95),
+          visit("L3-H256-F512-A8-Q256", 0.85, 9.0), visit("L2-H256-F512-A8-Q256", 0.70, 8.6),
+          visit("L4-H256-F512-A8-Q256", 0.90, 9.9)]  # visited twice: one candidate
+TARGET = {"target": "3x", "target_ms": 10.0, "visits": VISITS}
+
+
+def predict(arch: Arch) -> float:
+    ms = {v["arch"]: v["latency_ms"] for v in VISITS}
+    return REFERENCE_MS if str(arch) == REFERENCE else ms[str(arch)]
+
+
+def scripted(ratios: dict[str, float]):
+    """Measured ratios (model / reference), as a side-by-side run would give them."""
+    calls = []
+
+    def measure(archs, reference):
+        calls.append((list(archs), reference))
+        return {arch: ratios[arch] for arch in archs}, 31.0
+
+    measure.calls = calls
+    return measure
+
+
+def test_the_shortlist_is_the_best_then_each_faster_runner_up():
+    kept = shortlist(VISITS, 3)
+    assert [v["arch"] for v in kept] == ["L4-H256-F512-A8-Q256", "L3-H256-F512-A8-Q256", "L2-H256-F512-A8-Q256"]
+    assert [v["arch"] for v in shortlist(VISITS, 1)] == ["L4-H256-F512-A8-Q256"]
+
+
+def test_a_rescored_shortlist_leads_the_preference():
+    visits = [*VISITS[:4], visit("L1-H256-F512-A8-Q256", 0.5, 5.0, rescored=0.95)]
+    assert shortlist(visits, 2)[0]["arch"] == "L1-H256-F512-A8-Q256"
+
+
+def test_the_best_ships_when_it_meets_the_target_even_if_slower_than_predicted():
+    # predicted 9.9 / 30 = 0.33; measured 0.333 (slower than predicted) still meets 10 / 30.
+    result = verify_targets([TARGET], REFERENCE, predict, 3, scripted(
+        {"L4-H256-F512-A8-Q256": 0.333, "L3-H256-F512-A8-Q256": 0.30, "L2-H256-F512-A8-Q256": 0.28}))
+    row = result["targets"][0]
+    assert row["arch"] == "L4-H256-F512-A8-Q256" and row["met"] and row["shortfall_pct"] == 0
+    best = row["candidates"][0]
+    assert best["error_pct"] < 0 and best["meets"]  # signed: slower than predicted
+    assert row["target_speedup"] == pytest.approx(3.0)
+
+
+def test_a_best_that_measures_too_slow_gives_way_to_the_next_that_meets():
+    measure = scripted({"L4-H256-F512-A8-Q256": 0.36, "L3-H256-F512-A8-Q256": 0.33, "L2-H256-F512-A8-Q256": 0.30})
+    row = verify_targets([TARGET], REFERENCE, predict, 3, measure)["targets"][0]
+    assert row["arch"] == "L3-H256-F512-A8-Q256" and row["met"]
+    assert [c["meets"] for c in row["candidates"]] == [False, True, True]
+    assert measure.calls == [(["L4-H256-F512-A8-Q256", "L3-H256-F512-A8-Q256", "L2-H256-F512-A8-Q256"], REFERENCE)]
+
+
+def test_a_slower_than_promised_model_ships_only_when_nothing_meets_the_target():
+    measure = scripted({"L4-H256-F512-A8-Q256": 0.40, "L3-H256-F512-A8-Q256": 0.37, "L2-H256-F512-A8-Q256": 0.35})
+    row = verify_targets([TARGET], REFERENCE, predict, 3, measure)["targets"][0]
+    assert row["arch"] == "L2-H256-F512-A8-Q256" and not row["met"]  # the fastest measured, marked
+    assert row["shortfall_pct"] == pytest.approx(100 * (1 - (10 / 30) / 0.35), abs=0.01)
+
+
+def test_choose_prefers_rank_over_speed_among_those_that_meet():
+    candidates = [{"arch": "a", "ratio": 0.32}, {"arch": "b", "ratio": 0.20}]
+    assert choose(candidates, 1 / 3)["arch"] == "a"
+
+
+def test_targets_share_one_side_by_side_run():
+    second = {"target": "2x", "target_ms": 15.0, "visits": [visit("L5-H384-F512-A12-Q384", 0.95, 14.5)]}
+    measure = scripted({"L4-H256-F512-A8-Q256": 0.3, "L5-H384-F512-A12-Q384": 0.45})
+    result = verify_targets([TARGET, second], REFERENCE, lambda arch: REFERENCE_MS, 1, measure)
+    assert measure.calls == [(["L4-H256-F512-A8-Q256", "L5-H384-F512-A12-Q384"], REFERENCE)]
+    assert [t["met"] for t in result["targets"]] == [True, True]
+    assert result["reference"] == {"arch": REFERENCE, "predicted_ms": REFERENCE_MS, "measured_ms": 31.0}
+
+
+@pytest.mark.filterwarnings("ignore:.*noisier than")  # a busy machine may warn; the order holds anyway
+def test_side_by_side_timing_orders_a_tiny_model_below_its_reference():
+    from autotinybert.latency import LatencySettings
+
+    settings = LatencySettings(seq_len=16, vocab_size=100, warmup=1, repeats=3, max_repeats=6)
+    ratios, reference_ms = measure_against(settings)(["L1-H32-F64-A2-Q32"], "L4-H256-F1024-A4-Q256")
+    assert 0 < ratios["L1-H32-F64-A2-Q32"] < 0.5 and reference_ms > 0
+
+
+# --- the form that ships ------------------------------------------------------------------------------
+FORMS = {"torch": 10.0, "onnxruntime-opt": 7.0, "onnxruntime-opt-int8": 4.0}
+
+
+def test_int8_ships_when_its_score_is_within_the_tolerance():
+    scores = {"torch": 90.0, "onnxruntime-opt": 90.0, "onnxruntime-opt-int8": 89.6}
+    assert choose_form(FORMS, scores, 0.5)["form"] == "onnxruntime-opt-int8"
+
+
+def test_int8_that_loses_more_than_the_tolerance_gives_way_to_the_fastest_fp32_form():
+    scores = {"torch": 90.0, "onnxruntime-opt": 90.0, "onnxruntime-opt-int8": 89.4}
+    choice = choose_form(FORMS, scores, 0.5)
+    assert choice["form"] == "onnxruntime-opt" and "onnxruntime-opt-int8" in choice["reason"]
+    assert choose_form(FORMS, scores, 0.6)["form"] == "onnxruntime-opt-int8"
+
+
+def test_an_unscored_int8_form_never_ships_and_fp32_wins_when_it_is_faster():
+    assert choose_form(FORMS, {}, 0.5)["form"] == "onnxruntime-opt"
+    slow_int8 = {**FORMS, "onnxruntime-opt-int8": 8.0}  # small models: int8 can be slower
+    scores = {"torch": 90.0, "onnxruntime-opt": 90.0, "onnxruntime-opt-int8": 90.0}
+    assert choose_form(slow_int8, scores, 0.5)["form"] == "onnxruntime-opt"
