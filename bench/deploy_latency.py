@@ -11,7 +11,7 @@ with the ratios to torch fp32 and the fused operators of each optimised graph.
 predictor is then scored on every profiled architecture it never saw. Repeated over seeds.
 
     PYTHONPATH=src python bench/deploy_latency.py forms --out bench-out/deploy/forms.json --clock cpu
-    PYTHONPATH=src python bench/deploy_latency.py predictor --data docs/latency-bench/latency-profile-torch.jsonl.gz \
+    PYTHONPATH=src python bench/deploy_latency.py predictor --data docs/results/latency-bench/latency-profile-torch.jsonl.gz \
         --sizes 60 300 --seeds 5 --out bench-out/deploy/predictor-torch.json
 """
 
@@ -30,7 +30,9 @@ import numpy as np
 
 ARCHS = {"BERT-base": "L12-H768-F3072-A12-Q768", "all-MiniLM-L6-v2": "L6-H384-F1536-A12-Q384",
          "S1": "L5-H564-F1054-A8-Q512", "S4": "L3-H320-F608-A4-Q256", "KD-S2": "L5-H324-F600-A12-Q324",
-         "KD-S4": "L4-H256-F480-A12-Q192"}
+         "KD-S4": "L4-H256-F480-A12-Q192",
+         # the small end, where int8's overheads may stop paying
+         "T2": "L2-H192-F384-A3-Q192", "T1": "L1-H128-F256-A2-Q128"}
 FORMS = {  # name: LatencySettings fields
     "torch fp32": {"engine": "torch"},
     "torch int8": {"engine": "torch", "quantize": "int8"},
@@ -60,14 +62,14 @@ def forms(args: argparse.Namespace) -> dict:
         warnings.simplefilter("ignore")
         for name, text in ARCHS.items():
             arch = Arch.parse(text)
-            for form, fields in FORMS.items():
+            for form, fields in ((f, FORMS[f]) for f in args.forms):
                 settings = LatencySettings(clock=args.clock, **fields)
                 directory = Path(tmp) / f"{name}-{form}".replace(" ", "_")
                 runs[(name, form)] = (_torch_run(arch, settings) if settings.engine == "torch"
                                       else _onnx_run(arch, settings, directory))
                 if form == "ORT optimised":
                     fused[name] = fusion_counts(directory / "model.opt.onnx")
-            if arch.is_bert_compatible:  # the cost of losing attention fusion: the SDPA-traced graph
+            if arch.is_bert_compatible and args.sdpa:  # the cost of losing attention fusion: the SDPA-traced graph
                 path = onnx_forms(build_model(arch), Path(tmp) / f"{name}-sdpa", ("optimized",), fusable=False)["optimized"]
                 fused[f"{name} (SDPA export)"] = fusion_counts(path)
                 session, feeds = onnx_session(path, 1), onnx_feeds(1, 128, 30522)
@@ -199,6 +201,8 @@ def main() -> None:
     f.add_argument("--repeats", type=int, default=10)
     f.add_argument("--max-repeats", type=int, default=30)
     f.add_argument("--tolerance", type=float, default=0.02)
+    f.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
+    f.add_argument("--no-sdpa", dest="sdpa", action="store_false", help="skip the unfused (SDPA-traced) graphs")
     p = sub.add_parser("predictor")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--sizes", type=int, nargs="+", default=[60, 300])

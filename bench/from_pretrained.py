@@ -28,7 +28,7 @@ and every model timed side by side) -> search (ordered, random) -> models (extra
 
     PYTHONPATH=src python bench/from_pretrained.py --work /work/fp --corpus ../shared/data/corpus \\
         --glue ../shared/data/glue_data --cache-dir /work/fp/cache \\
-        --json docs/results-pretrained.json --markdown docs/results-pretrained.table.md
+        --json docs/results/results-pretrained.json --markdown docs/results/results-pretrained.table.md
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@
    MAPE, mean signed error, Spearman.
 
     PYTHONPATH=src python bench/latency_honesty.py --work bench-out/honesty --space paper-kd \\
-        --samples 60 --archs 8 --rounds 15 --clock cpu --out docs/latency-honesty
+        --samples 60 --archs 8 --rounds 15 --clock cpu --out docs/results/latency-honesty
 """
 
 from __future__ import annotations

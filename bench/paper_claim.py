@@ -26,7 +26,7 @@ interrupted runs with --resume), so rerunning the command finishes what is missi
     PYTHONPATH=src python bench/paper_claim.py --superplm /work/runs/mlm --work /work/runs7c/claim \\
         --corpus /work/shared/data/corpus --valid-corpus /work/shared/data/corpus/valid \\
         --glue /work/shared/data/glue --cache-dir /work/runs7c/cache \\
-        --json docs/paper-claim.json --markdown docs/paper-claim.md
+        --json docs/results/paper-claim.json --markdown docs/results/paper-claim.md
 """
 
 from __future__ import annotations

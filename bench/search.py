@@ -10,7 +10,7 @@ the targets' candidates — proxy fitness vs fine-tuned dev score, Spearman — 
 
     PYTHONPATH=src python bench/search.py --supernet /work/runs/mlm --predictor pred.json \
         --valid-corpus /work/shared/data/corpus/valid --cache-dir /work/runs/cache \
-        --target-ms 20 40 80 --out docs/search-bench.json \
+        --target-ms 20 40 80 --out docs/results/search-bench.json \
         --correlate-task sst2 --data-dir ../shared/data/glue
 """
 

@@ -1,7 +1,7 @@
 """Split SQuAD v1.1 dev into train / dev files by article, for recorded runs on this machine.
 
 `../shared/data` has SQuAD v1.1 dev only (the train file is missing, see its README), so the
-recorded SQuAD runs in docs/downstream.md train on 40 of the 48 dev articles and evaluate on
+recorded SQuAD runs in docs/results/downstream-records.md train on 40 of the 48 dev articles and evaluate on
 the other 8. Whole articles go to one side, so no context is shared between train and dev.
 
     python bench/squad_dev_split.py ../shared/data/squad/dev-v1.1.json --out runs/squad-split

@@ -1,7 +1,7 @@
 """The task route, measured: from a pre-trained source and a labelled task to models N× faster.
 
     python bench/task_route.py --data-dir ../shared/data/glue --work runs/task-route --tasks sst2 \
-        --targets 3 --seeds 0 1 --out docs/results-task
+        --targets 3 --seeds 0 1 --out docs/results/results-task
 
 Per task, every stage writes its files under ``--work`` and is skipped when they exist (rerun the
 same command to continue; a stopped stage restarts, or continues from its checkpoint):

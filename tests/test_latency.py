@@ -98,12 +98,12 @@ def _known(arch: Arch) -> float:
                                                                     arch.num_attention_heads, arch.qkv_size)) / 4e9)
 
 
-RECORDED = Path(__file__).resolve().parent.parent / "docs" / "latency-bench"
+RECORDED = Path(__file__).resolve().parent.parent / "docs" / "results" / "latency-bench"
 
 
 @pytest.mark.parametrize("engine, measured", [("torch", 400), ("onnxruntime", 325)])
 def test_predictor_fits_recorded_profiles(engine, measured):
-    """Held-out quality on real timings (paper MLM space, 1 thread, batch 1, seq 128; docs/latency.md).
+    """Held-out quality on real timings (paper MLM space, 1 thread, batch 1, seq 128; docs/results/latency-records.md).
 
     With the default 3000 epochs the MLP reaches held-out MAPE 3.88 % (torch) / 2.91 % (ONNX
     Runtime), Spearman 0.998 / 0.999; 1000 epochs give ~4.1 % / ~3.0 % in a second each. The bounds
@@ -129,7 +129,7 @@ def test_predictor_fits_recorded_profiles(engine, measured):
 @pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
 def test_selection_from_60_recorded_samples_never_loses(engine):
     """Issue 14: fitted from 60 profiled architectures, the chosen predictor's error on the other
-    265-340 is at most the better of the MLP and the FLOPs baseline (docs/latency.md: the costs
+    265-340 is at most the better of the MLP and the FLOPs baseline (docs/results/latency-records.md: the costs
     model, ~3.9 % torch / ~2.4 % ONNX Runtime)."""
     records = latency.read_records(RECORDED / f"latency-profile-{engine}.jsonl.gz")
     samples = [r for r in records if not r["reference"]]
@@ -564,3 +564,12 @@ def test_fit_learns_from_drift_corrected_latency():
     _, report = latency.fit(drifted, epochs=50, folds=3)
     assert report["heldout"]["measured_ms"] == pytest.approx(reference["heldout"]["measured_ms"])
     assert report["selected"]["mape_pct"] == pytest.approx(reference["selected"]["mape_pct"])
+
+
+def test_metrics_report_the_signed_error_beside_mape():
+    """Predicting 10 % fast on one model and 10 % slow on another: MAPE 10, signed 0; predicting every
+    model 20 % fast (models measure slower than promised): signed -20."""
+    measured = np.array([10.0, 20.0])
+    both = latency.metrics(np.array([9.0, 22.0]), measured)
+    assert both["mape_pct"] == pytest.approx(10.0) and both["signed_error_pct"] == pytest.approx(0.0)
+    assert latency.metrics(0.8 * measured, measured)["signed_error_pct"] == pytest.approx(-20.0)

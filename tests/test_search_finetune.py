@@ -135,10 +135,18 @@ def test_correlation_summary_hand_cases():
 
     archs = [(f"L1-H12-F13-A{h}-Q{9 * h}", None) for h in range(1, 5)]
     # Ranks (1 2 3 4) vs (1 2 4 3): Spearman 1 - 6·2 / (4·15) = 0.8, Kendall (5 - 1) / 6.
-    summary = correlation_summary(archs, [0.1, 0.2, 0.3, 0.4], [10.0, 20.0, 40.0, 30.0])
+    summary = correlation_summary(archs, {"proxy": [0.1, 0.2, 0.3, 0.4]}, [10.0, 20.0, 40.0, 30.0])
     assert summary["spearman"] == pytest.approx(0.8) and summary["kendall"] == pytest.approx(4 / 6)
-    assert correlation_summary(archs, [0.4, 0.3, 0.2, 0.1], [1.0, 2.0, 3.0, 4.0])["spearman"] == pytest.approx(-1.0)
-    constant = correlation_summary(archs, [0.1, 0.2, 0.3, 0.4], [50.0] * 4)
+    # The proxy picks the fourth (30.0) where the third is best (40.0): top-1 regret 10.
+    assert summary["fitness"]["proxy"]["pick"] == archs[3][0] and summary["fitness"]["proxy"]["top1_regret"] == 10.0
+    assert correlation_summary(archs, {"proxy": [0.4, 0.3, 0.2, 0.1]}, [1.0, 2.0, 3.0, 4.0])["spearman"] == \
+        pytest.approx(-1.0)
+    # Every fitness is reported; the first one also at the top level.
+    both = correlation_summary(archs, {"task": [1.0, 2.0, 4.0, 3.0], "proxy": [0.4, 0.3, 0.2, 0.1]},
+                               [10.0, 20.0, 40.0, 30.0])
+    assert both["spearman"] == pytest.approx(1.0) and both["fitness"]["task"]["top1_regret"] == 0.0
+    assert both["fitness"]["proxy"]["spearman"] == pytest.approx(-0.8) and both["rows"][2]["task"] == 4.0
+    constant = correlation_summary(archs, {"proxy": [0.1, 0.2, 0.3, 0.4]}, [50.0] * 4)
     assert constant["spearman"] is None and constant["kendall"] is None  # undefined, not NaN in the JSON
     assert [r["finetune"] for r in constant["rows"]] == [50.0] * 4
 

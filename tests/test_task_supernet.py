@@ -322,6 +322,31 @@ def test_cli_search_with_the_task_evaluator_and_rerank(tmp_path, capsys):
     assert main(proxy) == 2 and not (tmp_path / "other").exists()
 
 
+def test_cli_search_correlate_reports_the_task_fitness_against_the_finetuned_score(tmp_path, capsys):
+    """`search correlate --fitness task` on a task SuperPLM: Spearman, Kendall and the top-1 regret of
+    the inherited score against the fine-tuned one, every row, one state file per evaluator."""
+    from autotinybert.checkpoint import save_supernet
+    from autotinybert.cli import main
+
+    model, *_ = _superplm(tmp_path)
+    save_supernet(model, tmp_path / "superplm")
+    tiny_tokenizer().save_pretrained(tmp_path / "superplm")
+    out = tmp_path / "correlate"
+    argv = ["search", "correlate", "--supernet", str(tmp_path / "superplm"), "--fitness", "task", "--samples", "4",
+            "--task", "sst2", "--data-dir", str(tmp_path / "glue_data"), "--ft-validation-examples", "2",
+            "--ft-max-steps", "2", "--ft-batch-size", "4", "--grid-step-hidden", "4", "--grid-step-ffn", "4",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "correlate.json").read_text())
+    assert list(summary["fitness"]) == ["task"] and len(summary["rows"]) == 4
+    task = summary["fitness"]["task"]
+    assert task["pick"] in [r["arch"] for r in summary["rows"]] and task["top1_regret"] >= 0
+    assert all(isinstance(r["task"], float) and isinstance(r["finetune"], float) for r in summary["rows"])
+    assert "task: Spearman" in printed and "top-1 regret" in printed
+    assert {p.name for p in out.glob("*-state.json")} == {"task-state.json", "finetune-state.json"}
+
+
 def test_a_regression_task_builds_trains_and_scores(tmp_path):
     """STS-B: one output, MSE against the teacher's scores; the evaluator scores Pearson/Spearman."""
     from autotinybert.checkpoint import save_supernet

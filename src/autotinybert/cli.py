@@ -170,12 +170,13 @@ def _run_latency_fit(args: argparse.Namespace) -> int:
     print(f"fitted on {report['n_train']} architectures ({predictor.fingerprint.get('engine')}, form "
           f"{S.LatencySettings(**shape_of(predictor.fingerprint)).form}), held out {report['n_heldout']}; "
           f"chosen by {report['folds']}-fold cross-validation: {report['chosen']}")
-    print(f"  {'predictor':<10} {'CV MAPE':>8} {'held-out MAPE':>14} {'RMSE':>9} {'Spearman':>9}")
+    print(f"  {'predictor':<10} {'CV MAPE':>8} {'held-out MAPE':>14} {'signed':>8} {'RMSE':>9} {'Spearman':>9}")
     for kind, name in (("mlp", "mlp"), ("costs", "costs"), ("flops", "baseline")):
         m, cv = report[name], report["cross_validation"][kind]
         mark = "  <- chosen" if kind == report["chosen"] else ""
         label = "flops" if kind == "flops" else kind
-        print(f"  {label:<10} {cv['mape_pct']:>7.2f}% {m['mape_pct']:>13.2f}% {m['rmse_ms']:>6.2f} ms {m['spearman']:>9.4f}{mark}")
+        print(f"  {label:<10} {cv['mape_pct']:>7.2f}% {m['mape_pct']:>13.2f}% {m['signed_error_pct']:>+7.2f}% "
+              f"{m['rmse_ms']:>6.2f} ms {m['spearman']:>9.4f}{mark}")
     if predictor.reference_ms is not None:
         print(f"BERT-base reference {predictor.reference_ms:.1f} ms; predictor written to {o.out}")
     return 0
@@ -256,20 +257,23 @@ def _run_search(args: argparse.Namespace) -> int:
 def _run_search_correlate(args: argparse.Namespace) -> int:
     from .search_stage import run_correlate
 
-    job = _search_job(args, evaluator="finetune")
+    job, correlate = _search_job(args, evaluator="finetune"), from_namespace(S.CorrelateCommand, args)
     _quiet_transformers()
-    summary = run_correlate(job, from_namespace(S.CorrelateCommand, args).samples, arguments=_arguments(args))
-    print(f"{'architecture':<24} {'latency':>9} {'proxy':>8} {'finetune':>9}")
+    summary = run_correlate(job, correlate.samples, correlate.fitness, arguments=_arguments(args))
+    names = list(summary["fitness"])
+    print(f"{'architecture':<24} {'latency':>9} " + " ".join(f"{n:>8}" for n in names) + f" {'finetune':>9}")
     for row in summary["rows"]:
         ms = f"{row['latency_ms']:.2f}ms" if row["latency_ms"] is not None else "-"
-        print(f"{row['arch']:<24} {ms:>9} {row['proxy']:>8.4f} {row['finetune']:>9.2f}")
+        print(f"{row['arch']:<24} {ms:>9} " + " ".join(f"{row[n]:>8.4f}" for n in names) + f" {row['finetune']:>9.2f}")
 
-    def shown(name: str) -> str:
-        value, p_value = summary[name], summary[f"{name}_p"]
+    def shown(result: dict, name: str) -> str:
+        value, p_value = result[name], result[f"{name}_p"]
         return "undefined (a constant fitness)" if value is None else f"{value:+.3f} (p {p_value:.3f})"
 
-    print(f"Spearman {shown('spearman')}, Kendall {shown('kendall')} over {summary['samples']} architectures; "
-          f"results in {job.command.out / 'correlate.json'}")
+    for name, result in summary["fitness"].items():
+        print(f"{name}: Spearman {shown(result, 'spearman')}, Kendall {shown(result, 'kendall')}, top-1 regret "
+              f"{result['top1_regret']:.2f} (picks {result['pick']}) over {summary['samples']} architectures")
+    print(f"results in {job.command.out / 'correlate.json'}")
     return 0
 
 
@@ -498,13 +502,25 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM at any moment, from before the arguments are read: one line and exit 143, never a
+    # silent death (the writes are staged).
+    with _sigterm_raises():
+        try:
+            args = build_parser().parse_args(argv)
+        except Terminated as err:
+            print("autotinybert: stopped by SIGTERM before the command began; nothing was written; rerun it",
+                  file=sys.stderr)
+            return err.exit_code
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's handler, each way it can end as one line and its exit code."""
     import warnings
 
-    args = build_parser().parse_args(argv)
     name = _command_name(args)
     try:
-        # SIGTERM at any moment: one line and exit 143, never a silent death (the writes are staged).
-        with _sigterm_raises(), warnings.catch_warnings():  # restores warnings.showwarning afterwards
+        with warnings.catch_warnings():  # restores warnings.showwarning afterwards
             warnings.showwarning = _one_line_warnings(name)
             return int(args.handler(args) or 0)
     except Preempted as err:  # SIGTERM: a checkpoint was saved at a step boundary

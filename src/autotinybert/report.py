@@ -508,9 +508,13 @@ def _latency_text(run: dict) -> str:
     if not chosen:
         return "The latency predictor was reused; its held-out error is in its own file."
     kind = fit.get("chosen", "mlp")
+    signed = chosen.get("signed_error_pct")
     return (f"Predictor ({kind}) held-out error on {fit.get('n_heldout')} profiled architectures: MAPE "
-            f"{chosen.get('mape_pct', 0):.2f}%, RMSE {chosen.get('rmse_ms', 0):.2f} ms, Spearman "
-            f"{chosen.get('spearman', 0):.3f}.")
+            f"{chosen.get('mape_pct', 0):.2f}%"
+            + (f", mean signed error {signed:+.2f}% (negative: predicted faster than measured)" if signed is not None
+               else "")
+            + f", RMSE {chosen.get('rmse_ms', 0):.2f} ms, Spearman {chosen.get('spearman', 0):.3f}. The exported "
+            "models' speed-ups over the reference, predicted vs measured side by side, are in the model table.")
 
 
 def render_markdown(run: dict, title: str, figures: dict[str, str]) -> str:

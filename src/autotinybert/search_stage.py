@@ -12,7 +12,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from .errors import SetupWarning, UserError
 from .files import atomic_write_json, write_stage_config
@@ -228,27 +228,30 @@ def _supernet_space(supernet: Path) -> SearchSpace:
 CORRELATE_FORMAT = "autotinybert-correlate-state"
 
 
-def run_correlate(job: SearchJob, samples: int, *, arguments: dict[str, Any] | None = None) -> dict:
-    """Score ``samples`` architectures with both evaluators and report their rank correlation.
+def run_correlate(job: SearchJob, samples: int, fitness: Sequence[str] = ("proxy",), *,
+                  arguments: dict[str, Any] | None = None) -> dict:
+    """Score ``samples`` architectures with each ``fitness`` evaluator (proxy, task) and the finetune
+    evaluator, and report how each ranks them against the fine-tuned score (`correlation_summary`).
 
     The sample is drawn from the search grid, or from the candidates of the given latency
     targets when a predictor is given (the ranking the search needs is the one inside a window).
-    Both evaluations are cached in ``out`` and resumable, like a search's.
+    Every evaluation is cached in ``out`` and resumable, like a search's.
     """
     c = job.command
     _require(c, "supernet", "out")
     out = Path(c.out)
-    resume = _check_out(out, c.resume, ("proxy-state.json", "finetune-state.json"))
+    kinds = [*dict.fromkeys(fitness), "finetune"]
+    resume = _check_out(out, c.resume, tuple(f"{kind}-state.json" for kind in kinds))
     archs = _correlate_sample(job, samples)
     scores = {}
-    with contextlib.ExitStack() as stack:  # both built first: bad options of either fail before any work
-        evaluators = {"proxy": stack.enter_context(open_evaluator("proxy", job.evaluator_options("proxy"))),
-                      "finetune": stack.enter_context(open_evaluator("finetune", job.evaluator_options("finetune"),
-                                                                     c.workers))}
+    with contextlib.ExitStack() as stack:  # all built first: bad options of any fail before any work
+        evaluators = {kind: stack.enter_context(open_evaluator(kind, job.evaluator_options(kind),
+                                                               c.workers if kind == "finetune" else 1))
+                      for kind in kinds}
         _create_out(out, arguments)  # every input checked: now the output may appear
-        for kind, fitness in evaluators.items():
-            scores[kind] = _evaluate_sample(fitness, archs, out / f"{kind}-state.json", resume, kind, c.progress)
-    summary = correlation_summary(archs, scores["proxy"], scores["finetune"])
+        for kind, evaluator in evaluators.items():
+            scores[kind] = _evaluate_sample(evaluator, archs, out / f"{kind}-state.json", resume, kind, c.progress)
+    summary = correlation_summary(archs, {kind: scores[kind] for kind in kinds[:-1]}, scores["finetune"])
     atomic_write_json(out / "correlate.json", summary)
     return summary
 
@@ -316,25 +319,32 @@ def _evaluate_sample(fitness, archs, state_path: Path, resume: bool, kind: str, 
     return values
 
 
-def correlation_summary(archs: list[tuple[str, float | None]], proxy: list[float], finetune: list[float]) -> dict:
-    """Spearman and Kendall rank correlations of the two fitness lists, with every row."""
+def correlation_summary(archs: list[tuple[str, float | None]], fitness: dict[str, list[float]],
+                        finetune: list[float]) -> dict:
+    """How each fitness ranks the architectures against the fine-tuned score: Spearman and Kendall
+    rank correlations, and the top-1 regret (the best fine-tuned score minus that of the fitness's
+    pick), with every row. The first fitness's correlations are also at the top level."""
     import warnings
 
     from scipy import stats
-
-    with warnings.catch_warnings():  # a constant input is reported as "undefined" below
-        warnings.simplefilter("ignore")
-        spearman = stats.spearmanr(proxy, finetune)
-        kendall = stats.kendalltau(proxy, finetune)
 
     def finite(value) -> float | None:  # constant inputs give NaN: say "undefined", not NaN
         value = float(value)
         return value if value == value else None
 
+    per = {}
+    for name, values in fitness.items():
+        with warnings.catch_warnings():  # a constant input is reported as "undefined"
+            warnings.simplefilter("ignore")
+            spearman, kendall = stats.spearmanr(values, finetune), stats.kendalltau(values, finetune)
+        pick = max(range(len(values)), key=lambda i: (values[i], -i))
+        per[name] = {"spearman": finite(spearman.statistic), "spearman_p": finite(spearman.pvalue),
+                     "kendall": finite(kendall.statistic), "kendall_p": finite(kendall.pvalue),
+                     "pick": archs[pick][0], "top1_regret": max(finetune) - finetune[pick]}
+    first = per[next(iter(fitness))]
     return {
-        "samples": len(archs),
-        "spearman": finite(spearman.statistic), "spearman_p": finite(spearman.pvalue),
-        "kendall": finite(kendall.statistic), "kendall_p": finite(kendall.pvalue),
-        "rows": [{"arch": a, "latency_ms": ms, "proxy": p, "finetune": f}
-                 for (a, ms), p, f in zip(archs, proxy, finetune)],
+        "samples": len(archs), **{k: first[k] for k in ("spearman", "spearman_p", "kendall", "kendall_p")},
+        "fitness": per,
+        "rows": [{"arch": a, "latency_ms": ms, **{name: values[i] for name, values in fitness.items()},
+                  "finetune": finetune[i]} for i, (a, ms) in enumerate(archs)],
     }

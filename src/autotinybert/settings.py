@@ -460,7 +460,10 @@ class CorrelateCommand(Options):
     """`search correlate` besides the search command's options (its --predictor is optional here:
     with it, architectures are sampled inside the targets' latency windows)."""
 
-    samples: int = option(12, "architectures to score with both evaluators (a rank correlation needs 3)", minimum=3)
+    samples: int = option(12, "architectures to score with every evaluator (a rank correlation needs 3)", minimum=3)
+    fitness: list[str] = option(["proxy"], "the fitness functions ranked against the fine-tuned score: proxy (its "
+                                           "--metric) and/or task (a task SuperPLM's inherited score on the carved rows)",
+                                choices=("proxy", "task"))
 
 
 # --- fine-tuning and evaluation ----------------------------------------------------------------

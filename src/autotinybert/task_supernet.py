@@ -3,7 +3,7 @@
 What DynaBERT and whittle's PLM pruning do, and what a user with a fine-tuned model and a task
 wants: every sub-model carries task weights, so an architecture is scored by one pass over
 held-out task rows (`evaluators.TaskEvaluator`) instead of a loss on text (which ranked
-architectures backwards from a pre-trained start: docs/results-pretrained.md).
+architectures backwards from a pre-trained start: docs/results/results-pretrained.md).
 
 * `build`: the fine-tuned source (a `BertForSequenceClassification` checkpoint) in importance
   order (`importance`: hidden channels, FFN neurons, heads / head dims by their activations on the

@@ -119,12 +119,14 @@ def _drop_checkpoints(stage_dir: Path) -> None:
 
 def _gpus(run: Run, name: str) -> int:
     """GPUs a stage occupies: pre-training picks CUDA by itself when present (one per process); the
-    search evaluator uses run.device; fine-tuning, latency and extraction run on the CPU."""
-    if name in ("pretrain", "further_train"):
+    search evaluator, fine-tuning and the task route's training use run.device; latency and
+    extraction run on the CPU."""
+    if name in ("pretrain", "further_train") and not run.config["task"]["enabled"]:
         import torch
 
         return run.config["pretrain"]["nproc_per_node"] if torch.cuda.is_available() else 0
-    return 1 if name == "search" and run.config["run"]["device"].startswith("cuda") else 0
+    on_device = ("search", "finetune", "pretrain", "further_train")
+    return 1 if name in on_device and run.config["run"]["device"].startswith("cuda") else 0
 
 
 _UPSTREAM = {"data": (), "pretrain": ("data",), "latency": (), "search": ("data", "pretrain", "latency"),

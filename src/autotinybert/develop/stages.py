@@ -411,8 +411,9 @@ def _measure_side_by_side(run: Run, models: dict[Path, str], reference: str, ref
         atomic_write_json(path, records[arch])
 
 
-# The forms a model ships in, each timed side by side with the reference: torch eager fp32 and the ONNX
-# Runtime graphs `extract` writes (model.opt.onnx, model.opt.int8.onnx: the one `finetune` scores).
+# The forms a model ships in, each timed side by side with the reference: torch eager fp32 and, when
+# the run exports ONNX, ONNX Runtime's optimised fp32 and int8 graphs (the int8 one is what
+# `finetune.int8_eval` scores).
 DEPLOYED_FORMS = ({"engine": "torch"}, {"engine": "onnxruntime", "optimize": True},
                   {"engine": "onnxruntime", "optimize": True, "quantize": "int8"})
 
@@ -420,7 +421,7 @@ DEPLOYED_FORMS = ({"engine": "torch"}, {"engine": "onnxruntime", "optimize": Tru
 def measure_exported(run: Run, archs: list[str], reference: str) -> dict[str, dict]:
     """Measured latency of exported architectures in the predictor's (searched) form, next to their
     predictions, each form timed in one interleaved run with ``reference`` in every round; ``forms``
-    has every deployed form (`DEPLOYED_FORMS`; ONNX Runtime's where it is installed), timed the same
+    has every deployed form (`DEPLOYED_FORMS`; ONNX Runtime's where the run exports ONNX), timed the same
     way. Each record has ``speedup`` (measured, over ``reference``), ``predicted_speedup`` and their
     signed ``speedup_error_pct`` (negative: slower than predicted)."""
     import dataclasses
@@ -433,9 +434,10 @@ def measure_exported(run: Run, archs: list[str], reference: str) -> dict[str, di
                            interleave=len(archs),
                            **{k: run.config["latency"][k] for k in ("tolerance", "max_repeats", "noise_limit")})
     forms = {searched.form: searched}
+    onnx = _onnx_available() if run.config["extract"]["onnx"] == "auto" else run.config["extract"]["onnx"]
     for shape in DEPLOYED_FORMS:
         form = dataclasses.replace(searched, **{"optimize": False, "quantize": "none", **shape})
-        if form.engine == "torch" or _onnx_available():
+        if form.engine == "torch" or onnx:
             forms.setdefault(form.form, form)
     timed = {name: {r["arch"]: r for r in measure_many(archs, form, anchor=Arch.parse(reference))}
              for name, form in forms.items()}

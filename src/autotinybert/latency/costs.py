@@ -38,7 +38,7 @@ def design_inputs(features: np.ndarray, seq_len: int) -> np.ndarray:
     The paper's MLP sees (d_m, L, d_f, d_qkv) only; adding the analytic log-costs of the whole
     model, of one attention block and of one FFN lets a small MLP learn the per-shape efficiency
     (what a CPU actually varies in) instead of re-deriving products of features from ~300
-    noisy points. On our torch profile this cut held-out MAPE from ~5-6% to ~4% (docs/latency.md).
+    noisy points. On our torch profile this cut held-out MAPE from ~5-6% to ~4% (docs/results/latency-records.md).
     """
     L, d, f, _, q = (features[:, i] for i in range(5))
     T = float(seq_len)

@@ -21,13 +21,15 @@ from .timing import measure_many, torch_threads
 
 
 def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
-    """RMSE (ms), MAPE (%) and Spearman rank correlation of predictions against measurements."""
+    """RMSE (ms), MAPE (%), mean signed error (%: negative when models measure slower than
+    predicted, i.e. the predictor promises too much) and Spearman rank correlation."""
     from scipy.stats import spearmanr
 
     predicted, measured = np.asarray(predicted, float), np.asarray(measured, float)
     rho = spearmanr(predicted, measured).statistic if len(measured) > 1 else float("nan")
     return {"rmse_ms": float(np.sqrt(np.mean((predicted - measured) ** 2))),
             "mape_pct": float(100 * np.mean(np.abs(predicted - measured) / measured)),
+            "signed_error_pct": float(100 * np.mean((predicted - measured) / measured)),
             "spearman": float(rho), "n": int(len(measured))}
 
 

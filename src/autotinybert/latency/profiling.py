@@ -56,7 +56,7 @@ def plan_architectures(space: SearchSpace, samples: int, seed: int = 0, hidden_b
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a profile JSONL file, plain or gzip-compressed (as archived in docs/latency-bench/);
+    """Records of a profile JSONL file, plain or gzip-compressed (as archived in docs/results/latency-bench/);
     a torn last line (interrupted write) is dropped."""
     path = Path(path)
     try:
