@@ -508,8 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args = build_parser().parse_args(argv)
         except Terminated as err:
-            print("autotinybert: stopped by SIGTERM before the command began; nothing was written; rerun it",
-                  file=sys.stderr)
+            print("autotinybert: stopped by SIGTERM before the command began; nothing was written; rerun the same "
+                  "command (--resume, where the command has it, starts it afresh)", file=sys.stderr)
             return err.exit_code
         return _run(args)
 

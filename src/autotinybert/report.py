@@ -141,8 +141,10 @@ def _reference_row(extract: dict, finetune: dict) -> dict | None:
 
 def _model_rows(extract: dict, further: dict, finetune: dict, search: dict) -> list[dict]:
     rows = []
-    best = {row["target"]: row for row in (_read_json(search["results"], {}) or {}).get("best", [])} \
-        if search.get("results") else {}
+    results = (_read_json(search["results"], {}) or {}) if search.get("results") else {}
+    best = {row["target"]: row for row in results.get("best", [])}
+    # What shipped may be a runner-up of the search (verified before shipping): its own visit.
+    visits = {(t["target"]["name"], v["arch"]): v for t in results.get("targets", []) for v in t.get("history", [])}
     for target, model in (extract.get("models") or {}).items():
         final = (further.get("models") or {}).get(target, model)
         run_dir = (finetune.get("runs") or {}).get(target)
@@ -151,7 +153,7 @@ def _model_rows(extract: dict, further: dict, finetune: dict, search: dict) -> l
             "further_run": final.get("run"),
             "export": _read_json(Path(model["path"]) / "results.json", {}),
             "latency": _read_json(Path(model["path"]) / "latency.json", {}),
-            "search": best.get(target, {}),
+            "search": {**best.get(target, {}), **visits.get((target, model["arch"]), {})},
             "finetune": _read_json(Path(run_dir) / "results.json", None) if run_dir else None,
             "finetune_int8": _read_json(Path(run_dir) / "int8-eval" / "results.json", None) if run_dir else None,
             "finetune_dir": run_dir,
