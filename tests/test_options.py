@@ -242,8 +242,9 @@ def test_declared_bounds_and_choices_are_enforced(cls, tmp_path):
             with pytest.raises(OptionError, match=opt.flag):
                 cls(**{**base, opt.field: value})
         if opt.spec.choices:
+            value = ["no-such-choice"] if opt.base in (list, tuple) else "no-such-choice"
             with pytest.raises(OptionError, match="must be one of"):
-                cls(**{**base, opt.field: "no-such-choice"})
+                cls(**{**base, opt.field: value})
 
 
 def test_yaml_type_errors_name_section_and_key():
