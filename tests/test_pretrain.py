@@ -304,18 +304,18 @@ def test_in_place_distillation_teaches_the_smaller_sub_models_with_the_largest(t
                                                                                monkeypatch, distill_from):
     """--distill-from largest: in a sandwich step the largest sub-model learns from the teacher and
     every other sub-model from the largest's own (gradient-free) outputs; teacher: all from the teacher."""
-    import autotinybert.pretrain as pretrain_module
+    from autotinybert.pretrain import objectives  # step_loss calls kd_loss there
 
     tokenizer = train_wordpiece([corpus], 150, tmp_path / "tok")
     teacher = _tiny_teacher(tmp_path, len(tokenizer))
     targets: list[torch.Tensor] = []
-    real_kd_loss = pretrain_module.kd_loss
+    real_kd_loss = objectives.kd_loss
 
     def recording(student_scores, teacher_scores, student_fit, teacher_hidden, *args):
         targets.append(teacher_hidden)
         return real_kd_loss(student_scores, teacher_scores, student_fit, teacher_hidden, *args)
 
-    monkeypatch.setattr(pretrain_module, "kd_loss", recording)
+    monkeypatch.setattr(objectives, "kd_loss", recording)
     settings = _settings(tmp_path, corpus, space_file, vocab_size=None, tokenizer=str(tmp_path / "tok"),
                          objective="kd", teacher=str(teacher), sampling="sandwich", distill_from=distill_from,
                          max_steps=1, eval_every=100)
@@ -335,18 +335,18 @@ def test_in_place_distillation_with_mapped_layers_maps_onto_the_largest_sub_mode
     """--distill-from largest --kd-layers mapped: the smaller sub-models' layer targets are the
     largest sub-model's own layers (one per layer of the largest, through the fit layer), not the
     teacher's; the largest itself still maps onto the teacher's layers."""
-    import autotinybert.pretrain as pretrain_module
+    from autotinybert.pretrain import objectives  # step_loss calls mapped_hidden_loss there
 
     tokenizer = train_wordpiece([corpus], 150, tmp_path / "tok")
     teacher = _tiny_teacher(tmp_path, len(tokenizer))
     layer_targets: list[tuple[torch.Tensor, ...]] = []
-    real_mapped = pretrain_module.mapped_hidden_loss
+    real_mapped = objectives.mapped_hidden_loss
 
     def recording(student_fit, teacher_layers, attention_mask):
         layer_targets.append(tuple(teacher_layers))
         return real_mapped(student_fit, teacher_layers, attention_mask)
 
-    monkeypatch.setattr(pretrain_module, "mapped_hidden_loss", recording)
+    monkeypatch.setattr(objectives, "mapped_hidden_loss", recording)
     pretrain(_settings(tmp_path, corpus, space_file, vocab_size=None, tokenizer=str(tmp_path / "tok"), objective="kd",
                        teacher=str(teacher), sampling="sandwich", distill_from="largest", kd_layers="mapped",
                        max_steps=1, eval_every=100))

@@ -76,7 +76,8 @@ class ProxyEvaluator:
                  seed: int = 0, cache_dir: str | Path | None = None, device: str = "cpu",
                  trust_remote_code: bool = False) -> None:
         from .data import build_dataset
-        from .pretrain import RecordedTeacher, Teacher, validation_batches
+        from .pretrain.teachers import RecordedTeacher, Teacher
+        from .pretrain.validation import validation_batches
 
         if metric not in METRICS:
             raise UserError(f"unknown proxy metric {metric!r}: use one of {', '.join(METRICS)}")
@@ -108,7 +109,7 @@ class ProxyEvaluator:
         self.seconds: list[float] = []
 
     def __call__(self, arch: Arch) -> float:
-        from .pretrain import validation_row
+        from .pretrain.validation import validation_row
 
         self.space.check(arch)
         start = time.perf_counter()

@@ -119,7 +119,7 @@ class ExtractSettings(Options):
 class PretrainSettings(Options):
     """One-shot SuperPLM pre-training, or further training of one ``arch`` (see `pretrain`)."""
 
-    # resume="free": may change on --resume (pretrain._RESUME_INVARIANT is every other option).
+    # resume="free": may change on --resume (pretrain.checkpoints._RESUME_INVARIANT is every other option).
     out: str = option(doc="run directory; it is also a SuperPLM checkpoint", path="out", resume="free")
     corpus: list[str] = option(doc="text files / directories of .txt (one sentence per line, blank line between "
                                    "documents) or hf:NAME[:CONFIG] (needs internet)", group="data", path="source",
