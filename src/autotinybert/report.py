@@ -359,7 +359,10 @@ def _shipped_form(model: dict, config: dict) -> str:
     fp32 = _mean_score(model["finetune"]) if model["finetune"] and model["finetune"].get("tasks") else None
     int8 = _mean_score(model["finetune_int8"]) if model.get("finetune_int8") else None
     scores = {name: (int8 if name == SCORED_INT8_FORM else None) if "int8" in name else fp32 for name in forms}
-    tolerance = (config.get("finetune") or {}).get("form_tolerance", 0.5)
+    from .settings import FinetuneStage
+
+    # A run recorded before the option existed: its declared default.
+    tolerance = (config.get("finetune") or {}).get("form_tolerance", FinetuneStage().form_tolerance)
     choice = choose_form(forms, scores, tolerance)
     return f"{choice['form']} ({choice['reason']})" if choice["form"] else "-"
 

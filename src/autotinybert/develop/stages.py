@@ -397,7 +397,7 @@ def _reference(run: Run, out: Path) -> dict:
 
 def _measure_side_by_side(run: Run, models: dict[Path, str], reference: str, reference_dir: Path) -> None:
     """Every exported model and the reference timed together in one interleaved run per form (the
-    searched form, and fp32 / int8 on its engine): each model's ``speedup`` is the median over rounds
+    searched form and each of `DEPLOYED_FORMS`): each model's ``speedup`` is the median over rounds
     of the reference's time / its time in the same round, the number a user's side-by-side timing
     gives (absolute times drift with the host; ratios of one run do not). Writes each model's
     latency.json and the reference's; kept when all are there (a resumed run)."""
