@@ -175,3 +175,34 @@ def test_ctrl_c_advice_is_what_the_next_command_accepts(capsys, monkeypatch, tmp
     monkeypatch.setattr("autotinybert.develop.develop", interrupted)
     code, _, err = _run(capsys, *argv)
     assert code == 130 and advice in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_sigterm_that_a_library_turns_into_another_error_is_still_one_sigterm_line(tmp_path, capsys, monkeypatch):
+    """SIGTERM raised inside a library's import can leave a module half-initialised and come out as
+    some other exception (seen: transformers' lazy import re-raising it as ModuleNotFoundError): the
+    command still ends with the one SIGTERM line and exit 143. Without a SIGTERM the same error stays
+    an error (a traceback: it is a bug)."""
+    import os
+    import signal
+
+    from autotinybert import latency
+
+    def import_interrupted(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except BaseException as err:  # what a library's `except` around an import may do
+            raise ModuleNotFoundError("Could not import module 'PreTrainedModel'") from err
+
+    (tmp_path / "p.jsonl").write_text("{}\n")
+    argv = ["latency", "fit", "--data", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "pred.json")]
+    monkeypatch.setattr(latency, "fit", import_interrupted)
+    assert main(argv) == 143
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "stopped by SIGTERM" in err and "Traceback" not in err, err
+
+    def broken(*args, **kwargs):
+        raise ModuleNotFoundError("a real bug")
+
+    monkeypatch.setattr(latency, "fit", broken)
+    with pytest.raises(ModuleNotFoundError):
+        main(argv)

@@ -475,15 +475,18 @@ def _one_line_warnings(name: str) -> Callable[..., None]:
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def _sigterm_raises() -> Iterator[dict[str, bool]]:
     """Within the block, SIGTERM raises `Terminated` (the training loops' `StopOnSigterm` takes
-    over inside their steps); the previous handler comes back after.
+    over inside their steps); the previous handler comes back after. Yields ``{"received": bool}``:
+    an exception raised in the middle of a library's import can come out as another error (a module
+    left half-initialised), so the caller tells a SIGTERM by the flag, not by the exception's type.
 
     Only in the process that installed it: a child forked meanwhile (which inherits the handler)
     dies of SIGTERM as it would have. Outside the main thread (no signal handlers there) it does nothing.
     """
+    state = {"received": False}
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield state
         return
     owner = os.getpid()
 
@@ -492,11 +495,12 @@ def _sigterm_raises() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        state["received"] = True
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handle)
     try:
-        yield
+        yield state
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
@@ -504,14 +508,21 @@ def _sigterm_raises() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     # SIGTERM at any moment, from before the arguments are read: one line and exit 143, never a
     # silent death (the writes are staged).
-    with _sigterm_raises():
+    with _sigterm_raises() as sigterm:
         try:
             args = build_parser().parse_args(argv)
         except Terminated as err:
             print("autotinybert: stopped by SIGTERM before the command began; nothing was written; rerun the same "
                   "command (--resume, where the command has it, starts it afresh)", file=sys.stderr)
             return err.exit_code
-        return _run(args)
+        try:
+            return _run(args)
+        except Exception:
+            if not sigterm["received"]:
+                raise
+            # SIGTERM landed inside a library (e.g. mid-import) and came out as another error.
+            print(f"{_command_name(args)}: stopped by SIGTERM; {_how_to_continue(args)}", file=sys.stderr)
+            return Terminated.exit_code
 
 
 def _run(args: argparse.Namespace) -> int:
