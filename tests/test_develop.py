@@ -63,6 +63,9 @@ def test_develop_resumes_an_interrupted_stage_and_reruns_only_what_changed(tmp_p
     # Timed side by side with the reference (the largest) in the searched form and every deployed form.
     assert measured["form"] == "torch-int8" and {"torch", "torch-int8"} <= set(measured["forms"])
     assert measured["speedup"] > 0 and measured["reference_arch"] == str(space_of(config["pretrain"]).largest())
+    # signed as documented: negative when the model measured slower than predicted
+    assert measured["speedup_error_pct"] == pytest.approx(
+        100 * (measured["speedup"] / measured["predicted_speedup"] - 1), abs=0.05)
     verified = json.loads((out / "search" / "verify.json").read_text())
     assert [row["arch"] for row in verified["targets"]] == [measured["arch"]]  # what was verified shipped
     summary = (out / "report" / "summary.md").read_text()

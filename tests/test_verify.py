@@ -4,7 +4,7 @@ measured side by side with the reference, meets the target."""
 import pytest
 
 from autotinybert.space import Arch
-from autotinybert.verify import choose, choose_form, measure_against, shortlist, verify_targets
+from autotinybert.verify import choose, choose_form, measure_against, shortlist, speedups, verify_targets
 
 REFERENCE = "L6-H384-F1536-A12-Q384"
 REFERENCE_MS = 30.0  # predicted
@@ -74,6 +74,14 @@ def test_a_slower_than_promised_model_ships_only_when_nothing_meets_the_target()
     row = verify_targets([TARGET], REFERENCE, predict, 3, measure)["targets"][0]
     assert row["arch"] == "L2-H256-F512-A8-Q256" and not row["met"]  # the fastest measured, marked
     assert row["shortfall_pct"] == pytest.approx(100 * (1 - (10 / 30) / 0.35), abs=0.01)
+
+
+def test_the_prediction_error_is_negative_when_the_model_measures_slower_than_predicted():
+    # predicted 1/3 of the reference's latency (3.0x), measured 0.35 of it (2.86x): 4.8 % slower.
+    slower = speedups(1 / 3, 0.35)
+    assert slower["predicted_speedup"] == pytest.approx(3.0) and slower["measured_speedup"] == pytest.approx(2.8571)
+    assert slower["error_pct"] == pytest.approx(-4.76, abs=0.01)
+    assert speedups(0.35, 1 / 3)["error_pct"] > 0
 
 
 def test_choose_prefers_rank_over_speed_among_those_that_meet():

@@ -86,13 +86,18 @@ def verify_targets(targets: Sequence[dict], reference: Arch | str, predict: Call
             "form": form, "load_average": _load_average(), "targets": rows}
 
 
+def speedups(predicted_ratio: float, measured_ratio: float) -> dict[str, float]:
+    """A model's predicted and measured speed-ups over the reference (from its latency / the
+    reference's, predicted and measured) and the signed error of the prediction: negative when the
+    model measured slower than predicted."""
+    return {"predicted_speedup": round(1 / predicted_ratio, 4), "measured_speedup": round(1 / measured_ratio, 4),
+            "error_pct": round(100 * (predicted_ratio / measured_ratio - 1), 2)}
+
+
 def _candidate(visit: dict, rank: int, ratio: float, reference_ms: float, allowed: float) -> dict:
-    predicted = visit["latency_ms"] / reference_ms
     return {"arch": visit["arch"], "rank": rank, "fitness": visit.get("rescored", visit["fitness"]),
             "predicted_ms": visit["latency_ms"], "ratio": ratio, "meets": ratio <= allowed,
-            "predicted_speedup": round(1 / predicted, 4), "measured_speedup": round(1 / ratio, 4),
-            # signed: negative when the model measured slower than the predictor said
-            "error_pct": round(100 * (predicted / ratio - 1), 2)}
+            **speedups(visit["latency_ms"] / reference_ms, ratio)}
 
 
 def _load_average() -> list[float] | None:

@@ -428,6 +428,7 @@ def measure_exported(run: Run, archs: list[str], reference: str) -> dict[str, di
 
     from ..latency import LatencyPredictor, measure_many, settings_of
     from ..space import Arch
+    from ..verify import speedups
 
     predictor = LatencyPredictor.load(run.outputs["latency"]["predictor"], check_fingerprint=False)
     searched = settings_of(predictor.fingerprint, warmup=3, repeats=run.config["extract"]["latency_repeats"],
@@ -445,11 +446,10 @@ def measure_exported(run: Run, archs: list[str], reference: str) -> dict[str, di
     records = {}
     for arch in archs:
         record = timed[searched.form][arch]
-        predicted_speedup, speedup = reference_predicted / predictor.predict(arch), 1 / record["paced"]["ratio"]
+        ratios = speedups(predictor.predict(arch) / reference_predicted, record["paced"]["ratio"])
         records[arch] = {**record, "predicted_ms": predictor.predict(arch), "reference_ms": predictor.reference_ms,
-                         "form": searched.form, "reference_arch": reference, "speedup": round(speedup, 4),
-                         "predicted_speedup": round(predicted_speedup, 4),
-                         "speedup_error_pct": round(100 * (predicted_speedup / speedup - 1), 2),
+                         "form": searched.form, "reference_arch": reference, "speedup": ratios["measured_speedup"],
+                         "predicted_speedup": ratios["predicted_speedup"], "speedup_error_pct": ratios["error_pct"],
                          "forms": {name: {**timed[name][arch]["latency"],
                                           "speedup": round(1 / timed[name][arch]["paced"]["ratio"], 4)}
                                    for name in forms}}
