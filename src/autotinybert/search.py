@@ -149,7 +149,7 @@ class Candidates:
 
 
 def find_candidates(space: SearchSpace, latency: Latency, targets: Sequence[Target],
-                    window: tuple[float, float] = (0.85, 1.0)) -> list[Candidates]:
+                    window: tuple[float, float] = SearchSettings().window) -> list[Candidates]:
     """Every grid point in each target's window; an empty window is a `UserError` naming the
     nearest latency the grid can reach (and the architecture that reaches it)."""
     low, high = window

@@ -16,11 +16,10 @@ signed error of the prediction (negative: slower than predicted).
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
-from .latency import LatencySettings, measure_many
+from .latency import LatencySettings, load_average, measure_many
 from .search import preference
 from .space import Arch
 
@@ -83,7 +82,7 @@ def verify_targets(targets: Sequence[dict], reference: Arch | str, predict: Call
                      "target_speedup": round(1 / allowed, 4), **choose(candidates, allowed), "candidates": candidates})
     return {"reference": {"arch": reference, "predicted_ms": reference_ms,
                           "measured_ms": reference_measured_ms},
-            "form": form, "load_average": _load_average(), "targets": rows}
+            "form": form, "load_average": load_average(), "targets": rows}
 
 
 def speedups(predicted_ratio: float, measured_ratio: float) -> dict[str, float]:
@@ -98,13 +97,6 @@ def _candidate(visit: dict, rank: int, ratio: float, reference_ms: float, allowe
     return {"arch": visit["arch"], "rank": rank, "fitness": visit.get("rescored", visit["fitness"]),
             "predicted_ms": visit["latency_ms"], "ratio": ratio, "meets": ratio <= allowed,
             **speedups(visit["latency_ms"] / reference_ms, ratio)}
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):  # not on every platform
-        return None
 
 
 def choose_form(forms: dict[str, float], scores: dict[str, float | None], tolerance: float) -> dict[str, Any]:

@@ -319,20 +319,26 @@ def _stage_search(run: Run, out: Path, resume: bool) -> dict:
             "verify": str(out / "verify.json") if verified is not None else None, "_digest": stable_hash(best)}
 
 
+def _timing(run: Run, predictor, **timing: Any):
+    """`LatencySettings` of the predictor's deployed form, with the latency section's robustness
+    settings (tolerance, max_repeats, noise_limit) and the given ``timing``."""
+    from ..latency import settings_of
+
+    return settings_of(predictor.fingerprint, **timing,
+                       **{k: run.config["latency"][k] for k in ("tolerance", "max_repeats", "noise_limit")})
+
+
 def _verify_shortlists(run: Run, path: Path, summary: dict, predictor, supernet: Path) -> dict | None:
     """Each target's best few timed side by side with the largest architecture (`verify`); what ships
     is the best whose measured speed-up meets its target. Skipped (the predicted best ships) when the
     predictor was fitted on another device: nothing here can time that device."""
-    from ..latency import settings_of
     from ..search_stage import _supernet_space
     from ..verify import measure_against, verify_targets
 
     if predictor.check_fingerprint():  # it warned, naming the differences
         run.log("  verify: skipped (the predictor was fitted on another device); the predicted best ships")
         return None
-    lat = run.config["latency"]
-    settings = settings_of(predictor.fingerprint, warmup=lat["warmup"], repeats=lat["repeats"],
-                           **{k: lat[k] for k in ("tolerance", "max_repeats", "noise_limit")})
+    settings = _timing(run, predictor, warmup=run.config["latency"]["warmup"], repeats=run.config["latency"]["repeats"])
     targets = [{"target": t["target"]["name"], "target_ms": t["target"]["ms"], "visits": t["history"]}
                for t in summary["targets"]]
     reference = _supernet_space(supernet).largest()
@@ -361,7 +367,7 @@ def _stage_extract(run: Run, out: Path, resume: bool) -> dict:
     from ..export import export_checkpoint
 
     e = run.config["extract"]
-    onnx = _onnx_available() if e["onnx"] == "auto" else e["onnx"]
+    onnx = _exports_onnx(run)
     models = {}
     for target, arch in run.outputs["search"]["best"].items():
         model_dir = out / _safe(target)
@@ -426,16 +432,15 @@ def measure_exported(run: Run, archs: list[str], reference: str) -> dict[str, di
     signed ``speedup_error_pct`` (negative: slower than predicted)."""
     import dataclasses
 
-    from ..latency import LatencyPredictor, measure_many, settings_of
+    from ..latency import LatencyPredictor, measure_many
     from ..space import Arch
     from ..verify import speedups
 
     predictor = LatencyPredictor.load(run.outputs["latency"]["predictor"], check_fingerprint=False)
-    searched = settings_of(predictor.fingerprint, warmup=3, repeats=run.config["extract"]["latency_repeats"],
-                           interleave=len(archs),
-                           **{k: run.config["latency"][k] for k in ("tolerance", "max_repeats", "noise_limit")})
+    searched = _timing(run, predictor, warmup=3, repeats=run.config["extract"]["latency_repeats"],
+                       interleave=len(archs))
     forms = {searched.form: searched}
-    onnx = _onnx_available() if run.config["extract"]["onnx"] == "auto" else run.config["extract"]["onnx"]
+    onnx = _exports_onnx(run)
     for shape in DEPLOYED_FORMS:
         form = dataclasses.replace(searched, **{"optimize": False, "quantize": "none", **shape})
         if form.engine == "torch" or onnx:
@@ -458,6 +463,11 @@ def measure_exported(run: Run, archs: list[str], reference: str) -> dict[str, di
 
 def _safe(name: str) -> str:
     return "target-" + "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+
+
+def _exports_onnx(run: Run) -> bool:
+    """extract.onnx, with ``auto`` resolved: whether this run writes (and times) ONNX forms."""
+    return _onnx_available() if run.config["extract"]["onnx"] == "auto" else run.config["extract"]["onnx"]
 
 
 def _onnx_available() -> bool:

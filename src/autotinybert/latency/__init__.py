@@ -37,6 +37,7 @@ from .predictor import PREDICTOR_FORMAT, PREDICTOR_VERSION, LatencyPredictor, pr
 from .profiling import plan_architectures, profile, read_records, write_output_config
 from ..settings import CLOCKS, ENGINES, LatencySettings
 from .hardware import settings_of
+from .runner import load_average
 from .timing import build_model, measure, measure_many, summarize, torch_threads
 from .compare import compare_models, compare_table
 
@@ -45,7 +46,8 @@ __all__ = [
     "LatencyPredictor", "LatencySettings", "build_model", "check", "compare_models", "compare_table", "design_inputs",
     "drift_corrected_ms", "features_of",
     "fingerprint",
-    "fingerprint_differences", "fit", "fit_baseline", "fit_mlp", "flops", "flops_array", "measure", "measure_many",
+    "fingerprint_differences", "fit", "fit_baseline", "fit_mlp", "flops", "flops_array", "load_average", "measure",
+    "measure_many",
     "metrics",
     "plan_architectures", "predict_baseline", "predictions_per_second", "profile", "read_records", "settings_of",
     "split_indices", "summarize", "torch_threads", "write_output_config",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import SetupWarning, UserError, first_line
 from ..settings import LatencySettings
-from .runner import machine_fingerprint, onnx_feeds, paced_summary, summarize, time_interleaved
+from .runner import load_average, machine_fingerprint, onnx_feeds, paced_summary, summarize, time_interleaved
 
 RESULTS_FORMAT = "autotinybert-latency-compare"
 RESULTS_VERSION = 1
@@ -169,10 +168,6 @@ def _inputs(settings: LatencySettings, models: Sequence[Shipped]):
     return torch.from_numpy(onnx_feeds(settings.batch_size, settings.seq_len, vocab)["input_ids"]), vocab
 
 
-def _load_average() -> list[float] | None:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
 def compare_models(models: Sequence[str], reference: str, settings: LatencySettings = LatencySettings(), *,
                    rounds: int = 15, trust_remote_code: bool = False, timer: Callable[[], float] | None = None,
                    seed: int = 0) -> dict[str, Any]:
@@ -191,7 +186,7 @@ def compare_models(models: Sequence[str], reference: str, settings: LatencySetti
     shipped = [locate(reference, "--reference", trust_remote_code),
                *(locate(m, "--model", trust_remote_code) for m in models)]
     ids, vocab = _inputs(settings, shipped)
-    load_before = _load_average()
+    load_before = load_average()
     with torch_threads(settings.threads), torch.inference_mode():
         loaded = [_load(m, settings, ids, trust_remote_code) for m in shipped]
         for model, (run, _) in zip(shipped, loaded):
@@ -221,7 +216,7 @@ def compare_models(models: Sequence[str], reference: str, settings: LatencySetti
         machine.pop(key)
     return {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "reference": reference, "shape": shape,
             "models": rows, "machine": machine,
-            "load_average": {"before": load_before, "after": _load_average()}}
+            "load_average": {"before": load_before, "after": load_average()}}
 
 
 def _try(model: Shipped, run: Callable[[], Any], settings: LatencySettings) -> None:

@@ -159,6 +159,12 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
+def load_average() -> Optional[List[float]]:
+    """The host's 1, 5 and 15 minute load averages (None where the platform has none): recorded
+    beside every timing, since a busy shared machine is what makes timings disagree."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def machine_fingerprint(shape: Dict[str, Any], modules: Sequence[str] = ("torch", "onnxruntime", "transformers",
                                                                           "numpy")) -> Dict[str, Any]:
     """Hardware + software + ``shape`` (engine, batch, sequence, threads, clock, form) of a measurement."""
