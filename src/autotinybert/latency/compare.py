@@ -126,11 +126,10 @@ def _auto_class(config: dict[str, Any]):
     return AutoModel  # an encoder, or a pre-training checkpoint served as one (its MLM head is not shipped)
 
 
-def _load(model: Shipped, settings: LatencySettings, ids, trust_remote_code: bool) -> tuple[Callable[[], Any], str]:
-    """``(run, class name)``: one forward pass of ``model`` on the fixed inputs."""
+def _load(model: Shipped, settings: LatencySettings, feeds: dict[str, Any],
+          trust_remote_code: bool) -> tuple[Callable[[], Any], str]:
+    """``(run, class name)``: one forward pass of ``model`` on the fixed inputs (``feeds``: numpy arrays)."""
     if model.kind == "onnx":
-        import numpy as np
-
         from ..deploy import onnx_session
 
         session = onnx_session(model.path, settings.threads)
@@ -139,11 +138,8 @@ def _load(model: Shipped, settings: LatencySettings, ids, trust_remote_code: boo
         if unknown:
             raise UserError(f"{model.flag} {model.name} wants inputs {', '.join(unknown)}; only "
                             f"{', '.join(ONNX_INPUTS)} are fed (a BERT-family encoder graph)")
-        shape = ids.shape
-        feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones(shape, dtype=np.int64),
-                 "token_type_ids": np.zeros(shape, dtype=np.int64)}
-        feeds = {name: feeds[name] for name in names}
-        return (lambda: session.run(None, feeds)), "InferenceSession"
+        fed = {name: feeds[name] for name in names}
+        return (lambda: session.run(None, fed)), "InferenceSession"
     import torch
 
     from ..checkpoint import load_pretrained
@@ -154,18 +150,16 @@ def _load(model: Shipped, settings: LatencySettings, ids, trust_remote_code: boo
                         "or less")
     net = load_pretrained(_auto_class(model.config), model.path, model.flag, trust_remote_code).eval()
     accepted = inspect.signature(net.forward).parameters
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-    inputs = {k: v for k, v in inputs.items() if k in accepted}
+    inputs = {k: torch.from_numpy(v) for k, v in feeds.items() if k in accepted}
     return (lambda: net(**inputs)), type(net).__name__
 
 
 def _inputs(settings: LatencySettings, models: Sequence[Shipped]):
-    """``(ids, vocabulary)``: fixed full-length ids (seed 0, `runner.onnx_feeds`) drawn from the
-    smallest vocabulary among the models (a lookup costs the same whichever row it reads)."""
-    import torch
-
+    """``(feeds, vocabulary)``: the fixed inputs (`runner.onnx_feeds`: full-length ids, seed 0, from the
+    smallest vocabulary among the models, since a lookup costs the same whichever row it reads; an
+    all-ones mask; one segment)."""
     vocab = min([m.vocab_size for m in models if m.vocab_size] + [settings.vocab_size])
-    return torch.from_numpy(onnx_feeds(settings.batch_size, settings.seq_len, vocab)["input_ids"]), vocab
+    return onnx_feeds(settings.batch_size, settings.seq_len, vocab), vocab
 
 
 def compare_models(models: Sequence[str], reference: str, settings: LatencySettings = LatencySettings(), *,
@@ -185,10 +179,10 @@ def compare_models(models: Sequence[str], reference: str, settings: LatencySetti
 
     shipped = [locate(reference, "--reference", trust_remote_code),
                *(locate(m, "--model", trust_remote_code) for m in models)]
-    ids, vocab = _inputs(settings, shipped)
+    feeds, vocab = _inputs(settings, shipped)
     load_before = load_average()
     with torch_threads(settings.threads), torch.inference_mode():
-        loaded = [_load(m, settings, ids, trust_remote_code) for m in shipped]
+        loaded = [_load(m, settings, feeds, trust_remote_code) for m in shipped]
         for model, (run, _) in zip(shipped, loaded):
             _try(model, run, settings)
         timed = time_interleaved({i: run for i, (run, _) in enumerate(loaded)}, warmup=settings.warmup,
