@@ -336,8 +336,7 @@ def _model_table(run: dict) -> tuple[list[str], list[list[str]]]:
                      lat.get("form", "-"), _fmt(predicted, 1, 2), _fmt(measured, 1, 2), _prediction_error(lat),
                      f"{bert_base / measured:.1f}x" if bert_base and measured else "-",
                      ", ".join(f"{name} {form['median_ms']:.2f}" for name, form in forms.items()) or "-",
-                     _fmt(_mean_score(m["finetune"]) if m["finetune"] and m["finetune"].get("tasks") else None, 1, 2),
-                     _fmt(_mean_score(m["finetune_int8"]) if m.get("finetune_int8") else None, 1, 2),
+                     *(_fmt(score, 1, 2) for score in _fp32_int8_scores(m)),
                      _shipped_form(m, run["config"]),
                      _fmt(m["search"].get("fitness"), 1, 4), str(m["final"])])
         if reference:
@@ -349,6 +348,12 @@ def _model_table(run: dict) -> tuple[list[str], list[list[str]]]:
 SCORED_INT8_FORM = "onnxruntime-opt-int8"
 
 
+def _fp32_int8_scores(model: dict) -> tuple[float | None, float | None]:
+    """A model row's mean dev score in fp32 and as its int8 ONNX Runtime graph (None: not scored)."""
+    fp32 = _mean_score(model["finetune"]) if model["finetune"] and model["finetune"].get("tasks") else None
+    return fp32, _mean_score(model["finetune_int8"]) if model.get("finetune_int8") else None
+
+
 def _shipped_form(model: dict, config: dict) -> str:
     """The fastest measured form whose dev score is within finetune.form_tolerance of fp32 (`choose_form`)."""
     from .verify import choose_form
@@ -356,8 +361,7 @@ def _shipped_form(model: dict, config: dict) -> str:
     forms = {name: form["median_ms"] for name, form in ((model["latency"] or {}).get("forms") or {}).items()}
     if not forms:
         return "-"
-    fp32 = _mean_score(model["finetune"]) if model["finetune"] and model["finetune"].get("tasks") else None
-    int8 = _mean_score(model["finetune_int8"]) if model.get("finetune_int8") else None
+    fp32, int8 = _fp32_int8_scores(model)
     scores = {name: (int8 if name == SCORED_INT8_FORM else None) if "int8" in name else fp32 for name in forms}
     from .settings import FinetuneStage
 
