@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import operator
 import os
 import types
 import typing
@@ -243,6 +244,11 @@ def _item_problem(opt: Opt, value: Any, kind: Any, paths: bool) -> str | None:
     return problem
 
 
+# The bounds an option may declare: the spec's field, how the rule reads, and the test a value passes.
+BOUNDS = (("minimum", "at least", operator.ge), ("above", "greater than", operator.gt),
+          ("maximum", "at most", operator.le), ("below", "less than", operator.lt))
+
+
 def _scalar_problem(opt: Opt, value: Any, kind: Any) -> str | None:
     kinds = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
     if not any(_is_kind(value, k) for k in kinds):
@@ -251,9 +257,9 @@ def _scalar_problem(opt: Opt, value: Any, kind: Any) -> str | None:
     if spec.choices is not None and value not in spec.choices:
         return "must be one of " + ", ".join(map(str, spec.choices))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        for bound, test, words in ((spec.minimum, value.__ge__, "at least"), (spec.above, value.__gt__, "greater than"),
-                                   (spec.maximum, value.__le__, "at most"), (spec.below, value.__lt__, "less than")):
-            if bound is not None and not test(bound):
+        for field, words, test in BOUNDS:
+            bound = getattr(spec, field)
+            if bound is not None and not test(value, bound):
                 return f"must be {words} {bound:g}"
     return None
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import settings as S
 from ..errors import UserError, reading
-from ..options import Opt, as_plain, build, check_mapping, options_of
+from ..options import BOUNDS, Opt, as_plain, build, check_mapping, options_of
 
 BUILTIN_CONFIGS = S.BUILTIN_CONFIGS
 
@@ -249,10 +249,9 @@ def _declared_rules(opt: Opt) -> list[str]:
     """What the declaration accepts besides the type: ``one of a, b``, ``at least 1``, ..."""
     spec = opt.spec
     rules = ["one of " + ", ".join(_yaml_value(c) for c in spec.choices)] if spec.choices else []
-    for bound, words in ((spec.minimum, "at least"), (spec.above, "greater than"), (spec.maximum, "at most"),
-                         (spec.below, "less than")):
-        if bound is not None:
-            rules.append(f"{words} {bound:g}")
+    for field, words, _ in BOUNDS:
+        if getattr(spec, field) is not None:
+            rules.append(f"{words} {getattr(spec, field):g}")
     return rules
 
 
