@@ -12,8 +12,8 @@ from conftest import REPO
 
 from autotinybert import settings as S
 from autotinybert.cli import COMMANDS, LATENCY_COMMANDS, build_parser, main
-from autotinybert.develop.config import (SECTIONS, config_path, load_config, render_config, section_options,
-                                         validate_config)
+from autotinybert.develop.config import (SECTIONS, config_path, develop_settings, load_config, render_config,
+                                         section_options, validate_config)
 from autotinybert.errors import UserError
 from autotinybert.options import MISSING, as_plain, OptionError, add_options, from_namespace, option, options_of, to_arguments
 
@@ -83,6 +83,25 @@ def test_develop_sections_default_to_the_declared_defaults_and_never_declare_a_k
         for opt in section_options(section):
             expected = [0.5] if (section, opt.name) == ("search", "range_fractions") else opt.default
             assert as_plain(config[section][opt.name]) == as_plain(expected), (section, opt.name)
+
+
+@pytest.mark.parametrize("name", S.BUILTIN_CONFIGS)
+def test_every_config_key_reaches_the_stages_typed_settings(name):
+    """The stages read `DevelopSettings`: each key of each section lands, with its value, on the
+    typed settings field its part declares (a part left out, or a key mapped to another field, fails)."""
+    config = load_config(name, check_paths=False)
+    settings = develop_settings(config)
+    for section, parts in SECTIONS.items():
+        for part in parts:
+            typed = getattr(settings, part.attribute)
+            assert isinstance(typed, part.cls), part.attribute
+            by_name = {opt.name: opt.field for opt in options_of(part.cls)}
+            for opt in part.options():
+                given = config[section][opt.name]
+                if given is None:  # the class fills it (generations by method, a teacher the pipeline names)
+                    continue
+                value = getattr(typed, by_name[opt.name[len(part.prefix):]])
+                assert as_plain(value) == as_plain(given), (section, opt.name)
 
 
 def _key_line(lines, section, key):
@@ -204,6 +223,7 @@ def test_adding_an_option_touches_one_file(capsys, required_paths, tmp_path):
         path.write_text("search: {speedups: [2]}\npretrain: {test_only_steps: 4}\n")
         config = load_config(path, check_paths=False)
         assert (config["pretrain"]["test_only_steps"], config["pretrain"]["test_only_ratio"]) == (4, 0.5)
+        assert develop_settings(config).pretraining.test_only_steps == 4  # what the pretrain stage reads
         with pytest.raises(UserError, match=r"pretrain\.test_only_steps must be at least 1"):
             load_config(path, ["pretrain.test_only_steps=0"], check_paths=False)
         lines = render_config().splitlines()

@@ -58,7 +58,7 @@ def develop(config: dict[str, dict[str, Any]], out: str | Path, *, log: Callable
     run = Run(out, config, manifest, log=log)
     run.manifest.update(run_dir=str(out), config=config)
     write_resolved_config(out, config)
-    threads = config["run"]["threads"]
+    threads = run.settings.run.threads
     with torch_threads(threads) if threads else contextlib.nullcontext():
         for number, name in enumerate(STAGES, 1):
             _run_stage(run, name, number)
@@ -79,7 +79,7 @@ def summary(manifest: dict) -> dict:
 
 def _run_stage(run: Run, name: str, number: int) -> None:
     stage = _STAGE_FUNCTIONS[name]
-    inputs = {"config": run.config[name] if name in run.config else {}, "seed": run.config["run"]["seed"],
+    inputs = {"config": run.config[name] if name in run.config else {}, "seed": run.settings.run.seed,
               "upstream": {u: run.digests[u] for u in _UPSTREAM[name]}, "extra": _extra_inputs(run, name)}
     input_hash = stable_hash(inputs)
     entries = run.manifest.setdefault("stages", {})
@@ -101,7 +101,7 @@ def _run_stage(run: Run, name: str, number: int) -> None:
             outputs = stage(run, run.stage_dir(name), resume)
     finally:
         run.save_manifest()  # an interrupted attempt still counts its cost
-    if not run.config["run"]["keep_checkpoints"]:
+    if not run.settings.run.keep_checkpoints:
         _drop_checkpoints(run.stage_dir(name))
     entry.update(status="done", outputs=outputs, digest=stable_hash([input_hash, outputs.pop("_digest", "")]),
                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -121,12 +121,12 @@ def _gpus(run: Run, name: str) -> int:
     """GPUs a stage occupies: pre-training picks CUDA by itself when present (one per process); the
     search evaluator, fine-tuning and the task route's training use run.device; latency and
     extraction run on the CPU."""
-    if name in ("pretrain", "further_train") and not run.config["task"]["enabled"]:
+    if name in ("pretrain", "further_train") and not run.settings.task.enabled:
         import torch
 
-        return run.config["pretrain"]["nproc_per_node"] if torch.cuda.is_available() else 0
+        return run.settings.pretrain.nproc_per_node if torch.cuda.is_available() else 0
     on_device = ("search", "finetune", "pretrain", "further_train")
-    return 1 if name in on_device and run.config["run"]["device"].startswith("cuda") else 0
+    return 1 if name in on_device and run.settings.run.device.startswith("cuda") else 0
 
 
 _UPSTREAM = {"data": (), "pretrain": ("data",), "latency": (), "search": ("data", "pretrain", "latency"),
@@ -138,10 +138,10 @@ _UPSTREAM = {"data": (), "pretrain": ("data",), "latency": (), "search": ("data"
 def _extra_inputs(run: Run, name: str) -> Any:
     """Inputs outside the stage's own section: the latency profile depends on the space only."""
     if name == "latency":
-        return {"space": space_of(run.config["pretrain"]).to_dict()}
+        return {"space": space_of(run.settings).to_dict()}
     if name == "data":
         return {"python": sys.version.split()[0]}  # the built-in corpus is this Python's docstrings
-    route = {"task": run.config["task"]} if run.config["task"]["enabled"] else {}
+    route = {"task": run.config["task"]} if run.settings.task.enabled else {}
     if name in ("pretrain", "search", "further_train"):
         return {"run": {k: v for k, v in run.config["run"].items() if k not in ("progress", "keep_checkpoints")},
                 **route, **({"finetune": run.config["finetune"]} if route else {})}

@@ -9,6 +9,7 @@ defaults, docs and validation all come from those declarations; nothing is decla
 from __future__ import annotations
 
 import dataclasses
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ BUILTIN_CONFIGS = S.BUILTIN_CONFIGS
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-    """The options of ``cls`` a section takes (YAML keys = option names, with ``prefix``)."""
+    """The options of ``cls`` a section takes (YAML keys = option names, with ``prefix``), held as
+    `DevelopSettings`' field ``attribute``."""
 
     cls: type
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     prefix: str = ""
+    attribute: str = ""
 
     def options(self) -> list[Opt]:
         return [dataclasses.replace(o, name=self.prefix + o.name)
@@ -39,45 +42,102 @@ class Part:
         return build(self.cls, mine, **fixed)
 
 
+def part(section: str, *, include: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),
+         prefix: str = "") -> Any:
+    """A `DevelopSettings` field: the options of its annotated class that config section ``section`` takes."""
+    return dataclasses.field(metadata={"section": section, "include": include, "exclude": exclude, "prefix": prefix})
+
+
 # Fields the pipeline fills in itself (paths between stages, the run's seed and progress).
 PRETRAIN_PROVIDED = ("out", "corpus", "valid_corpus", "cache_dir", "seed", "progress", "arch", "init",
                      "trust_remote_code")
 FURTHER_TRAIN = ("objective", "teacher", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                  "max_grad_norm", "bf16", "log_every", "eval_every", "eval_batches", "save_every")
-PRETRAIN = Part(S.PretrainSettings, exclude=PRETRAIN_PROVIDED)
-# A pre-trained start (`init --from`): pretrain.init_from, init_mode, init_importance, ...; the
-# calibration text is the run's corpus.
-START = Part(S.InitSettings, include=("source", "mode", "importance", "calibration_sequences", "calibration_seq_len"),
-             prefix="init_")
-FURTHER = Part(S.PretrainSettings, include=FURTHER_TRAIN)
-SEARCH = Part(S.SearchSettings, exclude=("seed",))
-BUDGET = Part(S.FinetuneBudget, prefix="ft_")
-# No teacher in the pipeline's fine-tuning: its distillation options do not apply; run.device is its device.
-FINETUNE = Part(S.FinetuneSettings, exclude=("progress", "kd_alpha", "kd_temperature", "device"))
-TASK_SUPERPLM = Part(S.TaskSuperPLMSettings, exclude=("seed",))
-TASK_BUDGET = Part(S.FinetuneSettings, include=("epochs", "max_steps", "learning_rate", "max_train_examples"),
-                   prefix="superplm_")
-DISTILLATION = Part(S.FinetuneSettings, include=("kd_alpha", "kd_temperature"))
-# Placeholders for required fields when a section is checked before the pipeline knows them.
-_PLACEHOLDERS = {S.PretrainSettings: {"out": "<run>", "corpus": [S.BUILTIN_CORPUS]}}
 
-SECTIONS: dict[str, tuple[Part, ...]] = {
-    "run": (Part(S.RunOptions),),
-    "data": (Part(S.DataOptions),),
-    "pretrain": (Part(S.PretrainStage), START, PRETRAIN),
-    "latency": (Part(S.LatencyStage), Part(S.LatencySettings), Part(S.ProfileSettings), Part(S.FitSettings)),
-    "search": (Part(S.SearchStage), Part(S.SearchCommand, include=("evaluator", "workers")),
-               Part(S.TargetSettings), SEARCH,
-               Part(S.ProxySettings, exclude=("trust_remote_code",)), BUDGET,
-               Part(S.TaskEvaluatorSettings, include=("rerank",))),
-    "extract": (Part(S.ExtractStage), Part(S.ExtractSettings, include=("onnx_optimize", "onnx_int8", "verify"))),
-    "further_train": (Part(S.FurtherTrainStage), FURTHER),
-    "finetune": (Part(S.TaskDataSettings, include=("tasks",)), Part(S.FinetuneStage), FINETUNE),
+
+@dataclasses.dataclass(frozen=True)
+class DevelopSettings:
+    """The validated config as the typed settings the stages read (`develop_settings`); the config
+    sections and their keys are derived from these fields (`SECTIONS`), in this order.
+
+    Required fields that only the pipeline knows (paths between stages) hold `PENDING` placeholders
+    until a stage fills them in with `dataclasses.replace`."""
+
+    run: S.RunOptions = part("run")
+    data: S.DataOptions = part("data")
+    pretrain: S.PretrainStage = part("pretrain")
+    # A pre-trained start (`init --from`): pretrain.init_from, init_mode, ...; the calibration text is the corpus.
+    start: S.InitSettings = part("pretrain", include=("source", "mode", "importance", "calibration_sequences",
+                                                      "calibration_seq_len"), prefix="init_")
+    pretraining: S.PretrainSettings = part("pretrain", exclude=PRETRAIN_PROVIDED)
+    latency: S.LatencyStage = part("latency")
+    timing: S.LatencySettings = part("latency")
+    profile: S.ProfileSettings = part("latency")
+    fit: S.FitSettings = part("latency")
+    search: S.SearchStage = part("search")
+    search_command: S.SearchCommand = part("search", include=("evaluator", "workers"))
+    targets: S.TargetSettings = part("search")
+    search_method: S.SearchSettings = part("search", exclude=("seed",))
+    proxy: S.ProxySettings = part("search", exclude=("trust_remote_code",))
+    search_budget: S.FinetuneBudget = part("search", prefix="ft_")
+    task_evaluator: S.TaskEvaluatorSettings = part("search", include=("rerank",))
+    extract: S.ExtractStage = part("extract")
+    export: S.ExtractSettings = part("extract", include=("onnx_optimize", "onnx_int8", "verify"))
+    further_train: S.FurtherTrainStage = part("further_train")
+    further_training: S.PretrainSettings = part("further_train", include=FURTHER_TRAIN)
+    task_data: S.TaskDataSettings = part("finetune", include=("tasks",))
+    finetune: S.FinetuneStage = part("finetune")
+    # No teacher in the pipeline's fine-tuning: its distillation options do not apply; run.device is its device.
+    finetuning: S.FinetuneSettings = part("finetune", exclude=("progress", "kd_alpha", "kd_temperature", "device"))
     # The task route: its switch and teacher, how the task SuperPLM is built, its training budget
     # (superplm_*), and the distillation strength of that training and of the final recipe.
-    "task": (Part(S.TaskRouteStage), TASK_SUPERPLM, TASK_BUDGET, DISTILLATION),
-    "report": (Part(S.ReportStage),),
-}
+    task: S.TaskRouteStage = part("task")
+    task_superplm: S.TaskSuperPLMSettings = part("task", exclude=("seed",))
+    task_budget: S.FinetuneSettings = part("task", include=("epochs", "max_steps", "learning_rate",
+                                                            "max_train_examples"), prefix="superplm_")
+    distillation: S.FinetuneSettings = part("task", include=("kd_alpha", "kd_temperature"))
+    report: S.ReportStage = part("report")
+
+
+def _sections() -> dict[str, tuple[Part, ...]]:
+    hints = typing.get_type_hints(DevelopSettings)
+    sections: dict[str, list[Part]] = {}
+    for f in dataclasses.fields(DevelopSettings):
+        m = f.metadata
+        sections.setdefault(m["section"], []).append(Part(hints[f.name], m["include"], m["exclude"], m["prefix"],
+                                                          f.name))
+    return {name: tuple(parts) for name, parts in sections.items()}
+
+
+SECTIONS: dict[str, tuple[Part, ...]] = _sections()
+# What the pipeline provides later, as placeholders: required fields have no default.
+SOURCE_TEACHER = "<pretrain.init_from>"  # a teacher not named, with a pre-trained start: the source teaches
+SOURCE_TAUGHT = (S.PretrainSettings, S.ProxySettings)  # the settings whose teacher defaults to the source
+PENDING = {S.PretrainSettings: {"out": "<run>", "corpus": [S.BUILTIN_CORPUS]}, S.InitSettings: {"out": Path("<run>")},
+           S.ExtractSettings: {"supernet": Path("<pretrain>"), "arch": "<search>", "out": Path("<run>")}}
+
+
+def develop_settings(config: dict[str, dict[str, Any]], source: str = "config") -> DevelopSettings:
+    """Every `DevelopSettings` field built from a validated config (rules between options checked,
+    each named as a key of the file)."""
+    return DevelopSettings(**{part.attribute: _build_part(part, section, config, source)
+                              for section, parts in SECTIONS.items() for part in parts})
+
+
+def _build_part(part: Part, section: str, config: dict[str, dict[str, Any]], source: str) -> Any:
+    values = config[section]
+    pending = dict(PENDING.get(part.cls, {}))
+    if part.cls in SOURCE_TAUGHT and not values.get("teacher") and config["pretrain"]["init_from"]:
+        pending["teacher"] = SOURCE_TEACHER
+    try:
+        return part.build(values, **pending)
+    except UserError as err:  # a rule between options: name them as keys of this file
+        message = str(err)
+        for opt in sorted(part.options(), key=lambda o: -len(o.flag)):
+            message = message.replace(opt.flag, f"{section}.{opt.name}")
+        raise UserError(f"{source}: {message}") from None
+
+
 # Keys of earlier versions, with the advice that replaces them.
 _RENAMED = {("pretrain", "limits"): "use pretrain.max_layers, max_hidden, max_ffn, max_heads, max_qkv"}
 
@@ -135,6 +195,7 @@ def validate_config(raw: dict, source: str = "config", *, check_paths: bool = Tr
         if section not in SECTIONS:
             raise UserError(f"{source}: unknown section {section!r}; use {', '.join(SECTIONS)}")
     config = {section: _validate_section(raw, section, source, check_paths) for section in SECTIONS}
+    develop_settings(config, source)  # the rules between options of one settings class
     _check_across_sections(config, source)
     return config
 
@@ -149,22 +210,7 @@ def _validate_section(raw: dict, section: str, source: str, check_paths: bool) -
         if key not in known:
             advice = _RENAMED.get((section, key), f"known: {', '.join(sorted(known))}")
             raise UserError(f"{source}: unknown option {section}.{key}; {advice}")
-    values = check_mapping(opts, given, f"{source}: {section}", paths=check_paths)
-    for part in SECTIONS[section]:  # rules between options of one dataclass (e.g. kd needs a teacher)
-        placeholders = dict(_PLACEHOLDERS.get(part.cls, {}))
-        teaches = any(f.name == "teacher" for f in dataclasses.fields(part.cls))
-        if teaches and not values.get("teacher") and (raw.get("pretrain") or {}).get("init_from"):
-            placeholders["teacher"] = "<pretrain.init_from>"  # the pre-trained source teaches by default
-        if all(f.name in placeholders for f in dataclasses.fields(part.cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
-            try:
-                part.build(values, **placeholders)
-            except UserError as err:  # a rule between options: name them as keys of this file
-                message = str(err)
-                for opt in sorted(part.options(), key=lambda o: -len(o.flag)):
-                    message = message.replace(opt.flag, f"{section}.{opt.name}")
-                raise UserError(f"{source}: {message}") from None
-    return values
+    return check_mapping(opts, given, f"{source}: {section}", paths=check_paths)
 
 
 def _check_across_sections(config: dict, source: str) -> None:

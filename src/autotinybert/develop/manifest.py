@@ -7,6 +7,7 @@ same inputs and ``running`` → continue; changed inputs → redo the stage and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import resource
@@ -56,6 +57,13 @@ class Run:
 
     def stage_dir(self, name: str) -> Path:
         return self.out / name
+
+    @functools.cached_property
+    def settings(self) -> Any:
+        """The config as typed settings (`config.DevelopSettings`): what the stages read."""
+        from .config import develop_settings
+
+        return develop_settings(self.config)
 
     def save_manifest(self) -> None:
         atomic_write_json(self.out / MANIFEST, self.manifest)

@@ -2,12 +2,15 @@
 own directory, and returns its outputs (``_digest`` names what downstream stages depend on).
 
 Each calls the stage's own function in-process (multi-GPU pre-training launches ``torchrun``
-instead, see `_torchrun_pretrain`); settings objects are built from the config sections through
-the same declarations the command line uses (`config.Part`).
+instead, see `_torchrun_pretrain`). Stages read the typed settings ``run.settings``
+(`config.DevelopSettings`, built from the config sections through the same declarations the
+command line uses) and fill in what only the pipeline knows (paths between stages, the seed) with
+`dataclasses.replace`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -19,31 +22,36 @@ from .. import builtin_data
 from .. import settings as S
 from ..errors import UserError
 from ..files import atomic_write_json
-from ..options import build, to_arguments
-from .config import BUDGET, DISTILLATION, FINETUNE, FURTHER_TRAIN, PRETRAIN, SEARCH, START, TASK_BUDGET, TASK_SUPERPLM
+from ..options import to_arguments
+from .config import FURTHER_TRAIN, SOURCE_TEACHER, DevelopSettings
 from .manifest import Run, file_hash, stable_hash
 
 
-def space_of(pretrain: dict):
+def space_of(settings: DevelopSettings):
     """The SuperPLM's search space: the reused checkpoint's, or the configured space within its limits."""
-    from ..search_stage import _supernet_space
     from ..space import SearchSpace
 
-    if pretrain["reuse"]:
-        return _supernet_space(Path(pretrain["reuse"]))
-    limits = {dim: pretrain[f"max_{dim}"] for dim in S.SPACE_DIMS if pretrain[f"max_{dim}"] is not None}
-    if pretrain["init_from"]:
+    if settings.pretrain.reuse:
+        return supernet_space(settings.pretrain.reuse)
+    limits = settings.pretraining.space_limits
+    if settings.start.source:
         from ..pretrained import space_of_source
 
-        return space_of_source(pretrain["init_from"], pretrain["init_mode"]).with_limits(**limits)
-    limits = {dim: pretrain[f"max_{dim}"] for dim in S.SPACE_DIMS if pretrain[f"max_{dim}"] is not None}
-    return SearchSpace.load(pretrain["space"]).with_limits(**limits)
+        return space_of_source(settings.start.source, settings.start.mode).with_limits(**limits)
+    return SearchSpace.load(settings.pretraining.space).with_limits(**limits)
+
+
+def supernet_space(supernet: str | Path):
+    """A SuperPLM's space from its config.json (no torch, no weights)."""
+    from ..space import SearchSpace
+
+    return SearchSpace.of_checkpoint(Path(supernet), "the SuperPLM")
 
 
 # --- stage: data ------------------------------------------------------------------------------
 def _stage_data(run: Run, out: Path, resume: bool) -> dict:
-    data = run.config["data"]
-    corpus, valid = list(data["corpus"]), data["valid_corpus"]
+    data = run.settings.data
+    corpus, valid = list(data.corpus), data.valid_corpus
     files: list[Path] = []
     if task_route(run):  # the task route trains on the task's rows only: no corpus to prepare
         corpus, valid = [], []
@@ -59,32 +67,32 @@ def _stage_data(run: Run, out: Path, resume: bool) -> dict:
     if not valid and not task_route(run):
         raise UserError("data.valid_corpus: give held-out text files (validation, and the search's proxy evaluator "
                         "scores architectures on them)")
-    tasks_dir = data["tasks_dir"]
+    tasks_dir = data.tasks_dir
     if tasks_dir == builtin_data.TASK:
         tasks_dir = str(builtin_data.write_vader_task(out / "tasks"))
         files += sorted((out / "tasks").rglob("*.tsv"))
-    elif run.config["finetune"]["tasks"] and (tasks_dir is None or not Path(tasks_dir).is_dir()):
+    elif run.settings.task_data.tasks and (tasks_dir is None or not Path(tasks_dir).is_dir()):
         raise UserError(f"data.tasks_dir: {tasks_dir} is not a directory; give the glue_data folder "
                         f"(or {builtin_data.TASK}), or set finetune.tasks: []")
     outputs = {"corpus": corpus, "valid_corpus": valid, "tasks_dir": tasks_dir,
-               "builtin_task": data["tasks_dir"] == builtin_data.TASK}
+               "builtin_task": data.tasks_dir == builtin_data.TASK}
     outputs["_digest"] = file_hash(files) if files else stable_hash(outputs)
     return outputs
 
 
 # --- stage: pretrain ------------------------------------------------------------------------
-def _pretrain_settings(run: Run, out: Path, further: bool = False, **changes: Any):
-    """`PretrainSettings` from the ``pretrain`` section (with ``further``: the ``further_train``
+def _pretrain_settings(run: Run, out: Path, further: bool = False, **changes: Any) -> S.PretrainSettings:
+    """`PretrainSettings` of the ``pretrain`` section (with ``further``: the ``further_train``
     section's training options on top), the data stage's corpus and the run's seed."""
-    data, values = run.outputs["data"], dict(run.config["pretrain"])
+    s, data = run.settings, run.outputs["data"]
+    settings = s.pretraining
     if further:
-        values.update({k: run.config["further_train"][k] for k in FURTHER_TRAIN})
-    if values["objective"] in ("kd", "both"):
-        values.update(_source_teacher(run, values))
-    return PRETRAIN.build(values, out=str(out), corpus=data["corpus"], valid_corpus=data["valid_corpus"],
-                          seed=run.config["run"]["seed"], cache_dir=run.config["data"]["cache_dir"],
-                          progress=run.config["run"]["progress"],
-                          trust_remote_code=run.config["run"]["trust_remote_code"], **changes)
+        settings = dataclasses.replace(settings, **{k: getattr(s.further_training, k) for k in FURTHER_TRAIN})
+    return dataclasses.replace(settings, out=str(out), corpus=data["corpus"], valid_corpus=data["valid_corpus"],
+                               seed=s.run.seed, cache_dir=s.data.cache_dir, progress=s.run.progress,
+                               trust_remote_code=s.run.trust_remote_code,
+                               teacher=_teacher_of(run, settings.teacher, needed=settings.objective in ("kd", "both")),
+                               **changes)
 
 
 def _stage_pretrain(run: Run, out: Path, resume: bool) -> dict:
@@ -93,16 +101,16 @@ def _stage_pretrain(run: Run, out: Path, resume: bool) -> dict:
 
     if task_route(run):
         return _stage_task_superplm(run, out, resume)
-    reuse = run.config["pretrain"]["reuse"]
+    reuse = run.settings.pretrain.reuse
     if reuse:
         if not (Path(reuse) / "model.safetensors").is_file():
             raise UserError(f"pretrain.reuse: {reuse} is not a SuperPLM checkpoint (no model.safetensors)")
         return {"supernet": str(Path(reuse).absolute()), "reused": True,
                 "_digest": file_digest(Path(reuse) / "model.safetensors")}
     again = (out / CHECKPOINT_DIR / "trainer_state.json").is_file()
-    start = _pretrained_start(run, out.with_name("pretrain_start"), again) if run.config["pretrain"]["init_from"] else {}
+    start = _pretrained_start(run, out.with_name("pretrain_start"), again) if run.settings.start.source else {}
     settings = _pretrain_settings(run, out, **start)
-    if run.config["pretrain"]["nproc_per_node"] > 1:
+    if run.settings.pretrain.nproc_per_node > 1:
         _torchrun_pretrain(run, settings, again)
         summary = json.loads((out / "results.json").read_text(encoding="utf-8"))
     else:
@@ -114,26 +122,26 @@ def _stage_pretrain(run: Run, out: Path, resume: bool) -> dict:
 
 # --- the task route's pretrain stage: teacher, then the task SuperPLM ------------------------------------
 def task_route(run: Run) -> bool:
-    return bool(run.config["task"]["enabled"])
+    return run.settings.task.enabled
 
 
 def route_task(run: Run):
     """The one task of the task route."""
     from ..tasks.finetune import resolve_task
 
-    return resolve_task(run.config["finetune"]["tasks"][0])
+    return resolve_task(run.settings.task_data.tasks[0])
 
 
 def _task_data_settings(run: Run) -> S.TaskDataSettings:
-    return S.TaskDataSettings(tasks=run.config["finetune"]["tasks"], data_dir=Path(run.outputs["data"]["tasks_dir"]))
+    return dataclasses.replace(run.settings.task_data, data_dir=Path(run.outputs["data"]["tasks_dir"]))
 
 
 def _finetune_settings(run: Run, **changes: Any) -> S.FinetuneSettings:
     """The finetune section's settings on the run's device (with the task route's distillation)."""
-    distillation = DISTILLATION.build(run.config["task"]) if task_route(run) else S.FinetuneSettings()
-    return FINETUNE.build(run.config["finetune"], progress=run.config["run"]["progress"],
-                          device=run.config["run"]["device"], kd_alpha=distillation.kd_alpha,
-                          kd_temperature=distillation.kd_temperature, **changes)
+    s = run.settings
+    distillation = s.distillation if task_route(run) else S.FinetuneSettings()
+    return dataclasses.replace(s.finetuning, progress=s.run.progress, device=s.run.device,
+                               kd_alpha=distillation.kd_alpha, kd_temperature=distillation.kd_temperature, **changes)
 
 
 def _teacher_run(run: Run) -> Path:
@@ -142,15 +150,15 @@ def _teacher_run(run: Run) -> Path:
     from ..builtin_data import resolve_model
     from ..tasks.run import run_finetune
 
-    given = run.config["task"]["teacher"]
+    given = run.settings.task.teacher
     if given:
         return Path(given)
     out, task = run.out / "teacher", route_task(run)
     if not (out / task.name / "results.json").is_file():
-        source = resolve_model(run.config["pretrain"]["init_from"])
+        source = resolve_model(run.settings.start.source)
         run.log(f"  teacher: fine-tune {source} on {task.name}")
         command = S.FinetuneCommand(model=Path(source), out=out, test=False, resume=(out / "config.yaml").is_file(),
-                                    trust_remote_code=run.config["run"]["trust_remote_code"])
+                                    trust_remote_code=run.settings.run.trust_remote_code)
         run_finetune(command, _task_data_settings(run), _finetune_settings(run),
                      arguments={"model": source, **run.config["finetune"]})
     return out
@@ -171,9 +179,8 @@ def _stage_task_superplm(run: Run, out: Path, resume: bool) -> dict:
             shutil.rmtree(stale, ignore_errors=True)
     task = route_task(run)
     teacher = teacher_model_dir(_teacher_run(run), task)
-    t = run.config["task"]
-    settings = TASK_SUPERPLM.build(t, seed=run.config["run"]["seed"])
-    budget = TASK_BUDGET.build(t)
+    settings = dataclasses.replace(run.settings.task_superplm, seed=run.settings.run.seed)
+    budget = run.settings.task_budget
     ft = _finetune_settings(run, epochs=budget.epochs, max_steps=budget.max_steps, learning_rate=budget.learning_rate,
                             max_train_examples=budget.max_train_examples)
     data = finetune.load_task_data(task, Path(run.outputs["data"]["tasks_dir"]), test=False, settings=ft)
@@ -184,7 +191,7 @@ def _stage_task_superplm(run: Run, out: Path, resume: bool) -> dict:
                 f"{settings.depth_order} depth order)")
         model, summary = task_supernet.task_superplm_from_source(
             teacher, task, tokenizer, finetune.train_features(task, tokenizer, data.train, ft), settings,
-            run.config["run"]["trust_remote_code"])
+            run.settings.run.trust_remote_code)
         with staged_directory(start, overwrite=True) as tmp:
             save_supernet(model, tmp)
             tokenizer.save_pretrained(str(tmp))
@@ -202,13 +209,14 @@ def _stage_task_superplm(run: Run, out: Path, resume: bool) -> dict:
             "_digest": file_digest(out / "model.safetensors")}
 
 
-def _source_teacher(run: Run, section: dict) -> dict[str, str]:
-    """``{"teacher": source}`` when a section names no teacher and the run starts from a pre-trained
-    source: the source teaches its SuperPLM and scores the proxy's kd_loss."""
+def _teacher_of(run: Run, teacher: str | None, needed: bool = True) -> str | None:
+    """A section's teacher, where `SOURCE_TEACHER` (no teacher named, a pre-trained start) is the
+    source when ``needed``: it teaches its SuperPLM and scores the proxy's kd_loss."""
     from ..builtin_data import resolve_model
 
-    source = run.config["pretrain"]["init_from"]
-    return {"teacher": resolve_model(source)} if source and not section.get("teacher") else {}
+    if teacher != SOURCE_TEACHER:
+        return teacher
+    return resolve_model(run.settings.start.source) if needed else None
 
 
 def _pretrained_start(run: Run, start: Path, again: bool) -> dict[str, Any]:
@@ -216,21 +224,20 @@ def _pretrained_start(run: Run, start: Path, again: bool) -> dict[str, Any]:
     the pre-training settings that continue from it: its weights, space and tokenizer."""
     from ..pretrained import init_from_source
 
-    p = run.config["pretrain"]
+    init = run.settings.start
     if not (again and (start / "model.safetensors").is_file()):
         shutil.rmtree(start, ignore_errors=True)
-        run.log(f"  start from {p['init_from']} ({p['init_mode']} space, {p['init_importance']} importance)")
-        init = START.build(p, out=start, calibration_corpus=run.outputs["data"]["corpus"], seed=run.config["run"]["seed"],
-                           overwrite=True)
-        init_from_source(init)
+        run.log(f"  start from {init.source} ({init.mode} space, {init.importance} importance)")
+        init_from_source(dataclasses.replace(init, out=start, calibration_corpus=run.outputs["data"]["corpus"],
+                                             seed=run.settings.run.seed, overwrite=True))
     return {"init": str(start), "space": str(start), "tokenizer": str(start), "vocab_size": None}
 
 
 def _torchrun_pretrain(run: Run, settings, resume: bool) -> None:
     """Several processes cannot share this one: launch ``torchrun -m autotinybert pretrain``."""
-    p = run.config["pretrain"]
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={p['nproc_per_node']}",
-               *map(str, p["torchrun_args"]), "-m", "autotinybert", "pretrain", *pretrain_arguments(settings)]
+    p = run.settings.pretrain
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={p.nproc_per_node}",
+               *map(str, p.torchrun_args), "-m", "autotinybert", "pretrain", *pretrain_arguments(settings)]
     if resume:
         command.append("--resume")
     run.log("  " + " ".join(command))
@@ -249,18 +256,19 @@ def pretrain_arguments(settings) -> list[str]:
 def _stage_latency(run: Run, out: Path, resume: bool) -> dict:
     from ..latency import LatencyPredictor, fit, profile
 
-    lat = run.config["latency"]
-    if lat["reuse"]:
-        predictor = LatencyPredictor.load(lat["reuse"])  # warns when fitted on another device
-        return {"predictor": str(Path(lat["reuse"]).absolute()), "reused": True,
-                "reference_ms": predictor.reference_ms, "_digest": file_hash([Path(lat["reuse"])])}
-    settings = build(S.LatencySettings, lat)
+    s = run.settings
+    reuse = s.latency.reuse
+    if reuse:
+        predictor = LatencyPredictor.load(reuse)  # warns when fitted on another device
+        return {"predictor": str(Path(reuse).absolute()), "reused": True,
+                "reference_ms": predictor.reference_ms, "_digest": file_hash([Path(reuse)])}
+    settings = s.timing
     data = out / "profile.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    profile(space_of(run.config["pretrain"]), lat["samples"], data, settings, seed=run.config["run"]["seed"],
-            resume=data.is_file(), progress=run.config["run"]["progress"], drift_anchor=lat["drift_anchor"])
-    predictor, report = fit(data, holdout=lat["holdout"], seed=run.config["run"]["seed"], hidden=lat["hidden"],
-                            epochs=lat["epochs"], folds=lat["folds"])
+    profile(space_of(s), s.profile.samples, data, settings, seed=s.run.seed, resume=data.is_file(),
+            progress=s.run.progress, drift_anchor=s.profile.drift_anchor)
+    predictor, report = fit(data, holdout=s.fit.holdout, seed=s.run.seed, hidden=s.fit.hidden, epochs=s.fit.epochs,
+                            folds=s.fit.folds)
     predictor.save(out / "predictor.json")
     atomic_write_json(out / "results.json", report)
     run.log(f"  predictor ({settings.form}): {report['chosen']} chosen by cross-validation, held-out MAPE "
@@ -272,47 +280,46 @@ def _stage_latency(run: Run, out: Path, resume: bool) -> dict:
 
 
 # --- stage: search ----------------------------------------------------------------------------
-def search_targets_ms(search: dict, predictor, space) -> list[float]:
+def search_targets_ms(search: S.SearchStage, targets: S.TargetSettings, predictor, space) -> list[float]:
     """``target_ms``, one target per ``source_speedups`` entry (the source's predicted latency / s),
     and one per ``range_fractions`` entry f: the latency f of the way from
     the space's fastest architecture to its slowest, as predicted (0: smallest, 1: largest). Such
     targets mean the same on every machine and always fall inside the space (demos, CI)."""
     low, high = predictor.predict(space.smallest()), predictor.predict(space.largest())
-    return ([float(ms) for ms in search["target_ms"]] + [round(low + f * (high - low), 3) for f in search["range_fractions"]]
-            + [round(high / s, 3) for s in search["source_speedups"]])  # the largest = the pre-trained source
+    return ([float(ms) for ms in targets.target_ms] + [round(low + f * (high - low), 3) for f in search.range_fractions]
+            + [round(high / s, 3) for s in search.source_speedups])  # the largest = the pre-trained source
 
 
 def _stage_search(run: Run, out: Path, resume: bool) -> dict:
     from ..latency import LatencyPredictor
-    from ..search_stage import SearchJob, _supernet_space, run_search_stage
+    from ..search_stage import SearchJob, run_search_stage
 
-    s, data = run.config["search"], run.outputs["data"]
+    s, data = run.settings, run.outputs["data"]
     supernet, predictor_file = Path(run.outputs["pretrain"]["supernet"]), Path(run.outputs["latency"]["predictor"])
     predictor = LatencyPredictor.load(predictor_file, check_fingerprint=False)
-    target_ms = search_targets_ms(s, predictor, _supernet_space(supernet))
+    target_ms = search_targets_ms(s.search, s.targets, predictor, supernet_space(supernet))
     again = (out / "state.json").is_file()
     if not again:
         shutil.rmtree(out, ignore_errors=True)
+    route = task_route(run)
     job = SearchJob(
-        command=S.SearchCommand(supernet=supernet, predictor=predictor_file, out=out, evaluator=s["evaluator"],
-                                device=run.config["run"]["device"], workers=s["workers"], resume=again,
-                                progress=run.config["run"]["progress"]),
-        targets=build(S.TargetSettings, {**s, "target_ms": target_ms}),
-        search=SEARCH.build(s, seed=run.config["run"]["seed"]),
-        proxy=build(S.ProxySettings, s, trust_remote_code=run.config["run"]["trust_remote_code"],
-                    **_source_teacher(run, s)),
-        proxy_data=S.ProxyDataCommand(valid_corpus=data["valid_corpus"], cache_dir=run.config["data"]["cache_dir"],
-                                      seq_len=run.config["pretrain"]["seq_len"]),
-        tasks=S.TaskDataSettings(tasks=run.config["finetune"]["tasks"], data_dir=data["tasks_dir"]),
-        budget=BUDGET.build(s, **_route_budget(run, s)),
-        task_eval=S.TaskEvaluatorSettings(rerank=s["rerank"] if task_route(run) else 0,
-                                          rerank_teacher=Path(run.outputs["pretrain"]["teacher"])
-                                          if task_route(run) else None))
-    summary = run_search_stage(job, arguments={"develop": True, **s, "target_ms": target_ms})
+        command=dataclasses.replace(s.search_command, supernet=supernet, predictor=predictor_file, out=out,
+                                    device=s.run.device, resume=again, progress=s.run.progress),
+        targets=dataclasses.replace(s.targets, target_ms=target_ms),
+        search=dataclasses.replace(s.search_method, seed=s.run.seed),
+        proxy=dataclasses.replace(s.proxy, trust_remote_code=s.run.trust_remote_code,
+                                  teacher=_teacher_of(run, s.proxy.teacher)),
+        proxy_data=S.ProxyDataCommand(valid_corpus=data["valid_corpus"], cache_dir=s.data.cache_dir,
+                                      seq_len=s.pretraining.seq_len),
+        tasks=dataclasses.replace(s.task_data, data_dir=data["tasks_dir"]),
+        budget=_search_budget(run),
+        task_eval=S.TaskEvaluatorSettings(rerank=s.task_evaluator.rerank if route else 0,
+                                          rerank_teacher=Path(run.outputs["pretrain"]["teacher"]) if route else None))
+    summary = run_search_stage(job, arguments={"develop": True, **run.config["search"], "target_ms": target_ms})
     best = {row["target"]: row["arch"] for row in summary["best"]}
     for row in summary["best"]:
         run.log(f"  {row['target']:>10}: {row['arch']} ({row['latency_ms']:.2f} ms predicted, fitness {row['fitness']:.4f})")
-    verified = _verify_shortlists(run, out / "verify.json", summary, predictor, supernet) if s["verify"] else None
+    verified = _verify_shortlists(run, out / "verify.json", summary, predictor, supernet) if s.search.verify else None
     if verified is not None:
         best = {row["target"]: row["arch"] for row in verified["targets"]}
     return {"results": str(out / "results.json"), "best": best,
@@ -324,28 +331,28 @@ def _timing(run: Run, predictor, **timing: Any):
     settings (tolerance, max_repeats, noise_limit) and the given ``timing``."""
     from ..latency import settings_of
 
-    return settings_of(predictor.fingerprint, **timing,
-                       **{k: run.config["latency"][k] for k in ("tolerance", "max_repeats", "noise_limit")})
+    t = run.settings.timing
+    return settings_of(predictor.fingerprint, **timing, tolerance=t.tolerance, max_repeats=t.max_repeats,
+                       noise_limit=t.noise_limit)
 
 
 def _verify_shortlists(run: Run, path: Path, summary: dict, predictor, supernet: Path) -> dict | None:
     """Each target's best few timed side by side with the largest architecture (`verify`); what ships
     is the best whose measured speed-up meets its target. Skipped (the predicted best ships) when the
     predictor was fitted on another device: nothing here can time that device."""
-    from ..search_stage import _supernet_space
     from ..verify import measure_against, verify_targets
 
     if predictor.check_fingerprint():  # it warned, naming the differences
         run.log("  verify: skipped (the predictor was fitted on another device); the predicted best ships")
         return None
-    settings = _timing(run, predictor, warmup=run.config["latency"]["warmup"], repeats=run.config["latency"]["repeats"])
+    count = run.settings.search.verify
+    settings = _timing(run, predictor, warmup=run.settings.timing.warmup, repeats=run.settings.timing.repeats)
     targets = [{"target": t["target"]["name"], "target_ms": t["target"]["ms"], "visits": t["history"]}
                for t in summary["targets"]]
-    reference = _supernet_space(supernet).largest()
-    run.log(f"  verify: each target's {run.config['search']['verify']} best timed side by side with {reference} "
-            f"({settings.form})")
-    verified = verify_targets(targets, reference, predictor.predict, run.config["search"]["verify"],
-                              measure_against(settings), form=settings.form)
+    reference = supernet_space(supernet).largest()
+    run.log(f"  verify: each target's {count} best timed side by side with {reference} ({settings.form})")
+    verified = verify_targets(targets, reference, predictor.predict, count, measure_against(settings),
+                              form=settings.form)
     for row in verified["targets"]:
         shipped = next(c for c in row["candidates"] if c["arch"] == row["arch"])
         run.log(f"  {row['target']:>10}: ships {row['arch']}, measured {shipped['measured_speedup']:.2f}x the "
@@ -355,32 +362,33 @@ def _verify_shortlists(run: Run, path: Path, summary: dict, predictor, supernet:
     return verified
 
 
-def _route_budget(run: Run, search: dict) -> dict[str, Any]:
-    """The task route scores candidates on the finetune section's carved validation rows."""
-    if not task_route(run) or search["ft_validation_examples"]:
-        return {}
-    return {"validation_examples": run.config["finetune"]["validation_examples"]}
+def _search_budget(run: Run) -> S.FinetuneBudget:
+    """The search's ft_* budget; the task route scores candidates on the finetune section's carved
+    validation rows unless search.ft_validation_examples names its own number."""
+    budget = run.settings.search_budget
+    if not task_route(run) or budget.validation_examples:
+        return budget
+    return dataclasses.replace(budget, validation_examples=run.settings.finetuning.validation_examples)
 
 
 # --- stage: extract ---------------------------------------------------------------------------
 def _stage_extract(run: Run, out: Path, resume: bool) -> dict:
     from ..export import export_checkpoint
 
-    e = run.config["extract"]
+    e = run.settings.export
     onnx = _exports_onnx(run)
     models = {}
     for target, arch in run.outputs["search"]["best"].items():
         model_dir = out / _safe(target)
         if not (model_dir / "results.json").is_file():
             run.log(f"  {target}: extract {arch}" + (" (+ ONNX)" if onnx else ""))
-            export_checkpoint(run.outputs["pretrain"]["supernet"], arch, model_dir, onnx=onnx, verify=e["verify"],
-                              onnx_optimize=onnx and e["onnx_optimize"], onnx_int8=onnx and e["onnx_int8"],
-                              overwrite=True)
+            export_checkpoint(run.outputs["pretrain"]["supernet"], arch, model_dir, onnx=onnx, verify=e.verify,
+                              onnx_optimize=onnx and e.onnx_optimize, onnx_int8=onnx and e.onnx_int8, overwrite=True)
         models[target] = {"arch": arch, "path": str(model_dir)}
     reference = _reference(run, out / "reference")
     _measure_side_by_side(run, {Path(m["path"]): m["arch"] for m in models.values()}, reference["arch"],
                           out / "reference")
-    return {"models": models, "reference": reference if run.config["pretrain"]["init_from"] else None,
+    return {"models": models, "reference": reference if run.settings.start.source else None,
             "_digest": file_hash([out / _safe(t) / "model.safetensors" for t in models])}
 
 
@@ -389,12 +397,11 @@ def _reference(run: Run, out: Path) -> dict:
     source, which the report compares with: its architecture, parameters and measured latency
     (RUN/extract/reference/latency.json)."""
     from ..builtin_data import resolve_model
-    from ..search_stage import _supernet_space
     from ..space import parameter_count
 
-    source = run.config["pretrain"]["init_from"]
+    source = run.settings.start.source
     supernet = run.outputs["pretrain"]["supernet"]
-    arch = _supernet_space(Path(supernet)).largest()
+    arch = supernet_space(supernet).largest()
     config = json.loads((Path(supernet) / "config.json").read_text(encoding="utf-8"))
     parameters = parameter_count(arch, config["vocab_size"], config["max_position_embeddings"])
     return {"arch": str(arch), "path": resolve_model(source) if source else None, "name": source or "largest",
@@ -430,14 +437,12 @@ def measure_exported(run: Run, archs: list[str], reference: str) -> dict[str, di
     has every deployed form (`DEPLOYED_FORMS`; ONNX Runtime's where the run exports ONNX), timed the same
     way. Each record has ``speedup`` (measured, over ``reference``), ``predicted_speedup`` and their
     signed ``speedup_error_pct`` (negative: slower than predicted)."""
-    import dataclasses
-
     from ..latency import LatencyPredictor, measure_many
     from ..space import Arch
     from ..verify import speedups
 
     predictor = LatencyPredictor.load(run.outputs["latency"]["predictor"], check_fingerprint=False)
-    searched = _timing(run, predictor, warmup=3, repeats=run.config["extract"]["latency_repeats"],
+    searched = _timing(run, predictor, warmup=3, repeats=run.settings.extract.latency_repeats,
                        interleave=len(archs))
     forms = {searched.form: searched}
     onnx = _exports_onnx(run)
@@ -467,7 +472,8 @@ def _safe(name: str) -> str:
 
 def _exports_onnx(run: Run) -> bool:
     """extract.onnx, with ``auto`` resolved: whether this run writes (and times) ONNX forms."""
-    return _onnx_available() if run.config["extract"]["onnx"] == "auto" else run.config["extract"]["onnx"]
+    onnx = run.settings.extract.onnx
+    return _onnx_available() if onnx == "auto" else bool(onnx)
 
 
 def _onnx_available() -> bool:
@@ -484,23 +490,22 @@ def _onnx_available() -> bool:
 def _stage_further_train(run: Run, out: Path, resume: bool) -> dict:
     from ..pretrain import CHECKPOINT_DIR, pretrain
 
-    f = run.config["further_train"]
+    steps, objective = run.settings.further_train.max_steps, run.settings.further_training.objective
     extracted = run.outputs["extract"]["models"]
     if task_route(run):
         return _final_recipe(run, out, extracted)
-    if f["max_steps"] == 0:  # the inherited weights are the final ones
+    if steps == 0:  # the inherited weights are the final ones
         return {"models": {t: {**m, "source": m["path"]} for t, m in extracted.items()}, "skipped": True,
                 "_digest": run.digests["extract"]}
     models, digests = {}, []
     for target, model in extracted.items():
         target_dir = out / _safe(target)
         if not (target_dir / "results.json").is_file():
-            run.log(f"  {target}: further-train {model['arch']} for {f['max_steps']} steps ({f['objective']})")
+            run.log(f"  {target}: further-train {model['arch']} for {steps} steps ({objective})")
             settings = _pretrain_settings(run, target_dir, further=True, arch=model["arch"],
-                                          init=model["path"], tokenizer=None, vocab_size=None,
-                                          max_steps=f["max_steps"])
+                                          init=model["path"], tokenizer=None, vocab_size=None, max_steps=steps)
             again = (target_dir / CHECKPOINT_DIR / "trainer_state.json").is_file()
-            if run.config["pretrain"]["nproc_per_node"] > 1:
+            if run.settings.pretrain.nproc_per_node > 1:
                 _torchrun_pretrain(run, settings, again)
             else:
                 pretrain(settings, resume=again)
@@ -524,7 +529,7 @@ def _final_recipe(run: Run, out: Path, extracted: dict) -> dict:
             run.log(f"  {target}: task KD of {model['arch']} from the teacher")
             command = S.FinetuneCommand(model=Path(model["path"]), out=target_dir, teacher=teacher, test=False,
                                         resume=(target_dir / "config.yaml").is_file(),
-                                        trust_remote_code=run.config["run"]["trust_remote_code"])
+                                        trust_remote_code=run.settings.run.trust_remote_code)
             run_finetune(command, _task_data_settings(run), _finetune_settings(run),
                          arguments={"model": model["path"], "teacher": str(teacher), **run.config["finetune"]},
                          teacher_cache=out)
@@ -539,12 +544,12 @@ def _final_recipe(run: Run, out: Path, extracted: dict) -> dict:
 def _stage_finetune(run: Run, out: Path, resume: bool) -> dict:
     from ..tasks.run import run_evaluate, run_finetune
 
-    f = run.config["finetune"]
-    if not f["tasks"]:
+    f, tasks = run.config["finetune"], run.settings.task_data.tasks
+    if not tasks:
         return {"runs": {}, "_digest": ""}
     if task_route(run):
         return _score_route_models(run, out)
-    settings = FINETUNE.build(f, progress=run.config["run"]["progress"], device=run.config["run"]["device"])
+    settings, source = _finetune_settings(run), _task_data_settings(run)
     runs, digests = {}, []
     models = dict(run.outputs["further_train"]["models"])
     reference = run.outputs["extract"].get("reference")
@@ -552,19 +557,17 @@ def _stage_finetune(run: Run, out: Path, resume: bool) -> dict:
         models["source"] = reference
     for target, model in models.items():
         target_dir = out / _safe(target)
-        if not _finished(target_dir, f["tasks"]):
-            run.log(f"  {target}: fine-tune {model['arch']} on {', '.join(f['tasks'])}")
+        if not _finished(target_dir, tasks):
+            run.log(f"  {target}: fine-tune {model['arch']} on {', '.join(tasks)}")
             command = S.FinetuneCommand(model=Path(model["path"]), out=target_dir, test=False,
                                         resume=(target_dir / "config.yaml").is_file(),
-                                        trust_remote_code=run.config["run"]["trust_remote_code"])
-            source = S.TaskDataSettings(tasks=f["tasks"], data_dir=Path(run.outputs["data"]["tasks_dir"]))
+                                        trust_remote_code=run.settings.run.trust_remote_code)
             run_finetune(command, source, settings, arguments={"model": model["path"], **f})
         int8_dir = target_dir / INT8_EVAL
-        if _int8_eval(f) and not (int8_dir / "results.json").is_file():
-            run.log(f"  {target}: score the int8 ONNX Runtime form on {', '.join(f['tasks'])}")
+        if _int8_eval(run) and not (int8_dir / "results.json").is_file():
+            run.log(f"  {target}: score the int8 ONNX Runtime form on {', '.join(tasks)}")
             run_evaluate(S.EvaluateCommand(model=target_dir, out=int8_dir, onnx="int8", test=False, overwrite=True),
-                         S.TaskDataSettings(tasks=f["tasks"], data_dir=Path(run.outputs["data"]["tasks_dir"])),
-                         settings, arguments={"model": str(target_dir), "onnx": "int8"})
+                         source, settings, arguments={"model": str(target_dir), "onnx": "int8"})
         results = json.loads((target_dir / "results.json").read_text(encoding="utf-8"))
         runs[target] = str(target_dir)
         digests.append({t: r["score"] for t, r in results["tasks"].items()})
@@ -576,14 +579,14 @@ def _score_route_models(run: Run, out: Path) -> dict:
     source, the reference), on dev in fp32 and in the int8 ONNX Runtime form."""
     from ..tasks.run import run_evaluate
 
-    f, task = run.config["finetune"], route_task(run)
+    task = route_task(run)
     models = {t: m["run"] for t, m in run.outputs["further_train"]["models"].items()}
     models["source"] = str(_teacher_run(run))
     settings, runs, digests = _finetune_settings(run), {}, []
     for target, trained in models.items():
         target_dir = out / _safe(target)
         for form, directory in (("none", target_dir), ("int8", target_dir / INT8_EVAL)):
-            if (directory / "results.json").is_file() or (form == "int8" and not _int8_eval(f)):
+            if (directory / "results.json").is_file() or (form == "int8" and not _int8_eval(run)):
                 continue
             run.log(f"  {target}: score on {task.name} dev" + (" (int8 ONNX Runtime)" if form == "int8" else ""))
             run_evaluate(S.EvaluateCommand(model=Path(trained), out=directory, onnx=form, test=False, overwrite=True),
@@ -596,8 +599,9 @@ def _score_route_models(run: Run, out: Path) -> dict:
 INT8_EVAL = "int8-eval"  # <finetune run>/int8-eval/results.json: the int8 ONNX Runtime form's dev scores
 
 
-def _int8_eval(f: dict) -> bool:
-    return _onnx_available() if f["int8_eval"] == "auto" else bool(f["int8_eval"])
+def _int8_eval(run: Run) -> bool:
+    int8_eval = run.settings.finetune.int8_eval
+    return _onnx_available() if int8_eval == "auto" else bool(int8_eval)
 
 
 def _finished(target_dir: Path, tasks: list[str]) -> bool:
@@ -615,7 +619,7 @@ def _stage_report(run: Run, out: Path, resume: bool) -> dict:
     from ..report import build_report
 
     run.save_manifest()  # the report reads the manifest's costs and outputs
-    paths = build_report(run.out, out, title=run.config["report"]["title"])
+    paths = build_report(run.out, out, title=run.settings.report.title)
     return {**{k: str(v) for k, v in paths.items()}, "_digest": ""}
 
 
