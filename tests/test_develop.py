@@ -139,6 +139,8 @@ def test_shipped_configs_load():
     ({"pretrain": {"objective": "kd"}}, ["pretrain.objective kd needs pretrain.teacher"]),
     ({"finetune": {"lr": 0}}, ["finetune.lr must be greater than 0"]),
     ({"search": {"speedups": [], "range_fractions": [], "target_ms": []}}, ["at least one target"]),
+    ({"latency": {"form": "fastest"}}, ["latency.form must be one of configured, auto"]),
+    ({"latency": {"form": "auto", "reuse": __file__}}, ["latency.form auto", "drop latency.reuse"]),
 ])
 def test_bad_configs_name_the_key(tmp_path, change, fragments):
     config = tiny_config(tmp_path)

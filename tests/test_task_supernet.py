@@ -206,13 +206,10 @@ def test_finetuning_runs_on_the_device_it_is_given(tmp_path, monkeypatch):
     assert seen and all(devices == {"cpu"} for devices in seen)
 
 
-def test_develop_runs_the_task_route_end_to_end(tmp_path):
-    """task.enabled: the source fine-tuned on the task is the teacher, its task SuperPLM is searched
-    on the carved validation rows, the winner is trained by task KD and scored on dev."""
+def _task_route_config(tmp_path):
+    """The tiny develop config of the task route: a random tiny BERT source over the fixtures' words."""
     from develop_fixtures import NEGATIVE, POSITIVE, SENTENCES, tiny_config
     from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    from autotinybert.develop import develop, validate_config
 
     words = sorted({w for s in SENTENCES for w in s.split()} | set(POSITIVE) | set(NEGATIVE) | {"day"})
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
@@ -230,8 +227,22 @@ def test_develop_runs_the_task_route_end_to_end(tmp_path):
                       "save_every": 2}
     config["search"].update(evaluator="task", rerank=1, ft_max_steps=2, ft_batch_size=4)
     config["finetune"]["validation_examples"] = 2
+    return config
+
+
+def test_develop_runs_the_task_route_end_to_end(tmp_path):
+    """task.enabled: the source fine-tuned on the task is the teacher, its task SuperPLM is searched
+    on the carved validation rows, the winner is trained by task KD and scored on dev. With
+    latency.form auto the search times the form chosen for it (`_assert_searched_on_the_chosen_form`)."""
+    from autotinybert.develop import develop, validate_config
+
+    config = _task_route_config(tmp_path)
+    config["latency"].update(form="auto")
+    config["search"].update(verify=1)
+    config["extract"].update(onnx=True)
     manifest = develop(validate_config(config), tmp_path / "run", log=lambda _: None)
     run = tmp_path / "run"
+    _assert_searched_on_the_chosen_form(manifest, run)
     assert json.loads((run / "pretrain" / "config.json").read_text())["architectures"] == \
         ["SuperBertForSequenceClassification"]
     search = json.loads((run / "search" / "results.json").read_text())
@@ -250,6 +261,28 @@ def test_develop_runs_the_task_route_end_to_end(tmp_path):
     develop(validate_config(config), run, log=lambda _: None)
     assert json.loads((run / "pretrain_start" / "config.json").read_text())["depth_order"] == "first"
     assert json.loads((run / "pretrain" / "config.json").read_text())["depth_layers"]["2"] == [0, 1]
+
+
+def _assert_searched_on_the_chosen_form(manifest: dict, run: Path) -> None:
+    """latency.form auto: every deployed form was profiled, the teacher scored in each on the carved
+    rows, and the search, its verification and the extraction's timing all used the chosen form: the
+    fastest (by the largest architecture's predicted latency) whose teacher score stays within
+    finetune.form_tolerance (0.5) of fp32."""
+    stages = manifest["stages"]
+    forms = ("torch", "onnxruntime-opt", "onnxruntime-opt-int8")
+    predictors = stages["latency"]["outputs"]["predictors"]
+    assert set(predictors) == set(forms)
+    assert {json.loads(Path(p).read_text())["fingerprint"]["quantize"] for p in predictors.values()} == {"none", "int8"}
+    choice = json.loads((run / "search" / "form.json").read_text())
+    assert set(choice["scores"]) == set(forms) and set(choice["reference_ms"]) == set(forms)
+    floor = max(choice["scores"]["torch"], choice["scores"]["onnxruntime-opt"]) - 0.5
+    eligible = {f: ms for f, ms in choice["reference_ms"].items() if choice["scores"][f] >= floor}
+    assert choice["form"] == min(eligible, key=eligible.get)
+    assert stages["search"]["outputs"]["predictor"] == predictors[choice["form"]]
+    assert json.loads((run / "search" / "verify.json").read_text())["form"] == choice["form"]
+    for model in stages["extract"]["outputs"]["models"].values():
+        assert json.loads((Path(model["path"]) / "latency.json").read_text())["form"] == choice["form"]
+    assert f"Searched in form **{choice['form']}**" in (run / "report" / "summary.md").read_text()
 
 
 def test_the_task_evaluator_scores_the_carved_rows_and_never_reads_dev(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 
@@ -115,8 +116,9 @@ def load_run(run_dir: str | Path) -> dict:
            "supernet": supernet,
            "supernet_config": _read_json(Path(supernet) / "config.json", {}) if supernet else {},
            "metrics_csv": Path(supernet) / "metrics.csv" if supernet else None,
-           "latency_fit": _read_json(Path(outputs("latency")["predictor"]).with_name("results.json"), None)
-           if outputs("latency").get("predictor") else None,
+           "latency_fit": _read_json(Path(_searched_predictor(outputs)).with_name("results.json"), None)
+           if _searched_predictor(outputs) else None,
+           "searched_form": outputs("search").get("form"),
            "search": _read_json(search_results, None) if search_results else None,
            "verify": _read_json(Path(outputs("search")["verify"]), None) if outputs("search").get("verify") else None,
            "search_state": _read_json(Path(search_results).with_name("state.json"), None) if search_results else None,
@@ -124,6 +126,12 @@ def load_run(run_dir: str | Path) -> dict:
                                  outputs("search")),
            "reference": _reference_row(outputs("extract"), outputs("finetune"))}
     return run
+
+
+def _searched_predictor(outputs: Callable[[str], dict]) -> str | None:
+    """The predictor the search used (the chosen form's, with latency.form auto; runs before that
+    option recorded only the latency stage's one)."""
+    return outputs("search").get("predictor") or outputs("latency").get("predictor")
 
 
 def _reference_row(extract: dict, finetune: dict) -> dict | None:
@@ -477,7 +485,8 @@ def _sections(run: dict) -> list[tuple[str, str, str | None]]:
          f"Method `{search.get('method', '-')}`, evaluator `{search.get('evaluator', '-')}`, "
          f"{search.get('evaluations', 0)} architectures evaluated.", "pareto"),
         ("Predicted vs measured latency", _latency_text(run), "latency"),
-        ("Targets verified before shipping", _verify_text(run.get("verify")), None),
+        ("Targets verified before shipping", _form_text(run.get("searched_form")) + _verify_text(run.get("verify")),
+         None),
         ("Training curves", f"From `{run['metrics_csv']}`.", "training"),
         ("Downstream tasks", (task_table or "No fine-tuning in this run (finetune.tasks is empty).") + note,
          "downstream"),
@@ -485,6 +494,16 @@ def _sections(run: dict) -> list[tuple[str, str, str | None]]:
          "\n\nCPU hours count this process and its children (user + system time); GPU hours are wall time × GPUs used.",
          None),
     ]
+
+
+def _form_text(form: dict | None) -> str:
+    """The deployed form the search timed, and why (latency.form)."""
+    if not form:
+        return ""
+    scores = form.get("scores") or {}
+    evidence = ("; the teacher on the carved validation rows: " + ", ".join(f"{f} {v:.2f}" for f, v in scores.items())
+                if scores else "")
+    return f"Searched in form **{form['form']}**: {form['reason']}{evidence}.\n\n"
 
 
 def _verify_text(verify: dict | None) -> str:

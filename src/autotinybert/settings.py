@@ -650,6 +650,12 @@ class PretrainStage(Options):
 class LatencyStage(Options):
     reuse: str | None = option(None, "a fitted predictor JSON ('latency fit' output): skip profiling", path="file",
                                text=True)
+    form: str = option("configured", "the deployed form the search times: configured (the engine, optimize and "
+                                     "quantize options of this section) or auto (profile torch fp32 and, with "
+                                     "onnxruntime installed, its optimised fp32 and int8 graphs; search on the fastest "
+                                     "whose score stays within finetune.form_tolerance of fp32: the task route scores "
+                                     "its teacher in each form on the carved validation rows; elsewhere, with no task "
+                                     "model before the search, int8 is not chosen)", choices=("configured", "auto"))
 
 
 @dataclass

@@ -221,6 +221,9 @@ def _check_across_sections(config: dict, source: str) -> None:
     if search["source_speedups"] and not config["pretrain"]["init_from"]:
         raise UserError(f"{source}: search.source_speedups are relative to pretrain.init_from; set it or use "
                         "search.speedups (relative to BERT-base)")
+    if config["latency"]["form"] == "auto" and config["latency"]["reuse"]:
+        raise UserError(f"{source}: latency.form auto profiles every deployed form, latency.reuse brings one "
+                        "predictor: drop latency.reuse or set latency.form: configured")
     if config["task"]["enabled"]:
         _check_task_route(config, source)
     elif search["evaluator"] == "task":

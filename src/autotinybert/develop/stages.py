@@ -254,15 +254,28 @@ def pretrain_arguments(settings) -> list[str]:
 
 # --- stage: latency ---------------------------------------------------------------------------
 def _stage_latency(run: Run, out: Path, resume: bool) -> dict:
-    from ..latency import LatencyPredictor, fit, profile
+    from ..latency import LatencyPredictor, settings_of
 
     s = run.settings
     reuse = s.latency.reuse
     if reuse:
         predictor = LatencyPredictor.load(reuse)  # warns when fitted on another device
-        return {"predictor": str(Path(reuse).absolute()), "reused": True,
-                "reference_ms": predictor.reference_ms, "_digest": file_hash([Path(reuse)])}
-    settings = s.timing
+        return {"predictor": str(Path(reuse).absolute()), "reused": True, "reference_ms": predictor.reference_ms,
+                "predictors": {settings_of(predictor.fingerprint).form: str(Path(reuse).absolute())},
+                "_digest": file_hash([Path(reuse)])}
+    forms = deployed_timings(s.timing, _onnx_available()) if s.latency.form == "auto" else {s.timing.form: s.timing}
+    records = {form: _profile_and_fit(run, out if len(forms) == 1 else out / form, timing)
+               for form, timing in forms.items()}
+    first = next(iter(records.values()))  # the configured form (auto: torch fp32, until the search chooses)
+    return {**first, "predictors": {form: r["predictor"] for form, r in records.items()},
+            "_digest": file_hash([Path(r["predictor"]) for r in records.values()])}
+
+
+def _profile_and_fit(run: Run, out: Path, settings: S.LatencySettings) -> dict:
+    """The space profiled in one deployed form (resumed from its JSONL) and its predictor fitted."""
+    from ..latency import fit, profile
+
+    s = run.settings
     data = out / "profile.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     profile(space_of(s), s.profile.samples, data, settings, seed=s.run.seed, resume=data.is_file(),
@@ -275,8 +288,7 @@ def _stage_latency(run: Run, out: Path, resume: bool) -> dict:
             f"{report['selected']['mape_pct']:.1f}% (MLP {report['mlp']['mape_pct']:.1f}%, FLOPs "
             f"{report['baseline']['mape_pct']:.1f}%), BERT-base {predictor.reference_ms:.1f} ms")
     return {"predictor": str(out / "predictor.json"), "profile": str(data), "reference_ms": predictor.reference_ms,
-            "mape_pct": report["selected"]["mape_pct"], "form": settings.form,
-            "_digest": file_hash([out / "predictor.json"])}
+            "mape_pct": report["selected"]["mape_pct"], "form": settings.form}
 
 
 # --- stage: search ----------------------------------------------------------------------------
@@ -295,12 +307,14 @@ def _stage_search(run: Run, out: Path, resume: bool) -> dict:
     from ..search_stage import SearchJob, run_search_stage
 
     s, data = run.settings, run.outputs["data"]
-    supernet, predictor_file = Path(run.outputs["pretrain"]["supernet"]), Path(run.outputs["latency"]["predictor"])
-    predictor = LatencyPredictor.load(predictor_file, check_fingerprint=False)
-    target_ms = search_targets_ms(s.search, s.targets, predictor, supernet_space(supernet))
     again = (out / "state.json").is_file()
     if not again:
         shutil.rmtree(out, ignore_errors=True)
+    supernet = Path(run.outputs["pretrain"]["supernet"])
+    form = _choose_searched_form(run, out / "form.json", supernet)
+    predictor_file = Path(run.outputs["latency"]["predictors"][form["form"]])
+    predictor = LatencyPredictor.load(predictor_file, check_fingerprint=False)
+    target_ms = search_targets_ms(s.search, s.targets, predictor, supernet_space(supernet))
     route = task_route(run)
     job = SearchJob(
         command=dataclasses.replace(s.search_command, supernet=supernet, predictor=predictor_file, out=out,
@@ -316,14 +330,63 @@ def _stage_search(run: Run, out: Path, resume: bool) -> dict:
         task_eval=S.TaskEvaluatorSettings(rerank=s.task_evaluator.rerank if route else 0,
                                           rerank_teacher=Path(run.outputs["pretrain"]["teacher"]) if route else None))
     summary = run_search_stage(job, arguments={"develop": True, **run.config["search"], "target_ms": target_ms})
+    atomic_write_json(out / "form.json", form)
     best = {row["target"]: row["arch"] for row in summary["best"]}
     for row in summary["best"]:
         run.log(f"  {row['target']:>10}: {row['arch']} ({row['latency_ms']:.2f} ms predicted, fitness {row['fitness']:.4f})")
     verified = _verify_shortlists(run, out / "verify.json", summary, predictor, supernet) if s.search.verify else None
     if verified is not None:
         best = {row["target"]: row["arch"] for row in verified["targets"]}
-    return {"results": str(out / "results.json"), "best": best,
-            "verify": str(out / "verify.json") if verified is not None else None, "_digest": stable_hash(best)}
+    return {"results": str(out / "results.json"), "best": best, "predictor": str(predictor_file), "form": form,
+            "verify": str(out / "verify.json") if verified is not None else None,
+            "_digest": stable_hash([best, form["form"]])}
+
+
+def _choose_searched_form(run: Run, path: Path, supernet: Path) -> dict[str, Any]:
+    """The deployed form the search times (``path``: its record once the search has run; the search
+    writes its folder itself, so a resumed search that had not finished chooses again, the same way).
+    With one profiled form, that one; with latency.form auto, `verify.choose_form` over the forms'
+    predicted latency of the largest architecture and, on the task route, the teacher's score on
+    the carved validation rows in each form (elsewhere nothing is scored yet, so int8 is not chosen)."""
+    import tempfile
+
+    from ..latency import LatencyPredictor
+    from ..verify import choose_form
+
+    predictors = run.outputs["latency"]["predictors"]
+    if len(predictors) == 1:
+        form = next(iter(predictors))
+        return {"form": form, "reason": "the latency section's form (latency.form: configured)"}
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    reference = supernet_space(supernet).largest()
+    latency = {form: LatencyPredictor.load(p, check_fingerprint=False).predict(reference)
+               for form, p in predictors.items()}
+    scores = {}
+    if task_route(run):
+        with tempfile.TemporaryDirectory(prefix="autotinybert-forms-") as graphs:
+            scores = _teacher_form_scores(run, list(predictors), Path(graphs))
+    choice = {**choose_form(latency, scores, run.settings.finetune.form_tolerance), "reference": str(reference),
+              "reference_ms": latency, "scores": scores}
+    if choice["form"] is None:
+        raise UserError("latency.form auto: no deployed form could be chosen; set latency.form: configured")
+    run.log(f"  search in form {choice['form']}: {choice['reason']}"
+            + (f" (teacher on the carved rows: {', '.join(f'{f} {v:.2f}' for f, v in scores.items())})" if scores else ""))
+    return choice
+
+
+def _teacher_form_scores(run: Run, forms: list[str], scratch: Path) -> dict[str, float]:
+    """The teacher's score on the carved validation rows in each deployed form: whether a form keeps
+    the task's accuracy, measured before the search and without dev."""
+    from ..tasks import finetune
+    from ..tasks.run import score_forms
+
+    task, settings = route_task(run), _finetune_settings(run)
+    data = finetune.load_task_data(task, Path(run.outputs["data"]["tasks_dir"]), test=False, settings=settings)
+    scored = score_forms(Path(run.outputs["pretrain"]["teacher"]), task, data.validation, settings,
+                         [SCORED_AS[form] for form in forms], scratch,
+                         trust_remote_code=run.settings.run.trust_remote_code)
+    return {form: round(scored[SCORED_AS[form]], 4) for form in forms}
 
 
 def _timing(run: Run, predictor, **timing: Any):
@@ -425,10 +488,19 @@ def _measure_side_by_side(run: Run, models: dict[Path, str], reference: str, ref
 
 
 # The forms a model ships in, each timed side by side with the reference: torch eager fp32 and, when
-# the run exports ONNX, ONNX Runtime's optimised fp32 and int8 graphs (the int8 one is what
+# ONNX Runtime is there, its optimised fp32 and int8 graphs (the int8 one is what
 # `finetune.int8_eval` scores).
 DEPLOYED_FORMS = ({"engine": "torch"}, {"engine": "onnxruntime", "optimize": True},
                   {"engine": "onnxruntime", "optimize": True, "quantize": "int8"})
+# Each deployed form (a latency form name) as `tasks.run.score_forms` scores it.
+SCORED_AS = {"torch": "torch", "onnxruntime-opt": "optimized", "onnxruntime-opt-int8": "int8"}
+
+
+def deployed_timings(base: S.LatencySettings, onnx: bool) -> dict[str, S.LatencySettings]:
+    """``base`` (its shapes, clock and robustness settings) in each of `DEPLOYED_FORMS`, by form name;
+    ONNX Runtime's only when ``onnx``."""
+    forms = (dataclasses.replace(base, **{"optimize": False, "quantize": "none", **shape}) for shape in DEPLOYED_FORMS)
+    return {form.form: form for form in forms if form.engine == "torch" or onnx}
 
 
 def measure_exported(run: Run, archs: list[str], reference: str) -> dict[str, dict]:
@@ -441,15 +513,10 @@ def measure_exported(run: Run, archs: list[str], reference: str) -> dict[str, di
     from ..space import Arch
     from ..verify import speedups
 
-    predictor = LatencyPredictor.load(run.outputs["latency"]["predictor"], check_fingerprint=False)
+    predictor = LatencyPredictor.load(run.outputs["search"]["predictor"], check_fingerprint=False)
     searched = _timing(run, predictor, warmup=3, repeats=run.settings.extract.latency_repeats,
                        interleave=len(archs))
-    forms = {searched.form: searched}
-    onnx = _exports_onnx(run)
-    for shape in DEPLOYED_FORMS:
-        form = dataclasses.replace(searched, **{"optimize": False, "quantize": "none", **shape})
-        if form.engine == "torch" or onnx:
-            forms.setdefault(form.form, form)
+    forms = {searched.form: searched, **deployed_timings(searched, _exports_onnx(run))}
     timed = {name: {r["arch"]: r for r in measure_many(archs, form, anchor=Arch.parse(reference))}
              for name, form in forms.items()}
     reference_predicted = predictor.predict(reference)

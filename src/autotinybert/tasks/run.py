@@ -26,7 +26,8 @@ from ..options import resume_free
 from ..settings import EvaluateCommand, FinetuneCommand, TaskDataSettings
 from . import glue, metrics, squad
 from .finetune import (FinetuneSettings, RunStore, Task, TeacherLogits, evaluate_split, finetune_model,
-                       load_task_data, load_task_model, padding_id, predict_glue, resolve_task, train_features)
+                       load_task_data, load_task_model, padding_id, predict_glue, resolve_task, split_score,
+                       train_features)
 
 # Arguments that may change between a run and its --resume without changing the result: the
 # options declared ``resume="free"``, and the parser's own entries.
@@ -265,6 +266,21 @@ def _scored_model(command: EvaluateCommand, task: Task, out: Path | None, scratc
         raise UserError(f"{model} has {width} outputs but {task.name} needs {task.num_labels}; "
                         f"is it fine-tuned on another task?")
     return scored, model_dir, form
+
+
+def score_forms(model_dir: Path, task: Task, split, settings: FinetuneSettings, forms: Iterable[str], scratch: Path, *,
+                trust_remote_code: bool = False) -> dict[str, float]:
+    """A fine-tuned model's score on ``split`` in each of ``forms``: ``torch`` (eager fp32) and ONNX
+    Runtime's `deploy.ONNX_FORMS` (fp32, optimized, int8; the graphs are written under ``scratch``)."""
+    from ..deploy import OnnxTaskModel, onnx_forms
+
+    forms = tuple(forms)
+    model = load_task_model(model_dir, task, finetuned=True, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    onnx = tuple(form for form in forms if form != "torch")
+    graphs = onnx_forms(model, scratch, onnx) if onnx else {}
+    scored = {form: model if form == "torch" else OnnxTaskModel(graphs[form]) for form in forms}
+    return {form: split_score(task, evaluate_split(m, tokenizer, task, split, settings)[0]) for form, m in scored.items()}
 
 
 def _evaluate_tasks(command: EvaluateCommand, task_list, data_by_task, settings, data_dir, out: Path | None) -> dict:
