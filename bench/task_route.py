@@ -216,7 +216,8 @@ def stage_final(args, task, target: str, variant: str, arch: str, seed: int, exa
     from autotinybert.export import extract
     from autotinybert.tasks.finetune import finetune_model
 
-    path = args.work / task.name / "final" / f"{target}-{variant}-{arch}-seed{seed}.json"
+    tag = f"-{args.final_tag}" if args.final_tag else ""  # another final budget: its own records
+    path = args.work / task.name / "final" / f"{target}-{variant}-{arch}-seed{seed}{tag}.json"
     if path.is_file():
         return json.loads(path.read_text())
     if args.summary_only:
@@ -388,6 +389,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--final-examples", type=int, default=16000)
     p.add_argument("--final-epochs", type=float, default=1.0)
     p.add_argument("--final-lr", type=float, default=1e-4)
+    p.add_argument("--final-tag", default="", help="name of a final-recipe budget other than the recorded one: its "
+                                                   "runs are kept beside (not instead of) the others")
     p.add_argument("--latency-samples", type=int, default=60)
     p.add_argument("--generations", type=int, default=3)
     p.add_argument("--generation-size", type=int, default=20)

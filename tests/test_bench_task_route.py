@@ -54,7 +54,7 @@ def test_the_correlation_sample_spans_the_depths_of_the_window():
 
 
 def test_a_finished_final_run_is_kept_and_skipped(tmp_path, monkeypatch):
-    args = argparse.Namespace(work=tmp_path)
+    args = argparse.Namespace(work=tmp_path, final_tag="")
     task = type("Task", (), {"name": "sst2"})()
     record = {"score": 91.0, "arch": "L2-H128-F256-A12-Q96"}
     path = tmp_path / "sst2" / "final" / "3x-searched-L2-H128-F256-A12-Q96-seed0.json"
@@ -62,3 +62,6 @@ def test_a_finished_final_run_is_kept_and_skipped(tmp_path, monkeypatch):
     path.write_text(json.dumps(record))
     monkeypatch.setattr(bench, "finetune_settings", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     assert bench.stage_final(args, task, "3x", "searched", "L2-H128-F256-A12-Q96", 0) == record
+    # Another final budget (--final-tag) keeps its own records: the recorded run is not reused for it.
+    args.final_tag, args.summary_only = "e10", True  # summary only: None where no record of that budget exists
+    assert bench.stage_final(args, task, "3x", "searched", "L2-H128-F256-A12-Q96", 0) is None
