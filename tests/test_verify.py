@@ -128,3 +128,37 @@ def test_an_unscored_int8_form_never_ships_and_fp32_wins_when_it_is_faster():
     slow_int8 = {**FORMS, "onnxruntime-opt-int8": 8.0}  # small models: int8 can be slower
     scores = {"torch": 90.0, "onnxruntime-opt": 90.0, "onnxruntime-opt-int8": 90.0}
     assert choose_form(slow_int8, scores, 0.5)["form"] == "onnxruntime-opt"
+
+
+# --- the form the search times (develop's latency.form auto) ------------------------------------
+FORM_PREDICTORS = {"torch": 10.0, "onnxruntime-opt": 8.0, "onnxruntime-opt-int8": 5.0}  # the largest, predicted ms
+
+
+@pytest.mark.parametrize("route_scores, expected", [
+    (None, "onnxruntime-opt"),  # no task model before the search: int8 unscored, never chosen
+    ({"torch": 90.0, "onnxruntime-opt": 90.0, "onnxruntime-opt-int8": 89.6}, "onnxruntime-opt-int8"),  # within 0.5
+    ({"torch": 90.0, "onnxruntime-opt": 90.0, "onnxruntime-opt-int8": 89.4}, "onnxruntime-opt"),  # lost more
+])
+def test_the_searched_form_is_the_fastest_whose_teacher_score_holds(tmp_path, monkeypatch, route_scores, expected):
+    from autotinybert.develop import Run, validate_config
+    from autotinybert.develop import stages
+
+    class Predictor:
+        def __init__(self, form):
+            self.form = form
+
+        def predict(self, arch):
+            assert str(arch) == REFERENCE  # the forms are compared on the largest architecture
+            return FORM_PREDICTORS[self.form]
+
+    run = Run(tmp_path, validate_config({"search": {"range_fractions": [0.5]}}, check_paths=False))
+    run.outputs["latency"] = {"predictors": {form: form for form in FORM_PREDICTORS}}
+    monkeypatch.setattr("autotinybert.latency.LatencyPredictor.load", lambda path, **_: Predictor(path))
+    monkeypatch.setattr(stages, "supernet_space", lambda _: type("Space", (), {"largest": lambda self: REFERENCE})())
+    monkeypatch.setattr(stages, "task_route", lambda _: route_scores is not None)
+    monkeypatch.setattr(stages, "_teacher_form_scores", lambda *_: route_scores)
+    choice = stages._choose_searched_form(run, tmp_path / "form.json", tmp_path)
+    assert choice["form"] == expected
+    assert choice["reference_ms"] == FORM_PREDICTORS and choice["scores"] == (route_scores or {})
+    if route_scores is None:
+        assert "onnxruntime-opt-int8 (not scored)" in choice["reason"]

@@ -370,6 +370,7 @@ def _choose_searched_form(run: Run, path: Path, supernet: Path) -> dict[str, Any
               "reference_ms": latency, "scores": scores}
     if choice["form"] is None:
         raise UserError("latency.form auto: no deployed form could be chosen; set latency.form: configured")
+    choice["reason"] = f"the largest architecture predicted at {choice['reason']}"
     run.log(f"  search in form {choice['form']}: {choice['reason']}"
             + (f" (teacher on the carved rows: {', '.join(f'{f} {v:.2f}' for f, v in scores.items())})" if scores else ""))
     return choice
