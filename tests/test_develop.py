@@ -114,6 +114,7 @@ def test_develop_is_deterministic(tmp_path):
     config = validate_config(tiny_config(tmp_path / "fixtures"))
     config["further_train"]["max_steps"] = 0
     config["finetune"]["tasks"] = []
+    config["search"]["verify"] = 0  # what ships after side-by-side timing is measured, not seeded
     first = develop(config, tmp_path / "a", log=_quiet)
     config["latency"]["reuse"] = first["stages"]["latency"]["outputs"]["predictor"]  # timing is noise
     second = develop(config, tmp_path / "b", log=_quiet)

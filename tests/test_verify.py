@@ -3,8 +3,10 @@ measured side by side with the reference, meets the target."""
 
 import pytest
 
+from autotinybert.errors import UserError
 from autotinybert.space import Arch
-from autotinybert.verify import choose, choose_form, measure_against, shortlist, speedups, verify_targets
+from autotinybert.verify import (calibration, choose, choose_form, corrected_target_ms, measure_against, merge_correction,
+                                shortlist, speedups, verify_targets)
 
 REFERENCE = "L6-H384-F1536-A12-Q384"
 REFERENCE_MS = 30.0  # predicted
@@ -87,6 +89,76 @@ def test_the_prediction_error_is_negative_when_the_model_measures_slower_than_pr
 def test_choose_prefers_rank_over_speed_among_those_that_meet():
     candidates = [{"arch": "a", "ratio": 0.32}, {"arch": "b", "ratio": 0.20}]
     assert choose(candidates, 1 / 3)["arch"] == "a"
+
+
+def test_a_model_far_faster_than_asked_gives_way_to_one_in_the_band():
+    # target 3x (ratio 1/3): a 3.6x best overshoots by 20 %; a 3.1x runner-up is in the band.
+    candidates = [{"arch": "a", "ratio": 1 / 3.6}, {"arch": "b", "ratio": 1 / 3.1}]
+    assert choose(candidates, 1 / 3) == {"arch": "b", "met": True, "in_band": True, "shortfall_pct": 0.0}
+    assert choose(candidates[:1], 1 / 3) == {"arch": "a", "met": True, "in_band": False, "shortfall_pct": 0.0}
+
+
+# The 3x target (10 ms of 30 predicted) where the predictor is 10 % pessimistic: every candidate
+# measures 0.9 x its predicted ratio, so the best (9.9 ms predicted) runs 3.37x: 12 % too fast.
+PESSIMISTIC = {v["arch"]: 0.9 * v["latency_ms"] / REFERENCE_MS for v in VISITS}
+
+
+def test_the_calibration_is_the_measured_bias_and_corrects_the_budget():
+    row = verify_targets([TARGET], REFERENCE, predict, 3, scripted(PESSIMISTIC))["targets"][0]
+    assert row["met"] and not row["in_band"]
+    assert calibration(row) == pytest.approx(0.9, abs=1e-3)
+    assert corrected_target_ms(row) == pytest.approx(10 / 0.9, abs=0.01)
+
+
+def test_the_corrected_round_ships_its_in_band_model_and_keeps_both_rounds():
+    row = verify_targets([TARGET], REFERENCE, predict, 3, scripted(PESSIMISTIC))["targets"][0]
+    # The corrected search (budget 11.1 ms predicted) found L5 at 11.0 ms predicted: 0.9 x 11 / 30 -> 3.03x.
+    corrected_visits = [visit("L5-H256-F512-A8-Q256", 0.93, 11.0)]
+    second = verify_targets([{**TARGET, "visits": corrected_visits}], REFERENCE, lambda a: {
+        REFERENCE: REFERENCE_MS, "L5-H256-F512-A8-Q256": 11.0}[str(a)], 3,
+        scripted({"L5-H256-F512-A8-Q256": 0.9 * 11.0 / 30}))["targets"][0]
+    merged = merge_correction(row, second, 11.111)
+    assert merged["arch"] == "L5-H256-F512-A8-Q256" and merged["met"] and merged["in_band"]
+    assert [c["rank"] for c in merged["candidates"]] == [0, 1, 2, 3] and merged["candidates"][-1]["corrected"]
+    assert merged["correction"] == {"calibration": pytest.approx(0.9, abs=1e-3), "searched_ms": 11.111,
+                                    "shipped_before": "L4-H256-F512-A8-Q256"}
+
+
+def test_develop_searches_again_only_the_targets_outside_the_band(tmp_path, monkeypatch):
+    """`develop.stages._correct`: the off-band target's corrected budget goes to a second search (its
+    own folder, no other target kinds); the in-band target is left as it was."""
+    from autotinybert import settings as S
+    from autotinybert.develop import Run, validate_config
+    from autotinybert.develop import stages
+    from autotinybert.search_stage import SearchJob
+
+    in_band = {**TARGET, "target": "2x", "target_ms": 15.0, "visits": [visit("L5-H384-F512-A12-Q384", 0.95, 14.5)]}
+    measure = scripted({**PESSIMISTIC, "L5-H384-F512-A12-Q384": 0.49, "L5-H256-F512-A8-Q256": 0.9 * 11.0 / 30})
+    latency = {REFERENCE: REFERENCE_MS, "L5-H384-F512-A12-Q384": 14.5, "L5-H256-F512-A8-Q256": 11.0,
+               **{v["arch"]: v["latency_ms"] for v in VISITS}}
+    verify = lambda targets: verify_targets(targets, REFERENCE, lambda a: latency[str(a)], 3, measure)  # noqa: E731
+    first = verify([TARGET, in_band])
+    searched = []
+
+    def search(job, arguments):
+        searched.append(job)
+        return {"targets": [{"history": [visit("L5-H256-F512-A8-Q256", 0.93, 11.0)]}]}
+
+    monkeypatch.setattr("autotinybert.search_stage.run_search_stage", search)
+    run = Run(tmp_path, validate_config({"search": {"range_fractions": [0.5]}}, check_paths=False))
+    job = SearchJob(command=S.SearchCommand(out=tmp_path / "search"), targets=S.TargetSettings(speedups=[4.0]),
+                    search=S.SearchSettings(), proxy=S.ProxySettings(), proxy_data=S.ProxyDataCommand(),
+                    tasks=S.TaskDataSettings(), budget=S.FinetuneBudget())
+    result = stages._correct(run, tmp_path / "corrected", first, job, verify)
+    (again,) = searched
+    assert again.command.out == tmp_path / "corrected" / "target-3x" and again.targets.speedups == []
+    assert again.targets.target_ms == [pytest.approx(10 / 0.9, abs=0.01)]
+    assert [row["arch"] for row in result["targets"]] == ["L5-H256-F512-A8-Q256", "L5-H384-F512-A12-Q384"]
+    assert "correction" not in result["targets"][1]
+    # A corrected budget no architecture fits keeps the first round (a line says why).
+    monkeypatch.setattr("autotinybert.search_stage.run_search_stage",
+                        lambda job, arguments: (_ for _ in ()).throw(UserError("no architecture in the window")))
+    assert stages._correct(run, tmp_path / "corrected", first, job, verify)["targets"] == first["targets"]
 
 
 def test_targets_share_one_side_by_side_run():

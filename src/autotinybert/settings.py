@@ -669,6 +669,10 @@ class SearchStage(Options):
     verify: int = option(3, "time this many of each target's best candidates (each predicted faster than the "
                             "better ones) side by side with the largest architecture, and ship the best whose "
                             "measured speed-up meets the target (0: ship the predicted best untimed)", minimum=0)
+    correct: bool = option(True, "search again a target whose verified model measures short of it or more than 10% "
+                                 "faster than asked, for its budget divided by the predictor's measured bias there, "
+                                 "and ship from both rounds by the same rule (needs search.verify)",
+                           negative="no-correct")
 
 
 @dataclass

@@ -334,7 +334,7 @@ def _stage_search(run: Run, out: Path, resume: bool) -> dict:
     best = {row["target"]: row["arch"] for row in summary["best"]}
     for row in summary["best"]:
         run.log(f"  {row['target']:>10}: {row['arch']} ({row['latency_ms']:.2f} ms predicted, fitness {row['fitness']:.4f})")
-    verified = _verify_shortlists(run, out / "verify.json", summary, predictor, supernet) if s.search.verify else None
+    verified = _verify_shortlists(run, out, summary, predictor, job) if s.search.verify else None
     if verified is not None:
         best = {row["target"]: row["arch"] for row in verified["targets"]}
     return {"results": str(out / "results.json"), "best": best, "predictor": str(predictor_file), "form": form,
@@ -400,10 +400,12 @@ def _timing(run: Run, predictor, **timing: Any):
                        noise_limit=t.noise_limit)
 
 
-def _verify_shortlists(run: Run, path: Path, summary: dict, predictor, supernet: Path) -> dict | None:
+def _verify_shortlists(run: Run, out: Path, summary: dict, predictor, job) -> dict | None:
     """Each target's best few timed side by side with the largest architecture (`verify`); what ships
-    is the best whose measured speed-up meets its target. Skipped (the predicted best ships) when the
-    predictor was fitted on another device: nothing here can time that device."""
+    is the best whose measured speed-up meets its target (within `verify.OVERSHOOT` when one does);
+    with search.correct, a target outside that band is searched again with the predictor's measured
+    bias there removed (`_correct`). Writes ``out/verify.json``. Skipped (the predicted best ships)
+    when the predictor was fitted on another device: nothing here can time that device."""
     from ..verify import measure_against, verify_targets
 
     if predictor.check_fingerprint():  # it warned, naming the differences
@@ -413,17 +415,55 @@ def _verify_shortlists(run: Run, path: Path, summary: dict, predictor, supernet:
     settings = _timing(run, predictor, warmup=run.settings.timing.warmup, repeats=run.settings.timing.repeats)
     targets = [{"target": t["target"]["name"], "target_ms": t["target"]["ms"], "visits": t["history"]}
                for t in summary["targets"]]
-    reference = supernet_space(supernet).largest()
+    reference = supernet_space(job.command.supernet).largest()
     run.log(f"  verify: each target's {count} best timed side by side with {reference} ({settings.form})")
-    verified = verify_targets(targets, reference, predictor.predict, count, measure_against(settings),
-                              form=settings.form)
+    measure = measure_against(settings)
+    verified = verify_targets(targets, reference, predictor.predict, count, measure, form=settings.form)
+    if run.settings.search.correct:
+        verified = _correct(run, out / "corrected", verified, job, lambda t: verify_targets(
+            t, reference, predictor.predict, count, measure, form=settings.form))
     for row in verified["targets"]:
         shipped = next(c for c in row["candidates"] if c["arch"] == row["arch"])
         run.log(f"  {row['target']:>10}: ships {row['arch']}, measured {shipped['measured_speedup']:.2f}x the "
                 f"largest (target {row['target_speedup']:.2f}x, predicted {shipped['predicted_speedup']:.2f}x)"
                 + ("" if row["met"] else f": NO candidate met the target; the nearest is {row['shortfall_pct']:.1f}% short"))
-    atomic_write_json(path, verified)
+    atomic_write_json(out / "verify.json", verified)
     return verified
+
+
+def _correct(run: Run, out: Path, verified: dict, job, verify: Callable[[list[dict]], dict]) -> dict:
+    """Each target whose verified model is outside the band, searched again (``out/<target>``,
+    resumable) for its budget divided by the predictor's measured bias there
+    (`verify.corrected_target_ms`); the new shortlist is verified against the same target and what
+    ships is chosen from both rounds. A corrected budget outside the space keeps the first round."""
+    from ..search_stage import run_search_stage
+    from ..verify import corrected_target_ms, merge_correction
+
+    rows = []
+    for row in verified["targets"]:
+        if row["in_band"]:
+            rows.append(row)
+            continue
+        budget = corrected_target_ms(row)
+        run.log(f"  correct {row['target']}: searched again for {budget:.3f} ms predicted (measured / predicted "
+                f"{row['target_ms'] / budget:.3f} where its candidates lie)")
+        folder = out / _safe(row["target"])
+        again = (folder / "state.json").is_file()
+        if not again:
+            shutil.rmtree(folder, ignore_errors=True)
+        corrected_job = dataclasses.replace(
+            job, command=dataclasses.replace(job.command, out=folder, resume=again, plot=False),
+            targets=dataclasses.replace(job.targets, speedups=[], target_ms=[budget]))
+        try:
+            (searched,) = run_search_stage(corrected_job, arguments={"develop": True, "corrected": budget})["targets"]
+        except UserError as err:  # e.g. no architecture of the space lies in the corrected window
+            run.log(f"  correct {row['target']}: kept the first round ({err})")
+            rows.append(row)
+            continue
+        (second,) = verify([{"target": row["target"], "target_ms": row["target_ms"], "visits": searched["history"]}])[
+            "targets"]
+        rows.append(merge_correction(row, second, budget))
+    return {**verified, "targets": rows}
 
 
 def _search_budget(run: Run) -> S.FinetuneBudget:
