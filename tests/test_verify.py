@@ -153,6 +153,7 @@ def test_develop_searches_again_only_the_targets_outside_the_band(tmp_path, monk
     (again,) = searched
     assert again.command.out == tmp_path / "corrected" / "target-3x" and again.targets.speedups == []
     assert again.targets.target_ms == [pytest.approx(10 / 0.9, abs=0.01)]
+    assert again.search.window == (pytest.approx(1 / 1.1, abs=1e-4), 1.0)  # the band, not the first window
     assert [row["arch"] for row in result["targets"]] == ["L5-H256-F512-A8-Q256", "L5-H384-F512-A12-Q384"]
     assert "correction" not in result["targets"][1]
     # A corrected budget no architecture fits keeps the first round (a line says why).

@@ -434,10 +434,12 @@ def _verify_shortlists(run: Run, out: Path, summary: dict, predictor, job) -> di
 def _correct(run: Run, out: Path, verified: dict, job, verify: Callable[[list[dict]], dict]) -> dict:
     """Each target whose verified model is outside the band, searched again (``out/<target>``,
     resumable) for its budget divided by the predictor's measured bias there
-    (`verify.corrected_target_ms`); the new shortlist is verified against the same target and what
-    ships is chosen from both rounds. A corrected budget outside the space keeps the first round."""
+    (`verify.corrected_target_ms`), in a window that is the band itself (a first search's window
+    reaches 15 % below its budget: a model can overshoot with no bias at all); the new shortlist is
+    verified against the same target and what ships is chosen from both rounds. A corrected budget
+    outside the space keeps the first round."""
     from ..search_stage import run_search_stage
-    from ..verify import corrected_target_ms, merge_correction
+    from ..verify import OVERSHOOT, corrected_target_ms, merge_correction
 
     rows = []
     for row in verified["targets"]:
@@ -453,7 +455,8 @@ def _correct(run: Run, out: Path, verified: dict, job, verify: Callable[[list[di
             shutil.rmtree(folder, ignore_errors=True)
         corrected_job = dataclasses.replace(
             job, command=dataclasses.replace(job.command, out=folder, resume=again, plot=False),
-            targets=dataclasses.replace(job.targets, speedups=[], target_ms=[budget]))
+            targets=dataclasses.replace(job.targets, speedups=[], target_ms=[budget]),
+            search=dataclasses.replace(job.search, window=(round(1 / (1 + OVERSHOOT), 4), 1.0)))
         try:
             (searched,) = run_search_stage(corrected_job, arguments={"develop": True, "corrected": budget})["targets"]
         except UserError as err:  # e.g. no architecture of the space lies in the corrected window
