@@ -23,6 +23,7 @@ signed error of the prediction (negative: slower than predicted).
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
@@ -31,7 +32,7 @@ from .search import preference
 from .space import Arch
 
 # How much faster than its target a shipped model may measure before the target is searched again: a user
-# who asked for 3x and gets 3.5x got a smaller model than fits (the issue's band is -5 % / +10 %).
+# who asked for 3x and gets 3.5x got a smaller model than fits.
 OVERSHOOT = 0.10
 
 # measure(candidates, reference) -> ({arch: its latency / the reference's, median over rounds},
@@ -101,8 +102,6 @@ def verify_targets(targets: Sequence[dict], reference: Arch | str, predict: Call
 def calibration(row: dict) -> float:
     """A verified target's measured / predicted latency ratio, the median over its timed candidates
     (below 1: the predictor is pessimistic where this target's candidates lie)."""
-    import statistics
-
     return statistics.median(c["ratio"] * c["predicted_speedup"] for c in row["candidates"])
 
 
