@@ -117,7 +117,7 @@ def test_the_corrected_round_ships_its_in_band_model_and_keeps_both_rounds():
     second = verify_targets([{**TARGET, "visits": corrected_visits}], REFERENCE, lambda a: {
         REFERENCE: REFERENCE_MS, "L5-H256-F512-A8-Q256": 11.0}[str(a)], 3,
         scripted({"L5-H256-F512-A8-Q256": 0.9 * 11.0 / 30}))["targets"][0]
-    merged = merge_correction(row, second, 11.111)
+    merged = merge_correction(row, second, 11.111, REFERENCE_MS)
     assert merged["arch"] == "L5-H256-F512-A8-Q256" and merged["met"] and merged["in_band"]
     assert [c["rank"] for c in merged["candidates"]] == [0, 1, 2, 3] and merged["candidates"][-1]["corrected"]
     assert merged["correction"] == {"calibration": pytest.approx(0.9, abs=1e-3), "searched_ms": 11.111,

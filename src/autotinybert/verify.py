@@ -110,13 +110,13 @@ def corrected_target_ms(row: dict) -> float:
     return round(row["target_ms"] / calibration(row), 3)
 
 
-def merge_correction(row: dict, corrected: dict, searched_ms: float) -> dict:
+def merge_correction(row: dict, corrected: dict, searched_ms: float, reference_ms: float) -> dict:
     """``row`` (a verified target) after the corrected search's verified shortlist ``corrected``
-    (timed against the same target): what ships is chosen from both by `choose`, the first round's
-    candidates first."""
+    (timed against the same target and ``reference_ms``, the reference's predicted latency): what
+    ships is chosen from both by `choose`, the first round's candidates first."""
     candidates = [*row["candidates"], *({**c, "rank": len(row["candidates"]) + c["rank"], "corrected": True}
                                         for c in corrected["candidates"])]
-    allowed = 1 / row["target_speedup"]
+    allowed = row["target_ms"] / reference_ms  # as `verify_targets` has it (target_speedup is rounded)
     return {**row, **choose(candidates, allowed), "candidates": candidates,
             "correction": {"calibration": round(calibration(row), 4), "searched_ms": searched_ms,
                            "shipped_before": row["arch"]}}

@@ -418,10 +418,13 @@ def _verify_shortlists(run: Run, out: Path, summary: dict, predictor, job) -> di
     reference = supernet_space(job.command.supernet).largest()
     run.log(f"  verify: each target's {count} best timed side by side with {reference} ({settings.form})")
     measure = measure_against(settings)
-    verified = verify_targets(targets, reference, predictor.predict, count, measure, form=settings.form)
+
+    def verify(targets: list[dict]) -> dict:
+        return verify_targets(targets, reference, predictor.predict, count, measure, form=settings.form)
+
+    verified = verify(targets)
     if run.settings.search.correct:
-        verified = _correct(run, out / "corrected", verified, job, lambda t: verify_targets(
-            t, reference, predictor.predict, count, measure, form=settings.form))
+        verified = _correct(run, out / "corrected", verified, job, verify)
     for row in verified["targets"]:
         shipped = next(c for c in row["candidates"] if c["arch"] == row["arch"])
         run.log(f"  {row['target']:>10}: ships {row['arch']}, measured {shipped['measured_speedup']:.2f}x the "
@@ -465,7 +468,7 @@ def _correct(run: Run, out: Path, verified: dict, job, verify: Callable[[list[di
             continue
         (second,) = verify([{"target": row["target"], "target_ms": row["target_ms"], "visits": searched["history"]}])[
             "targets"]
-        rows.append(merge_correction(row, second, budget))
+        rows.append(merge_correction(row, second, budget, verified["reference"]["predicted_ms"]))
     return {**verified, "targets": rows}
 
 
@@ -582,9 +585,13 @@ def _safe(name: str) -> str:
 
 
 def _exports_onnx(run: Run) -> bool:
-    """extract.onnx, with ``auto`` resolved: whether this run writes (and times) ONNX forms."""
-    onnx = run.settings.extract.onnx
-    return _onnx_available() if onnx == "auto" else bool(onnx)
+    """extract.onnx resolved: whether this run writes (and times) ONNX forms."""
+    return _when_onnx(run.settings.extract.onnx)
+
+
+def _when_onnx(value: bool | str) -> bool:
+    """An ONNX switch (true, false or auto): ``auto`` is on when onnx, onnxruntime and onnxscript import."""
+    return _onnx_available() if value == "auto" else bool(value)
 
 
 def _onnx_available() -> bool:
@@ -711,8 +718,7 @@ INT8_EVAL = "int8-eval"  # <finetune run>/int8-eval/results.json: the int8 ONNX 
 
 
 def _int8_eval(run: Run) -> bool:
-    int8_eval = run.settings.finetune.int8_eval
-    return _onnx_available() if int8_eval == "auto" else bool(int8_eval)
+    return _when_onnx(run.settings.finetune.int8_eval)
 
 
 def _finished(target_dir: Path, tasks: list[str]) -> bool:
