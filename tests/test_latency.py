@@ -266,6 +266,41 @@ def test_profile_resume_measures_only_missing(tmp_path, monkeypatch):
         latency.profile("paper-kd", 8, out, seed=1, resume=True, progress=False)
 
 
+def test_bert_base_is_timed_in_chunks_spread_over_the_profile(tmp_path, monkeypatch):
+    """Every promised speed-up divides by BERT-base's latency: a profile times it in its first,
+    middle and last chunk (once when the profile is one chunk), and the predictor keeps the median."""
+    calls: list[str] = []
+    monkeypatch.setattr(latency.profiling, "measure_many", _fake_measure(calls))
+    out = tmp_path / "p.jsonl"
+    records = latency.profile("paper-mlm", 20, out, LatencySettings(interleave=8), seed=1, progress=False)
+    assert [i for i, arch in enumerate(calls) if arch == str(BERT_BASE)] == [0, 11, 22]
+    assert len(records) == 23 and records[0]["reference"]
+    assert [r["reference_index"] for r in records if r["reference"]] == [0, 1, 2]
+    assert {r["arch"] for r in records if not r["reference"]} == {str(a) for a in latency.plan_architectures(
+        SearchSpace.paper("mlm"), 20, seed=1)}
+    calls.clear()
+    assert len(latency.profile("paper-mlm", 20, out, LatencySettings(interleave=8), seed=1, resume=True,
+                               progress=False)) == 23 and calls == []  # every timing of BERT-base is kept
+    assert latency.profiling.reference_timings(8, 8) == 1 and latency.profiling.reference_timings(300, 8) == 3
+    timed = latency.read_records(out)
+    for i, record in enumerate(timed):
+        record["latency"]["median_ms"] = float(1 + i % 7)
+    for record, ms in zip([r for r in timed if r["reference"]], (280.0, 330.0, 300.0)):
+        record["latency"]["median_ms"] = ms
+    predictor, _ = latency.fit(timed, epochs=20, folds=2)
+    assert predictor.reference_ms == 300.0
+
+
+def test_a_profile_times_every_model_once_per_round(monkeypatch):
+    """Consecutive calls of one small model find its weights in the CPU cache (up to 12 % faster
+    than between other models): a profile times like `latency compare`, one call per model per round."""
+    log: list[str] = []
+    monkeypatch.setattr(latency.timing, "_deployed_run", lambda arch, settings, directory: lambda: log.append(str(arch)))
+    archs = ["L1-H128-F256-A2-Q128", "L2-H128-F256-A2-Q128", "L3-H128-F256-A2-Q128"]
+    latency.measure_many(archs, LatencySettings(warmup=0, repeats=6, max_repeats=6, noise_limit=1e9))
+    assert len(log) == 18 and all(sorted(log[i:i + 3]) == archs for i in range(0, 18, 3))
+
+
 def test_profile_overwrite_replaces_the_file_only_when_complete(tmp_path, monkeypatch):
     calls: list[str] = []
     out = tmp_path / "p.jsonl"
@@ -349,7 +384,7 @@ def test_cli_profile_fit_predict_check(tmp_path, capsys):
     space.write_text("mode: mlm\nlayers: [1, 2, 1]\nhidden: [32, 64, 16]\nffn: [32, 96, 32]\nheads: [1, 2, 1]\nhead_size: 16\n")
     assert main(["latency", "profile", "--space", str(space), "--samples", "12", "--out", str(data), "--no-progress",
                  *common]) == 0
-    assert len(data.read_text().splitlines()) == 13
+    assert len(data.read_text().splitlines()) == 14  # 12 + BERT-base in each of the 2 chunks (8 at a time)
     assert (tmp_path / "p.jsonl.config.yaml").exists()
     assert "% divided by the drift anchor's round by round" in capsys.readouterr().out  # paced: the default anchor
     assert main(["latency", "fit", "--data", str(data), "--out", str(pred), "--epochs", "50"]) == 0

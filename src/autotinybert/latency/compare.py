@@ -187,7 +187,7 @@ def compare_models(models: Sequence[str], reference: str, settings: LatencySetti
             _try(model, run, settings)
         timed = time_interleaved({i: run for i, (run, _) in enumerate(loaded)}, warmup=settings.warmup,
                                  repeats=rounds, max_repeats=rounds, tolerance=0.0, noise_limit=math.inf,
-                                 timer=timer or settings.timer(), seed=seed, per_round=1, pace=0)
+                                 timer=timer or settings.timer(), seed=seed, pace=0)
     rows = []
     for i, (model, (_, class_name)) in enumerate(zip(shipped, loaded)):
         result = timed[i]

@@ -21,6 +21,10 @@ from .hardware import shape_of
 from .timing import DRIFT_ANCHOR, measure_many
 
 _GZIP_MAGIC = b"\x1f\x8b"
+# Every promised speed-up divides by BERT-base's latency, so it is timed in up to this many chunks
+# spread over the profile and the median kept: one chunk can sit a few percent off the machine's
+# typical speed even after the drift anchor's correction (3 % seen in a quiet 60-architecture profile).
+REFERENCE_TIMINGS = 3
 
 
 def plan_architectures(space: SearchSpace, samples: int, seed: int = 0, hidden_bins: int = 4) -> list[Arch]:
@@ -115,6 +119,11 @@ def profile(space: SearchSpace | str, samples: int, out: str | Path, settings: L
             arguments: dict[str, Any] | None = None, drift_anchor: bool = True) -> list[dict[str, Any]]:
     """Measure BERT-base (the speedup reference) and ``samples`` planned architectures into ``out``.
 
+    BERT-base is timed `reference_timings` times, in chunks spread from the first to the last
+    (records with ``reference`` true and their ``reference_index``); the predictor's reference is
+    their median. The first record returned is the first reference timing, the others follow the
+    planned architectures.
+
     One JSON line per measurement, appended and fsynced as it goes. With ``resume`` only
     architectures missing from ``out`` are measured; the plan depends only on (space, samples,
     seed), so a rerun continues the same list. ``overwrite`` measures into the sibling
@@ -124,7 +133,8 @@ def profile(space: SearchSpace | str, samples: int, out: str | Path, settings: L
     """
     space = SearchSpace.load(space) if isinstance(space, (str, Path)) else space
     out = Path(out)
-    plan = [(BERT_BASE, True)] + [(arch, False) for arch in plan_architectures(space, samples, seed)]
+    planned = plan_architectures(space, samples, seed)
+    references = [_reference_key(i) for i in range(reference_timings(samples, settings.interleave))]
     partial = out.with_name(f".{out.name}.partial")
     target = partial if resume and partial.is_file() else out
     if not resume and out.exists() and out.stat().st_size:
@@ -136,27 +146,54 @@ def profile(space: SearchSpace | str, samples: int, out: str | Path, settings: L
     out.parent.mkdir(parents=True, exist_ok=True)
     if arguments is not None and target == out:  # a replacement records its arguments when it replaces
         write_output_config(out, arguments)
-    todo = [(arch, ref) for arch, ref in plan if str(arch) not in done]
-    references = {str(arch) for arch, ref in todo if ref}
+    todo = _spread([str(a) for a in planned if str(a) not in done], [key for key in references if key not in done])
+    keys = iter(todo)  # `measure_many` hands the records back in the order it was given the architectures
     bar = _progress(len(todo), progress, f"latency ({settings.form})")
 
     def record_done(record: dict[str, Any]) -> None:
+        key = next(keys)
         arch = Arch.parse(record["arch"])
-        record.update(reference=record["arch"] in references, features=arch.to_dict(), space=space.to_dict(), seed=seed)
+        record.update(reference=key != record["arch"], features=arch.to_dict(), space=space.to_dict(), seed=seed)
+        if record["reference"]:
+            record["reference_index"] = references.index(key)
         _append_line(target, record)
-        done[record["arch"]] = record
+        done[key] = record
         bar.update(1)
         bar.set_postfix_str(f"{arch} {record['latency']['median_ms']:.1f} ms")
 
     # Interleaved chunks (settings.interleave at a time); each record is appended as its chunk ends.
-    measure_many([arch for arch, _ in todo], settings, on_record=record_done,
-                 anchor=DRIFT_ANCHOR if drift_anchor else None)
+    measure_many([BERT_BASE if key in references else Arch.parse(key) for key in todo], settings,
+                 on_record=record_done, anchor=DRIFT_ANCHOR if drift_anchor else None)
     bar.close()
     if target != out:
         os.replace(target, out)
         if arguments is not None:
             write_output_config(out, arguments)
-    return [done[str(arch)] for arch, _ in plan]
+    return [done[key] for key in references[:1] + [str(a) for a in planned] + references[1:]]
+
+
+def reference_timings(samples: int, interleave: int) -> int:
+    """How many times a profile of ``samples`` times BERT-base: once per chunk, up to `REFERENCE_TIMINGS`."""
+    return max(1, min(REFERENCE_TIMINGS, math.ceil(samples / max(1, interleave))))
+
+
+def _reference_key(index: int) -> str:
+    return f"{BERT_BASE}#reference-{index}"
+
+
+def record_key(record: dict[str, Any]) -> str:
+    """A record's place in its profile: the architecture, or which of BERT-base's timings it is."""
+    return _reference_key(int(record.get("reference_index", 0))) if record.get("reference") else record["arch"]
+
+
+def _spread(samples: list[str], references: list[str]) -> list[str]:
+    """``samples`` with ``references`` placed evenly from the first position to the last, so that
+    they fall into different chunks, minutes apart."""
+    order = list(samples)
+    for i, key in enumerate(references):
+        at = round(i * len(samples) / (len(references) - 1)) + i if len(references) > 1 else 0
+        order.insert(min(at, len(order)), key)
+    return order
 
 
 def _check_resumable(out: Path, settings: LatencySettings, space: SearchSpace) -> dict[str, dict[str, Any]]:
@@ -169,7 +206,7 @@ def _check_resumable(out: Path, settings: LatencySettings, space: SearchSpace) -
             raise UserError(f"{out} was measured with {old}, not {settings.shape()}; use another --out or the same options")
         if not record.get("reference") and record.get("space") != space.to_dict():
             raise UserError(f"{out} profiles another search space; use another --out or the same --space")
-    return {record["arch"]: record for record in records}
+    return {record_key(record): record for record in records}
 
 
 def _progress(total: int, enabled: bool, desc: str):
