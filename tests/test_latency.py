@@ -227,6 +227,7 @@ def test_plan_is_stratified_deterministic_and_prefix_stable():
     assert plan == latency.plan_architectures(space, 64, seed=3)
     assert latency.plan_architectures(space, 30, seed=3) == plan[:30]
     assert len(set(plan)) == 64 and all(space.contains(a) for a in plan)
+    assert plan[:2] == [space.largest(), space.smallest()]  # the corners targets are set from: never extrapolated
     assert {a.num_hidden_layers for a in plan} == set(range(1, 9))
     assert min(a.hidden_size for a in plan) < 290 and max(a.hidden_size for a in plan) > 610
 
