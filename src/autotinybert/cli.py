@@ -136,9 +136,9 @@ def _run_latency_profile(args: argparse.Namespace) -> int:
     plan = from_namespace(S.ProfileSettings, args)
     records = profile(o.space, plan.samples, o.out, settings, seed=o.seed, resume=o.resume, overwrite=o.overwrite,
                       progress=o.progress, arguments=_arguments(args), drift_anchor=plan.drift_anchor)
-    reference = next(r for r in records if r["reference"])
+    reference = statistics.median(r["latency"]["median_ms"] for r in records if r["reference"])
     print(f"{len(records)} measurements ({settings.form}, {settings.threads} thread(s), batch {settings.batch_size}, "
-          f"seq {settings.seq_len}, {settings.clock} clock) in {o.out}; BERT-base median {reference['latency']['median_ms']:.1f} ms")
+          f"seq {settings.seq_len}, {settings.clock} clock) in {o.out}; BERT-base median {reference:.1f} ms")
     paced = [r["paced"]["noise"] for r in records if r.get("paced")]
     print(f"noise (IQR / median, median over models): {100 * statistics.median(r['latency']['noise'] for r in records):.1f}% "
           "as timed" + (f", {100 * statistics.median(paced):.1f}% divided by the drift anchor's round by round" if paced else ""))

@@ -185,7 +185,7 @@ def _reference_key(index: int) -> str:
     return f"{BERT_BASE}#reference-{index}"
 
 
-def record_key(record: dict[str, Any]) -> str:
+def _record_key(record: dict[str, Any]) -> str:
     """A record's place in its profile: the architecture, or which of BERT-base's timings it is."""
     return _reference_key(int(record.get("reference_index", 0))) if record.get("reference") else record["arch"]
 
@@ -210,7 +210,7 @@ def _check_resumable(out: Path, settings: LatencySettings, space: SearchSpace) -
             raise UserError(f"{out} was measured with {old}, not {settings.shape()}; use another --out or the same options")
         if not record.get("reference") and record.get("space") != space.to_dict():
             raise UserError(f"{out} profiles another search space; use another --out or the same --space")
-    return {record_key(record): record for record in records}
+    return {_record_key(record): record for record in records}
 
 
 def _progress(total: int, enabled: bool, desc: str):
