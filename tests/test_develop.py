@@ -184,7 +184,6 @@ def test_demo_end_to_end_on_a_smaller_budget(tmp_path, capsys):
              "task.superplm_max_train_examples=64", "search.ft_max_train_examples=64",
              "search.rerank=1", "search.ft_max_steps=1", "search.window=[0.5, 1.0]", "extract.latency_repeats=1",
              "extract.onnx=false", "finetune.int8_eval=false",  # the int8 route is covered by test_task_supernet
-             "latency.form=configured",  # so is searching on the chosen form (latency.form: auto, the config's)
              f"data.cache_dir={tmp_path / 'cache'}", "run.progress=false"]
     argv = ["demo", "--out", str(tmp_path / "demo")] + [item for s in small for item in ("--set", s)]
     code, out, err = _cli(capsys, *argv)
