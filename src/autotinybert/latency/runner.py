@@ -73,9 +73,9 @@ def time_interleaved(runs: Dict[Hashable, Callable[[], Any]], *, warmup: int, re
     A burst of load on a shared machine then hits every model a little instead of one model a lot.
     Each round times ``per_round`` calls of every unfinished model (in a shuffled order). One call
     per round (the default) is how a shipped model is timed beside others (`latency compare`):
-    consecutive calls of one small model find its weights still in the CPU cache and ran up to 12 %
-    faster than the same model timed between others (3 ms models; 8 % at 20 ms, 1.5 % at 55 ms),
-    which made every small model slower than its profile promised. A model
+    consecutive calls of one small model find its weights still in the CPU cache and ran 7-12 %
+    faster than the same model timed between others (3 ms models; within 2 % from 15 ms up:
+    bench/cache_warmth.py), which made every small model slower than its profile promised. A model
     is finished once it has ``repeats`` timings and its median moved less than ``tolerance``
     (relative) in the last round, or at ``max_repeats``. A model whose noise (IQR / median) then
     exceeds ``noise_limit`` is an outlier: its timings are discarded and it is measured once more
