@@ -17,7 +17,7 @@ import time
 import torch
 
 from autotinybert.latency import LatencySettings, build_model
-from autotinybert.latency.runner import time_interleaved
+from autotinybert.latency.runner import load_average, time_interleaved
 from autotinybert.latency.timing import DRIFT_ANCHOR, torch_threads
 from autotinybert.space import BERT_BASE, Arch
 
@@ -52,7 +52,7 @@ def main() -> None:
         once, row = statistics.median(medians[arch][1]), statistics.median(medians[arch][args.in_a_row])
         print(f"| {arch} | {once:.2f} | {row:.2f} | {once / row:.3f} |")
     print(f"{args.clock} clock, {args.trials} trial(s) of {args.calls} timed calls per model and way; "
-          f"load average {[round(x, 2) for x in __import__('os').getloadavg()]}")
+          f"load average {load_average()}")
 
 
 if __name__ == "__main__":

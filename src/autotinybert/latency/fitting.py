@@ -201,7 +201,7 @@ def fit(data: str | Path | Sequence[dict[str, Any]], *, holdout: float = 0.2, se
     predictor = _mlp_predictor(
         features[train], latency[train], seq_len, hidden, epochs, seed, fingerprint=samples[0]["fingerprint"],
         space=samples[0].get("space") or {},
-        reference_ms=float(np.median([corrected[i] for i, r in enumerate(records) if r.get("reference")]))
+        reference_ms=float(np.median([ms for ms, r in zip(corrected, records) if r.get("reference")]))
         if references else None,  # BERT-base, timed in several chunks of the profile: the median of them
         baseline=baseline, kind=chosen, linear=linear)
     predictions = {"mlp": lambda x: _as_kind(predictor, "mlp").predict_features(x),

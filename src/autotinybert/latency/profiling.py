@@ -157,7 +157,7 @@ def profile(space: SearchSpace | str, samples: int, out: str | Path, settings: L
     def record_done(record: dict[str, Any]) -> None:
         key = next(keys)
         arch = Arch.parse(record["arch"])
-        record.update(reference=key != record["arch"], features=arch.to_dict(), space=space.to_dict(), seed=seed)
+        record.update(reference=key in references, features=arch.to_dict(), space=space.to_dict(), seed=seed)
         if record["reference"]:
             record["reference_index"] = references.index(key)
         _append_line(target, record)
