@@ -85,9 +85,9 @@ def task_data(args, task, settings):
 
 
 def teacher_logits(args, task, tokenizer, data, settings):
-    from autotinybert.tasks.finetune import TeacherLogits, padding_id, train_features
+    from autotinybert.tasks.finetune import TeacherLogits, padding_id, train_rows
 
-    features = train_features(task, tokenizer, data.train, settings)
+    features = train_rows(task, tokenizer, data.train, settings)
     return TeacherLogits.cached(teacher_dir(args, task.name) / task.name / "model", task, features, padding_id(tokenizer),
                                 replace(settings, progress=False), args.work / "cache")
 
@@ -214,7 +214,7 @@ def variant_start(variant: str) -> str:
 def stage_final(args, task, target: str, variant: str, arch: str, seed: int, examples: int | None = None) -> dict:
     from autotinybert.checkpoint import load_supernet, load_tokenizer
     from autotinybert.export import extract
-    from autotinybert.tasks.finetune import finetune_model
+    from autotinybert.tasks.finetune import finetune_model, load_task_model
 
     tag = f"-{args.final_tag}" if args.final_tag else ""  # another final budget: its own records
     path = args.work / task.name / "final" / f"{target}-{variant}-{arch}-seed{seed}{tag}.json"
@@ -225,15 +225,20 @@ def stage_final(args, task, target: str, variant: str, arch: str, seed: int, exa
     supernet = args.work / task.name / variant_start(variant)
     model, tokenizer = load_supernet(supernet), load_tokenizer(supernet)
     student = extract(model, Arch.parse(arch))
-    settings = finetune_settings(args, examples or args.final_examples, args.final_epochs, args.final_lr, seed)
+    settings = replace(finetune_settings(args, examples or args.final_examples, args.final_epochs, args.final_lr, seed),
+                       kd_hidden=args.final_kd_hidden, augment_copies=args.final_augment_copies)
     data = task_data(args, task, settings)
     log(f"{task.name} {target} {variant} {arch} seed {seed}: final task KD ({args.final_epochs} epochs of "
         f"{len(data.train.examples)} rows)")
-    result = finetune_model(student, tokenizer, task, data, settings,
-                            teacher=teacher_logits(args, task, tokenizer, data, settings))
+    if args.final_kd_hidden:  # the hidden-state term needs the live teacher (its logits come with it)
+        teacher = load_task_model(teacher_dir(args, task.name) / task.name / "model", task, finetuned=True)
+    else:
+        teacher = teacher_logits(args, task, tokenizer, data, settings)
+    result = finetune_model(student, tokenizer, task, data, settings, teacher=teacher)
     record = {"task": task.name, "target": target, "variant": variant, "arch": arch, "seed": seed,
               "score": result.score, "scores": result.scores, "validation_score": result.validation_score,
-              "best_step": result.best_step, "steps": result.steps, "train_seconds": round(result.train_seconds, 1)}
+              "best_step": result.best_step, "steps": result.steps, "train_seconds": round(result.train_seconds, 1),
+              "kd_hidden": args.final_kd_hidden, "augment_copies": args.final_augment_copies}
     atomic_write_json(path, record)
     return record
 
@@ -389,6 +394,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--final-examples", type=int, default=16000)
     p.add_argument("--final-epochs", type=float, default=1.0)
     p.add_argument("--final-lr", type=float, default=1e-4)
+    p.add_argument("--final-kd-hidden", type=float, default=0.0, help="weight of the final recipe's layer-mapped "
+                   "hidden-state distillation term (0: logits only; give it its own --final-tag)")
+    p.add_argument("--final-augment-copies", type=int, default=0, help="teacher-labelled perturbed copies of each "
+                   "training row in the final recipe (0: none; give it its own --final-tag)")
     p.add_argument("--final-tag", default="", help="name of a final-recipe budget other than the recorded one: its "
                                                    "runs are kept beside (not instead of) the others")
     p.add_argument("--latency-samples", type=int, default=60)
@@ -404,6 +413,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                                  "time their architectures side by side)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
+    if (args.final_kd_hidden or args.final_augment_copies) and not args.final_tag:
+        p.error("--final-kd-hidden / --final-augment-copies change the final recipe: name its runs with --final-tag")
     args.source = resolve_model(args.source)
     return args
 

@@ -203,6 +203,8 @@ def test_squad_command_with_explicit_files(tmp_path, model_dir, capsys):
     (["--task", "rte", "--data-dir", "{bad}"], "RTE/train.tsv:3: label 'neutral' is not one of rte's labels"),
     (["--task", "rte"], "no data: pass --data-dir"),
     (["--task", "rte", "--data-dir", "{data}", "--lr", "-1"], "--lr must be greater than 0"),
+    (["--task", "rte", "--data-dir", "{data}", "--kd-hidden", "1"], "--kd-hidden distils a teacher's hidden states"),
+    (["--task", "rte", "--data-dir", "{data}", "--augment-copies", "2"], "--augment-copies needs --teacher DIR"),
 ])
 def test_cli_errors_are_one_line(argv, message, glue_dir, model_dir, tmp_path, capsys):
     bad = tmp_path / "bad"

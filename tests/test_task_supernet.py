@@ -206,6 +206,142 @@ def test_finetuning_runs_on_the_device_it_is_given(tmp_path, monkeypatch):
     assert seen and all(devices == {"cpu"} for devices in seen)
 
 
+# --- the final recipe's hidden-state term ----------------------------------------------------------
+def test_layer_map_is_uniform_and_ends_at_the_teachers_last_layer():
+    from autotinybert.tasks.distill import layer_map
+
+    assert layer_map(4, 6) == [(0, 0), (1, 2), (2, 3), (3, 5), (4, 6)]
+    assert layer_map(3, 3) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert layer_map(1, 6) == [(0, 0), (1, 6)]
+
+
+def _hidden_states(model, batch):
+    with torch.no_grad():
+        return model.eval()(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True).hidden_states
+
+
+def test_the_fitted_projection_maps_a_reordered_copy_onto_the_teacher(tmp_path):
+    """The task SuperPLM's largest sub-model is the teacher with its hidden channels reordered: the
+    least-squares projection recovers that order, so the term starts at zero (a random one does not)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from autotinybert.tasks.distill import HiddenStateDistillation
+
+    model, _, source, task, data, ft, tokenizer = _superplm(tmp_path)
+    teacher = AutoModelForSequenceClassification.from_pretrained(source)
+    student = extract(model, Arch(3, 36, 37, 4, 36))
+    batch = finetune.collate(finetune.train_features(task, tokenizer, data.train, ft)[:8], 0)
+    pair = (_hidden_states(student, batch), _hidden_states(teacher, batch), batch["attention_mask"])
+    distiller = HiddenStateDistillation.between(student, teacher)
+    unfitted = distiller.loss(*pair).item()
+    distiller.fit([pair])
+    assert distiller.loss(*pair).item() < 1e-8 < 1e-2 < unfitted
+    order = distiller.projection.weight.abs().argmax(dim=1)   # teacher channel i <- student channel order[i]
+    assert sorted(order.tolist()) == list(range(36)) and order.tolist() != list(range(36))
+
+
+def _distilled(tmp_path, kd_hidden: float, store=None, steps: int = 12, lr: float = 2e-3):
+    from transformers import AutoModelForSequenceClassification
+
+    model, _, source, task, data, ft, tokenizer = _superplm(tmp_path)
+    teacher = AutoModelForSequenceClassification.from_pretrained(source)
+    student = extract(model, Arch(2, 28, 29, 4, 24))
+    if steps:  # 0: the sliced student as extracted
+        settings = dataclasses.replace(ft, max_steps=steps, learning_rate=lr, kd_hidden=kd_hidden, seed=1)
+        finetune.finetune_model(student, tokenizer, task, data, settings, teacher=teacher, store=store)
+    return student, teacher, finetune.collate(finetune.train_features(task, tokenizer, data.train, ft), 0)
+
+
+def test_the_hidden_state_term_pulls_the_student_towards_the_teachers_layers(tmp_path):
+    from autotinybert.tasks.distill import HiddenStateDistillation
+
+    def distance(student, teacher, batch):
+        pair = (_hidden_states(student, batch), _hidden_states(teacher, batch), batch["attention_mask"])
+        distiller = HiddenStateDistillation.between(student, teacher)
+        distiller.fit([pair])
+        return distiller.loss(*pair).item()
+
+    sliced = distance(*_distilled(tmp_path / "start", 0.0, steps=0))
+    logits_only = distance(*_distilled(tmp_path / "a", 0.0, steps=40, lr=1e-2))
+    with_hidden = distance(*_distilled(tmp_path / "b", 5.0, steps=40, lr=1e-2))
+    assert with_hidden < sliced < logits_only and with_hidden < 0.5 * logits_only
+
+
+def test_a_resumed_hidden_state_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """The projection trains and is checkpointed with the student; the saved model is the student alone."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    _distilled(tmp_path / "a", 1.0, finetune.RunStore(tmp_path / "a-run"))
+    original, saved = finetune.RunStore.save_checkpoint, []
+
+    def interrupt_after_first(self, *args):
+        original(self, *args)
+        saved.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune.RunStore, "save_checkpoint", interrupt_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        _distilled(tmp_path / "b", 1.0, finetune.RunStore(tmp_path / "b-run"))
+    monkeypatch.setattr(finetune.RunStore, "save_checkpoint", original)
+    _distilled(tmp_path / "c", 1.0, finetune.RunStore(tmp_path / "b-run"))
+    assert saved == [1]
+    # The last checkpoints (the kept best is an early one on these few rows) hold student and projection.
+    last = {run: load_file(next((tmp_path / run / "checkpoint").glob("step-*")) / "model.safetensors")
+            for run in ("a-run", "b-run")}
+    assert any(key.startswith("hidden_distillation.projection") for key in last["a-run"])
+    for name, value in last["a-run"].items():
+        torch.testing.assert_close(last["b-run"][name], value, rtol=0, atol=0, msg=name)
+    with safe_open(tmp_path / "b-run" / "model" / "model.safetensors", "pt") as saved_model:
+        assert not any("hidden_distillation" in key or "projection" in key for key in saved_model.keys())
+
+
+# --- the final recipe's teacher-labelled augmentation --------------------------------------------
+def test_perturbed_copies_replace_a_seeded_share_of_ordinary_tokens_with_training_tokens():
+    from autotinybert.tasks.augment import perturbed_copies
+
+    features = [{"input_ids": [2] + [10 + (i * 7 + j) % 40 for j in range(30)] + [3], "labels": i % 2} for i in range(40)]
+    copies = perturbed_copies(features, 3, 0.25, seed=5, special_ids={2, 3})
+    assert len(copies) == 120 and copies == perturbed_copies(features, 3, 0.25, seed=5, special_ids={2, 3})
+    assert copies != perturbed_copies(features, 3, 0.25, seed=6, special_ids={2, 3})
+    seen = {t for f in features for t in f["input_ids"]}
+    changed = total = 0
+    for index, copy in enumerate(copies):
+        original = features[index // 3]["input_ids"]
+        assert len(copy["input_ids"]) == len(original) and {copy["input_ids"][0], copy["input_ids"][-1]} == {2, 3}
+        assert set(copy["input_ids"]) <= seen
+        changed += sum(a != b for a, b in zip(copy["input_ids"][1:-1], original[1:-1]))
+        total += len(original) - 2
+    assert 0.18 < changed / total < 0.26  # a replacement may draw the same token (1 in 40 here)
+    assert features[0]["input_ids"][1] == 10  # the originals are left as they were
+
+
+def test_augmented_rows_carry_the_teachers_labels(tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from autotinybert.tasks import augment
+
+    model, _, source, task, data, ft, tokenizer = _superplm(tmp_path)
+    teacher = AutoModelForSequenceClassification.from_pretrained(source).eval()
+    relabelled = []
+    original_relabel = augment.relabel
+
+    def spy(features, labels):
+        original_relabel(features, labels)
+        relabelled.append([dict(f) for f in features])
+
+    monkeypatch.setattr(augment, "relabel", spy)
+    settings = dataclasses.replace(ft, augment_copies=2, max_steps=2)
+    result = finetune.finetune_model(extract(model, Arch(2, 28, 29, 4, 24)), tokenizer, task, data, settings,
+                                     teacher=teacher)
+    rows = len(data.train.examples)
+    assert result.train_features == 3 * rows and len(relabelled[0]) == 2 * rows
+    answers = finetune.glue_predictions(task, finetune.predict_features(teacher, relabelled[0], 0, 8, False))
+    assert [f["labels"] for f in relabelled[0]] == answers
+    originals = finetune.train_features(task, tokenizer, data.train, settings)
+    assert any(f["input_ids"] != originals[i // 2]["input_ids"] for i, f in enumerate(relabelled[0]))
+
+
 def _task_route_config(tmp_path):
     """The tiny develop config of the task route: a random tiny BERT source over the fixtures' words."""
     from develop_fixtures import NEGATIVE, POSITIVE, SENTENCES, tiny_config

@@ -509,6 +509,11 @@ class FinetuneSettings(Options):
     null_score_threshold: float = option(0.0, "SQuAD v2.0: answer only when best span score + threshold >= null score")
     kd_alpha: float = option(0.5, "weight of the teacher's soft targets (with --teacher)", minimum=0, maximum=1)
     kd_temperature: float = option(2.0, "distillation temperature", above=0)
+    augment_copies: int = option(0, "teacher-labelled copies of each training row with a share of its tokens replaced "
+                                    "by tokens of the training text (with --teacher; 0: none)", minimum=0)
+    augment_rate: float = option(0.2, "share of tokens each augmented copy replaces", above=0, below=1)
+    kd_hidden: float = option(0.0, "weight of the layer-mapped hidden-state distillation term beside the logits one "
+                                   "(with --teacher; 0: logits only; the teacher then runs at every step)", minimum=0)
     progress: bool = option(True, "progress bars", resume="free")
     log_evaluations: bool = option(True, "a line per dev evaluation (off inside the search)", cli=False)
 

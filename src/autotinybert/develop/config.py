@@ -51,6 +51,9 @@ def part(section: str, *, include: tuple[str, ...] | None = None, exclude: tuple
 # Fields the pipeline fills in itself (paths between stages, the run's seed and progress).
 PRETRAIN_PROVIDED = ("out", "corpus", "valid_corpus", "cache_dir", "seed", "progress", "arch", "init",
                      "trust_remote_code")
+# The task route's distillation: the task SuperPLM's and the final recipe's (the hidden-state term and
+# the augmentation are the final recipe's alone); the pipeline's own fine-tuning has no teacher.
+FINAL_DISTILLATION = ("kd_alpha", "kd_temperature", "kd_hidden", "augment_copies", "augment_rate")
 FURTHER_TRAIN = ("objective", "teacher", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                  "max_grad_norm", "bf16", "log_every", "eval_every", "eval_batches", "save_every")
 
@@ -88,14 +91,14 @@ class DevelopSettings:
     task_data: S.TaskDataSettings = part("finetune", include=("tasks",))
     finetune: S.FinetuneStage = part("finetune")
     # No teacher in the pipeline's fine-tuning: its distillation options do not apply; run.device is its device.
-    finetuning: S.FinetuneSettings = part("finetune", exclude=("progress", "kd_alpha", "kd_temperature", "device"))
+    finetuning: S.FinetuneSettings = part("finetune", exclude=("progress", "device", *FINAL_DISTILLATION))
     # The task route: its switch and teacher, how the task SuperPLM is built, its training budget
     # (superplm_*), and the distillation strength of that training and of the final recipe.
     task: S.TaskRouteStage = part("task")
     task_superplm: S.TaskSuperPLMSettings = part("task", exclude=("seed",))
     task_budget: S.FinetuneSettings = part("task", include=("epochs", "max_steps", "learning_rate",
                                                             "max_train_examples"), prefix="superplm_")
-    distillation: S.FinetuneSettings = part("task", include=("kd_alpha", "kd_temperature"))
+    distillation: S.FinetuneSettings = part("task", include=FINAL_DISTILLATION)
     report: S.ReportStage = part("report")
 
 

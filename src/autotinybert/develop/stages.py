@@ -648,8 +648,11 @@ def _final_recipe(run: Run, out: Path, extracted: dict) -> dict:
             command = S.FinetuneCommand(model=Path(model["path"]), out=target_dir, teacher=teacher, test=False,
                                         resume=(target_dir / "config.yaml").is_file(),
                                         trust_remote_code=run.settings.run.trust_remote_code)
-            run_finetune(command, _task_data_settings(run), _finetune_settings(run),
-                         arguments={"model": model["path"], "teacher": str(teacher), **run.config["finetune"]},
+            # The hidden-state term and the augmentation are the final recipe's alone (the teacher has no teacher).
+            d = run.settings.distillation
+            final = {"kd_hidden": d.kd_hidden, "augment_copies": d.augment_copies, "augment_rate": d.augment_rate}
+            run_finetune(command, _task_data_settings(run), _finetune_settings(run, **final),
+                         arguments={"model": model["path"], "teacher": str(teacher), **final, **run.config["finetune"]},
                          teacher_cache=out)
         results = json.loads((target_dir / "results.json").read_text(encoding="utf-8"))
         models[target] = {"arch": model["arch"], "path": str(target_dir / task.name / "model"), "source": model["path"],

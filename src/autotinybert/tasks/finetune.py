@@ -44,7 +44,7 @@ from .. import training
 from ..errors import UserError
 from ..files import atomic_write_with, recover, staged_directory
 from ..settings import FinetuneSettings  # noqa: F401 - re-exported: the fine-tuning settings
-from . import glue, metrics, squad
+from . import augment, distill as hidden, glue, metrics, squad
 
 Task = glue.GlueTask | squad.SquadTask
 
@@ -238,10 +238,7 @@ def _device_of(model) -> torch.device | None:
 def head_outputs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The heads' outputs: (logits,) for GLUE, (start_logits, end_logits) for SQuAD."""
     device = _device_of(model)
-    outputs = model(**{k: v if device is None else v.to(device) for k, v in batch.items() if k in _INPUT_KEYS})
-    if hasattr(outputs, "start_logits"):
-        return outputs.start_logits, outputs.end_logits
-    return (outputs.logits,)
+    return _heads(model(**{k: v if device is None else v.to(device) for k, v in batch.items() if k in _INPUT_KEYS}))
 
 
 def task_loss(task: Task, student: tuple[torch.Tensor, ...], batch: dict, teacher: tuple[torch.Tensor, ...] | None,
@@ -384,6 +381,28 @@ def train_features(task: Task, tokenizer, split, settings: FinetuneSettings) -> 
     return glue_features(task, tokenizer, split, length, with_labels=True)
 
 
+def train_rows(task: Task, tokenizer, split, settings: FinetuneSettings) -> list[dict]:
+    """What training iterates over: the training features, then (with ``augment_copies``) their
+    perturbed copies, seeded by the run's seed; `finetune_model` gives the copies the teacher's labels."""
+    features = train_features(task, tokenizer, split, settings)
+    if not settings.augment_copies:
+        return features
+    if isinstance(task, squad.SquadTask):
+        raise UserError("--augment-copies works for GLUE tasks (a SQuAD answer span does not survive replaced tokens)")
+    return features + augment.perturbed_copies(features, settings.augment_copies, settings.augment_rate, settings.seed,
+                                               set(tokenizer.all_special_ids))
+
+
+def _teacher_labels(task: Task, teacher, features: Sequence[dict], first: int, pad_id: int,
+                    settings: FinetuneSettings) -> list:
+    """The teacher's answer (class or score) for ``features[first:]``."""
+    if isinstance(teacher, TeacherLogits):
+        outputs = [(row,) for row in teacher.outputs[0][first:].numpy()]
+    else:
+        outputs = predict_features(teacher, features[first:], pad_id, settings.eval_batch_size, False)
+    return glue_predictions(task, outputs)
+
+
 def plan_steps(num_features: int, settings: FinetuneSettings) -> tuple[int, int, set[int]]:
     """(steps per epoch, total steps, steps after which to evaluate)."""
     per_epoch = math.ceil(num_features / settings.batch_size)
@@ -430,15 +449,18 @@ def finetune_model(model, tokenizer, task: Task, data: TaskData, settings: Finet
     if isinstance(teacher, torch.nn.Module) and teacher.config.vocab_size != model.config.vocab_size:
         raise UserError("the teacher and the student must share a vocabulary (vocab sizes differ)")
     model.to(settings.device)
-    features = train_features(task, tokenizer, data.train, settings)
-    if isinstance(teacher, torch.nn.Module) and not isinstance(task, squad.SquadTask):
-        # The teacher runs in eval mode: its logits on each training row never change, so one pass
-        # over the rows replaces a teacher forward pass per step and epoch.
-        teacher = TeacherLogits.record(teacher.to(settings.device), features, padding_id(tokenizer), settings)
-    elif isinstance(teacher, TeacherLogits) and len(teacher) != len(features):
-        raise ValueError(f"recorded teacher logits cover {len(teacher)} rows, the training data has {len(features)}")
+    features = train_rows(task, tokenizer, data.train, settings)
+    teacher = _prepared_teacher(teacher, task, tokenizer, features, settings)
+    if settings.augment_copies:
+        originals = len(features) // (1 + settings.augment_copies)
+        augment.relabel(features[originals:], _teacher_labels(task, teacher, features, originals, padding_id(tokenizer),
+                                                              settings))
+    # With the hidden-state term the projection trains beside the model and is checkpointed with
+    # it (one module for the optimiser and the checkpoint); the saved model stays the model alone.
+    distiller = hidden.HiddenStateDistillation.between(model, teacher).to(settings.device) if settings.kd_hidden else None
+    trained = _checkpointed(model, distiller)
     plan = plan_steps(len(features), settings)
-    optimizer = training.adamw(model, settings.learning_rate, settings.weight_decay)
+    optimizer = training.adamw(trained, settings.learning_rate, settings.weight_decay)
     state, best_weights = TrainState(), None
     # SIGTERM is caught only when there is a store to save a checkpoint into.
     stop = training.StopOnSigterm("finetune") if store is not None else contextlib.nullcontext()
@@ -447,11 +469,13 @@ def finetune_model(model, tokenizer, task: Task, data: TaskData, settings: Finet
         if store is not None:
             store.recover()
             if store.has_checkpoint():
-                state = store.load_checkpoint(model, optimizer)
+                state = store.load_checkpoint(trained, optimizer)
         if isinstance(teacher, torch.nn.Module):
             teacher.to(settings.device).eval()
+        if distiller is not None and state.step == 0:
+            _fit_projection(distiller, model, teacher, features, padding_id(tokenizer), settings)
         state, best_weights, best_predictions = _train_loop(model, tokenizer, task, data, settings, features, optimizer,
-                                                            teacher, store, state, plan, stop)
+                                                            teacher, store, state, plan, stop, distiller)
     if best_weights is not None:
         model.load_state_dict(best_weights)
     elif store is not None and store.has_best():
@@ -461,9 +485,58 @@ def finetune_model(model, tokenizer, task: Task, data: TaskData, settings: Finet
                           state.best_score if data.validation is not None else None)
 
 
-def _train_loop(model, tokenizer, task, data, settings, features, optimizer, teacher, store, state, plan, stop):
+def _prepared_teacher(teacher, task: Task, tokenizer, features: Sequence[dict], settings: FinetuneSettings):
+    """The teacher as training uses it: its recorded logits where they are all it gives, else the model."""
+    if settings.augment_copies and teacher is None:
+        raise UserError("--augment-copies needs --teacher: the teacher labels the augmented rows")
+    if settings.kd_hidden and not isinstance(teacher, torch.nn.Module):
+        raise ValueError("the hidden-state term (kd_hidden) needs the teacher model, not recorded logits")
+    if isinstance(teacher, torch.nn.Module) and not isinstance(task, squad.SquadTask) and not settings.kd_hidden:
+        # The teacher runs in eval mode: its logits on each training row never change, so one pass
+        # over the rows replaces a teacher forward pass per step and epoch.
+        return TeacherLogits.record(teacher.to(settings.device), features, padding_id(tokenizer), settings)
+    if isinstance(teacher, TeacherLogits) and len(teacher) != len(features):
+        raise ValueError(f"recorded teacher logits cover {len(teacher)} rows, the training data has {len(features)}")
+    return teacher
+
+
+def _checkpointed(model, distiller) -> torch.nn.Module:
+    """What the optimiser steps and a checkpoint holds: the model, and the projection when it trains."""
+    return model if distiller is None else torch.nn.ModuleDict({"model": model, "hidden_distillation": distiller})
+
+
+# Training rows the hidden-state projection is fitted on before the first step.
+PROJECTION_FIT_ROWS = 256
+
+
+@torch.no_grad()
+def _fit_projection(distiller, model, teacher, features: Sequence[dict], pad_id: int, settings: FinetuneSettings) -> None:
+    """Least-squares fit of the hidden-state projection on the first rows of epoch 0 (eval mode)."""
+    rows = epoch_order(features, settings, 0)[:PROJECTION_FIT_ROWS]
+    was_training, pairs = model.training, []
+    model.eval()
+    for begin in range(0, len(rows), settings.batch_size):
+        batch = collate([features[i] for i in rows[begin: begin + settings.batch_size]], pad_id)
+        student, taught = _forward(model, batch, settings), _forward(teacher, batch, settings)
+        pairs.append((student.hidden_states, taught.hidden_states, batch["attention_mask"].to(settings.device)))
+    model.train(was_training)
+    distiller.fit(pairs)
+
+
+def _forward(model, batch: dict[str, torch.Tensor], settings: FinetuneSettings):
+    return model(**{k: v.to(settings.device) for k, v in batch.items() if k in _INPUT_KEYS}, output_hidden_states=True)
+
+
+def _heads(outputs) -> tuple[torch.Tensor, ...]:
+    if hasattr(outputs, "start_logits"):
+        return outputs.start_logits, outputs.end_logits
+    return (outputs.logits,)
+
+
+def _train_loop(model, tokenizer, task, data, settings, features, optimizer, teacher, store, state, plan, stop,
+                distiller=None):
     per_epoch, total, evaluate_at = plan
-    schedule, pad_id = _schedule(total, settings), padding_id(tokenizer)
+    schedule, pad_id, trained = _schedule(total, settings), padding_id(tokenizer), _checkpointed(model, distiller)
     best = {"weights": None, "predictions": None}
     model.train()
     bar = training.progress_bar(total, state.step, f"{task.name} train", settings.progress)
@@ -473,7 +546,8 @@ def _train_loop(model, tokenizer, task, data, settings, features, optimizer, tea
             epoch, position = divmod(state.step, per_epoch)
             rows = epoch_order(features, settings, epoch)[position * settings.batch_size:(position + 1) * settings.batch_size]
             batch = collate([features[i] for i in rows], pad_id)
-            loss = _training_step(model, task, batch, rows, optimizer, teacher, settings, schedule, state.step)
+            loss = _training_step(model, task, batch, rows, optimizer, teacher, settings, schedule, state.step,
+                                  distiller)
             state.step += 1
             state.running_loss, state.running_steps = state.running_loss + loss, state.running_steps + 1
             bar.update(1)
@@ -482,12 +556,12 @@ def _train_loop(model, tokenizer, task, data, settings, features, optimizer, tea
                 state.train_seconds += time.perf_counter() - started
                 _evaluate_and_keep(model, tokenizer, task, data, settings, state, best, store, bar, per_epoch, total)
                 if store is not None:
-                    store.save_checkpoint(model, optimizer, state)
+                    store.save_checkpoint(trained, optimizer, state)
                 model.train()
                 started = time.perf_counter()
             elif getattr(stop, "requested", False) and state.step < total:
                 state.train_seconds += time.perf_counter() - started
-                store.save_checkpoint(model, optimizer, state)
+                store.save_checkpoint(trained, optimizer, state)
             if getattr(stop, "requested", False) and state.step < total:
                 raise stop.preempted(state.step)
     finally:
@@ -522,19 +596,33 @@ def _evaluate_and_keep(model, tokenizer, task, data, settings, state: TrainState
 
 
 def _training_step(model, task, batch, rows: list[int], optimizer, teacher, settings, schedule: training.Schedule,
-                   step: int) -> float:
+                   step: int, distiller=None) -> float:
     batch = {k: v.to(settings.device) for k, v in batch.items()}
-    teacher_outputs = None
-    if isinstance(teacher, TeacherLogits):
-        teacher_outputs = teacher.rows(rows, settings.device)
-    elif teacher is not None:
-        with torch.no_grad():
-            teacher_outputs = tuple(t.detach() for t in head_outputs(teacher, batch))
-    loss = task_loss(task, head_outputs(model, batch), batch, teacher_outputs, settings)
+    if distiller is not None:
+        loss = _loss_with_hidden_states(model, task, batch, teacher, settings, distiller)
+    else:
+        teacher_outputs = None
+        if isinstance(teacher, TeacherLogits):
+            teacher_outputs = teacher.rows(rows, settings.device)
+        elif teacher is not None:
+            with torch.no_grad():
+                teacher_outputs = tuple(t.detach() for t in head_outputs(teacher, batch))
+        loss = task_loss(task, head_outputs(model, batch), batch, teacher_outputs, settings)
     loss.backward()
     schedule.apply(optimizer, step)
-    training.clip_and_step(optimizer, model.parameters(), settings.max_grad_norm)
+    parameters = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
+    training.clip_and_step(optimizer, parameters, settings.max_grad_norm)
     return float(loss.detach())
+
+
+def _loss_with_hidden_states(model, task, batch, teacher, settings: FinetuneSettings, distiller) -> torch.Tensor:
+    """The logits term plus kd_hidden x the layer-mapped hidden-state term (one live teacher pass)."""
+    with torch.no_grad():
+        taught = _forward(teacher, batch, settings)
+    student = _forward(model, batch, settings)
+    logits = task_loss(task, _heads(student), batch, tuple(t.detach() for t in _heads(taught)), settings)
+    return logits + settings.kd_hidden * distiller.loss(student.hidden_states, taught.hidden_states,
+                                                        batch["attention_mask"])
 
 
 class TeacherLogits:

@@ -27,7 +27,7 @@ from ..settings import EvaluateCommand, FinetuneCommand, TaskDataSettings
 from . import glue, metrics, squad
 from .finetune import (FinetuneSettings, RunStore, Task, TeacherLogits, evaluate_split, finetune_model,
                        load_task_data, load_task_model, padding_id, predict_glue, resolve_task, split_score,
-                       train_features)
+                       train_rows)
 
 # Arguments that may change between a run and its --resume without changing the result: the
 # options declared ``resume="free"``, and the parser's own entries.
@@ -85,6 +85,12 @@ def run_finetune(command: FinetuneCommand, source: TaskDataSettings, settings: F
     model, out, teacher, test = command.model, Path(command.out), command.teacher, command.test
     resume, overwrite, train_file, dev_file = command.resume, command.overwrite, source.train_file, source.dev_file
     task_list = resolve_tasks(source.tasks)
+    if settings.kd_hidden and not teacher:
+        raise UserError("--kd-hidden distils a teacher's hidden states: pass --teacher DIR, or drop --kd-hidden")
+    if settings.augment_copies and not teacher:
+        raise UserError("--augment-copies needs --teacher DIR (the teacher labels the copies), or drop it")
+    if settings.augment_copies and any(isinstance(t, squad.SquadTask) for t in task_list):
+        raise UserError("--augment-copies works for GLUE tasks (a SQuAD answer span does not survive replaced tokens)")
     data_dir = data_source(source.data_dir, source.hub, files_given=bool(train_file and dev_file))
     if (train_file or dev_file) and not all(isinstance(t, squad.SquadTask) for t in task_list):
         raise UserError("--train-file / --dev-file name SQuAD JSON files; run GLUE tasks separately")
@@ -139,8 +145,8 @@ def _finetune_task(model_path: Path, task: Task, data, tokenizer, settings: Fine
     store = RunStore(out / task.name)
     model = load_task_model(model_path, task, seed=settings.seed, trust_remote_code=trust_remote_code)
     teacher = None
-    if teacher_path and teacher_cache and isinstance(task, glue.GlueTask):
-        features = train_features(task, tokenizer, data.train, settings)
+    if teacher_path and teacher_cache and isinstance(task, glue.GlueTask) and not settings.kd_hidden:
+        features = train_rows(task, tokenizer, data.train, settings)
         teacher = TeacherLogits.cached(teacher_model_dir(teacher_path, task), task, features, padding_id(tokenizer),
                                        settings, teacher_cache)
     elif teacher_path:
