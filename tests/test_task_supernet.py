@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import randomise_parameters
 from tasks_fixtures import glue_layout, tiny_tokenizer
@@ -392,11 +393,18 @@ def test_develop_runs_the_task_route_end_to_end(tmp_path):
     assert set(manifest["stages"]["finetune"]["outputs"]["runs"]) == {*manifest["stages"]["search"]["outputs"]["best"],
                                                                       "source"}
     assert (run / "report" / "summary.md").is_file()
-    # A changed task option redoes the task SuperPLM from a fresh start (never a stale one).
-    config["task"]["depth_order"] = "first"
-    develop(validate_config(config), run, log=lambda _: None)
+    # A changed task option redoes the task SuperPLM from a fresh start (never a stale one); the final
+    # recipe's hidden-state term and augmentation reach its training (and only its).
+    config["task"].update(depth_order="first", kd_hidden=1.0, augment_copies=1)
+    manifest = develop(validate_config(config), run, log=lambda _: None)
     assert json.loads((run / "pretrain_start" / "config.json").read_text())["depth_order"] == "first"
     assert json.loads((run / "pretrain" / "config.json").read_text())["depth_layers"]["2"] == [0, 1]
+    for model in manifest["stages"]["further_train"]["outputs"]["models"].values():
+        record = json.loads((Path(model["run"]) / "sst2" / "results.json").read_text())
+        assert record["train_features"] == 2 * record["train_examples"]
+        assert yaml.safe_load((Path(model["run"]) / "config.yaml").read_text())["kd_hidden"] == 1.0
+    teacher = json.loads((run / "teacher" / "sst2" / "results.json").read_text())
+    assert teacher["train_features"] == teacher["train_examples"]
 
 
 def _assert_searched_on_the_chosen_form(manifest: dict, run: Path) -> None:
