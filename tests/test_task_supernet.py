@@ -214,6 +214,17 @@ def test_layer_map_is_uniform_and_ends_at_the_teachers_last_layer():
     assert layer_map(4, 6) == [(0, 0), (1, 2), (2, 3), (3, 5), (4, 6)]
     assert layer_map(3, 3) == [(0, 0), (1, 1), (2, 2), (3, 3)]
     assert layer_map(1, 6) == [(0, 0), (1, 6)]
+    # A slice of a SuperPLM as deep as the teacher: each layer to the one it was sliced from.
+    assert layer_map(4, 6, {"of": 6, "kept": [0, 2, 3, 5]}) == [(0, 0), (1, 1), (2, 3), (3, 4), (4, 6)]
+    assert layer_map(4, 12, {"of": 6, "kept": [0, 2, 3, 5]}) == layer_map(4, 12)  # another teacher: uniform
+
+
+def test_an_exported_model_names_the_superplm_layers_it_keeps(tmp_path):
+    model, *_ = _superplm(tmp_path, depth_order="spaced")
+    exported = extract(model, Arch(2, 28, 29, 4, 24))
+    assert exported.config.superplm_layers == {"of": 3, "kept": [0, 2]}
+    exported.save_pretrained(tmp_path / "exported")
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["superplm_layers"]["kept"] == [0, 2]
 
 
 def _hidden_states(model, batch):

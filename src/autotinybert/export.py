@@ -52,6 +52,8 @@ def export_config(supernet: SuperBertPreTrainedModel, arch: Arch) -> BertConfig:
         initializer_range=sc.initializer_range,
         pad_token_id=sc.pad_token_id,
     )
+    if sc.depth_layers is not None:  # which of the SuperPLM's layers this model's are (a depth order was chosen)
+        fields["superplm_layers"] = {"of": sc.num_hidden_layers, "kept": list(sc.kept_layers(arch.num_hidden_layers))}
     if isinstance(supernet, SuperBertForSequenceClassification):  # the task head's labels travel along
         fields.update(num_labels=sc.num_labels, id2label=sc.id2label, label2id=sc.label2id, problem_type=sc.problem_type)
     if arch.is_bert_compatible:

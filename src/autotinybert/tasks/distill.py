@@ -16,11 +16,15 @@ import torch
 import torch.nn.functional as F
 
 
-def layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
-    """(student, teacher) hidden-state indices: the embeddings to the embeddings, student layer j of L
-    to teacher layer round(j * N / L), so that the last layer maps to the last (TinyBERT's uniform map)."""
+def layer_map(student_layers: int, teacher_layers: int, sliced_from: dict | None = None) -> list[tuple[int, int]]:
+    """(student, teacher) hidden-state indices: the embeddings to the embeddings; a student sliced from
+    a SuperPLM as deep as the teacher (``sliced_from``: {"of": its depth, "kept": its layers}), each
+    layer to the one it is a slice of; else student layer j of L to teacher layer round(j * N / L), the
+    last to the last (TinyBERT's map)."""
     if student_layers < 1 or teacher_layers < 1:
         raise ValueError("both models need at least one layer")
+    if sliced_from and sliced_from.get("of") == teacher_layers and len(sliced_from.get("kept", ())) == student_layers:
+        return [(0, 0)] + [(j + 1, layer + 1) for j, layer in enumerate(sliced_from["kept"])]
     return [(0, 0)] + [(j, math.floor(j * teacher_layers / student_layers + 0.5)) for j in range(1, student_layers + 1)]
 
 
@@ -33,15 +37,18 @@ def _masked_rows(hidden: Sequence[torch.Tensor], indices: Sequence[int], mask: t
 class HiddenStateDistillation(torch.nn.Module):
     """The projection (student width -> teacher width, shared by every layer) and the layer map."""
 
-    def __init__(self, student_width: int, teacher_width: int, student_layers: int, teacher_layers: int) -> None:
+    def __init__(self, student_width: int, teacher_width: int, pairs: list[tuple[int, int]]) -> None:
         super().__init__()
         self.projection = torch.nn.Linear(student_width, teacher_width)
-        self.pairs = layer_map(student_layers, teacher_layers)
+        self.pairs = pairs
 
     @classmethod
     def between(cls, student, teacher) -> "HiddenStateDistillation":
+        """For a student exported from a SuperPLM as deep as the teacher (a task SuperPLM is built from
+        it), ``superplm_layers`` (written by `export.extract`) names the layers its layers are slices of."""
         s, t = student.config, teacher.config
-        return cls(s.hidden_size, t.hidden_size, s.num_hidden_layers, t.num_hidden_layers)
+        pairs = layer_map(s.num_hidden_layers, t.num_hidden_layers, getattr(s, "superplm_layers", None))
+        return cls(s.hidden_size, t.hidden_size, pairs)
 
     def loss(self, student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
              mask: torch.Tensor) -> torch.Tensor:
