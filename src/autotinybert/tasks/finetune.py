@@ -387,10 +387,19 @@ def train_rows(task: Task, tokenizer, split, settings: FinetuneSettings) -> list
     features = train_features(task, tokenizer, split, settings)
     if not settings.augment_copies:
         return features
-    if isinstance(task, squad.SquadTask):
-        raise UserError("--augment-copies works for GLUE tasks (a SQuAD answer span does not survive replaced tokens)")
+    check_distillation(settings, teacher_given=True, tasks=[task])
     return features + augment.perturbed_copies(features, settings.augment_copies, settings.augment_rate, settings.seed,
                                                set(tokenizer.all_special_ids))
+
+
+def check_distillation(settings: FinetuneSettings, teacher_given: bool, tasks: Sequence[Task]) -> None:
+    """The hidden-state term and the augmentation need a teacher; augmentation needs GLUE rows."""
+    if settings.kd_hidden and not teacher_given:
+        raise UserError("--kd-hidden distils a teacher's hidden states: pass --teacher DIR, or drop --kd-hidden")
+    if settings.augment_copies and not teacher_given:
+        raise UserError("--augment-copies needs --teacher DIR (the teacher labels the copies), or drop it")
+    if settings.augment_copies and any(isinstance(t, squad.SquadTask) for t in tasks):
+        raise UserError("--augment-copies works for GLUE tasks (a SQuAD answer span does not survive replaced tokens)")
 
 
 def _teacher_labels(task: Task, teacher, features: Sequence[dict], first: int, pad_id: int,
@@ -487,8 +496,7 @@ def finetune_model(model, tokenizer, task: Task, data: TaskData, settings: Finet
 
 def _prepared_teacher(teacher, task: Task, tokenizer, features: Sequence[dict], settings: FinetuneSettings):
     """The teacher as training uses it: its recorded logits where they are all it gives, else the model."""
-    if settings.augment_copies and teacher is None:
-        raise UserError("--augment-copies needs --teacher: the teacher labels the augmented rows")
+    check_distillation(settings, teacher is not None, [task])
     if settings.kd_hidden and not isinstance(teacher, torch.nn.Module):
         raise ValueError("the hidden-state term (kd_hidden) needs the teacher model, not recorded logits")
     if isinstance(teacher, torch.nn.Module) and not isinstance(task, squad.SquadTask) and not settings.kd_hidden:
@@ -610,8 +618,7 @@ def _training_step(model, task, batch, rows: list[int], optimizer, teacher, sett
         loss = task_loss(task, head_outputs(model, batch), batch, teacher_outputs, settings)
     loss.backward()
     schedule.apply(optimizer, step)
-    parameters = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
-    training.clip_and_step(optimizer, parameters, settings.max_grad_norm)
+    training.clip_and_step(optimizer, _checkpointed(model, distiller).parameters(), settings.max_grad_norm)
     return float(loss.detach())
 
 

@@ -25,9 +25,9 @@ from ..files import RunDirectory, atomic_write_json, atomic_write_text, staged_d
 from ..options import resume_free
 from ..settings import EvaluateCommand, FinetuneCommand, TaskDataSettings
 from . import glue, metrics, squad
-from .finetune import (FinetuneSettings, RunStore, Task, TeacherLogits, evaluate_split, finetune_model,
-                       load_task_data, load_task_model, padding_id, predict_glue, resolve_task, split_score,
-                       train_rows)
+from .finetune import (FinetuneSettings, RunStore, Task, TeacherLogits, check_distillation, evaluate_split,
+                       finetune_model, load_task_data, load_task_model, padding_id, predict_glue, resolve_task,
+                       split_score, train_rows)
 
 # Arguments that may change between a run and its --resume without changing the result: the
 # options declared ``resume="free"``, and the parser's own entries.
@@ -85,12 +85,7 @@ def run_finetune(command: FinetuneCommand, source: TaskDataSettings, settings: F
     model, out, teacher, test = command.model, Path(command.out), command.teacher, command.test
     resume, overwrite, train_file, dev_file = command.resume, command.overwrite, source.train_file, source.dev_file
     task_list = resolve_tasks(source.tasks)
-    if settings.kd_hidden and not teacher:
-        raise UserError("--kd-hidden distils a teacher's hidden states: pass --teacher DIR, or drop --kd-hidden")
-    if settings.augment_copies and not teacher:
-        raise UserError("--augment-copies needs --teacher DIR (the teacher labels the copies), or drop it")
-    if settings.augment_copies and any(isinstance(t, squad.SquadTask) for t in task_list):
-        raise UserError("--augment-copies works for GLUE tasks (a SQuAD answer span does not survive replaced tokens)")
+    check_distillation(settings, bool(teacher), task_list)
     data_dir = data_source(source.data_dir, source.hub, files_given=bool(train_file and dev_file))
     if (train_file or dev_file) and not all(isinstance(t, squad.SquadTask) for t in task_list):
         raise UserError("--train-file / --dev-file name SQuAD JSON files; run GLUE tasks separately")
