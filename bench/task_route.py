@@ -19,6 +19,8 @@ same command to continue; a stopped stage restarts, or continues from its checkp
    searched one; with the same recipe and budget the first-k slice of the same architecture (the
    ordered source, no task SuperPLM), a BERT-ratio architecture (F = 4H, Q = H) and layer drop
    (the source's evenly spaced layers at full width), each the largest that is predicted to fit.
+   ``--final-kd-hidden`` / ``--final-augment-copies`` add the hidden-state term / teacher-labelled
+   copies to the recipe (records under their own ``--final-tag``).
 6. **latency, measured**: the source and every model timed side by side in one interleaved run.
 7. **summary**: ``--out``.md / .json (scores, shares of the source, measured speed-ups).
 """
