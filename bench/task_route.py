@@ -42,8 +42,9 @@ from autotinybert.files import atomic_write_json, atomic_write_text
 from autotinybert.space import Arch, SearchSpace
 
 # What the source needs to learn each task (epochs over its training rows, lr); the teacher picks
-# its checkpoint on the carved validation rows.
-TEACHER_BUDGET = {"sst2": ("1", "1e-4"), "mrpc": ("5", "1e-4"), "stsb": ("5", "1e-4")}
+# its checkpoint on the carved validation rows. MRPC: 5 epochs reached F1 84.12, under the 85 the
+# benchmark needs; 8 reach 86.0.
+TEACHER_BUDGET = {"sst2": ("1", "1e-4"), "mrpc": ("8", "1e-4"), "stsb": ("5", "1e-4")}
 VARIANTS = ("searched", "firstk", "bert", "layerdrop")
 
 
