@@ -51,9 +51,10 @@ def part(section: str, *, include: tuple[str, ...] | None = None, exclude: tuple
 # Fields the pipeline fills in itself (paths between stages, the run's seed and progress).
 PRETRAIN_PROVIDED = ("out", "corpus", "valid_corpus", "cache_dir", "seed", "progress", "arch", "init",
                      "trust_remote_code")
-# The task route's distillation: the task SuperPLM's and the final recipe's (the hidden-state term and
-# the augmentation are the final recipe's alone); the pipeline's own fine-tuning has no teacher.
-FINAL_DISTILLATION = ("kd_alpha", "kd_temperature", "kd_hidden", "augment_copies", "augment_rate")
+# The task route's distillation: the task SuperPLM's and the final recipe's, then the final recipe's
+# alone (the teacher's own fine-tuning has no teacher); the pipeline's own fine-tuning has no teacher.
+FINAL_RECIPE_ONLY = ("kd_hidden", "augment_copies", "augment_rate")
+FINAL_DISTILLATION = ("kd_alpha", "kd_temperature", *FINAL_RECIPE_ONLY)
 FURTHER_TRAIN = ("objective", "teacher", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                  "max_grad_norm", "bf16", "log_every", "eval_every", "eval_batches", "save_every")
 

@@ -23,7 +23,7 @@ from .. import settings as S
 from ..errors import UserError
 from ..files import atomic_write_json
 from ..options import to_arguments
-from .config import FURTHER_TRAIN, SOURCE_TEACHER, DevelopSettings
+from .config import FINAL_RECIPE_ONLY, FURTHER_TRAIN, SOURCE_TEACHER, DevelopSettings
 from .manifest import Run, file_hash, stable_hash
 
 
@@ -636,7 +636,8 @@ def _stage_further_train(run: Run, out: Path, resume: bool) -> dict:
 
 def _final_recipe(run: Run, out: Path, extracted: dict) -> dict:
     """The task route's last training: each extracted model (task head inherited) trained by task KD
-    from the teacher's recorded logits, its checkpoint picked on the carved validation rows."""
+    from the teacher's recorded logits (and, with task.kd_hidden, its hidden states; with
+    task.augment_copies, on teacher-labelled copies too), its checkpoint picked on the carved rows."""
     from ..tasks.run import run_finetune
 
     task, teacher = route_task(run), Path(run.outputs["pretrain"]["teacher"])
@@ -648,9 +649,7 @@ def _final_recipe(run: Run, out: Path, extracted: dict) -> dict:
             command = S.FinetuneCommand(model=Path(model["path"]), out=target_dir, teacher=teacher, test=False,
                                         resume=(target_dir / "config.yaml").is_file(),
                                         trust_remote_code=run.settings.run.trust_remote_code)
-            # The hidden-state term and the augmentation are the final recipe's alone (the teacher has no teacher).
-            d = run.settings.distillation
-            final = {"kd_hidden": d.kd_hidden, "augment_copies": d.augment_copies, "augment_rate": d.augment_rate}
+            final = {name: getattr(run.settings.distillation, name) for name in FINAL_RECIPE_ONLY}
             run_finetune(command, _task_data_settings(run), _finetune_settings(run, **final),
                          arguments={"model": model["path"], "teacher": str(teacher), **final, **run.config["finetune"]},
                          teacher_cache=out)
