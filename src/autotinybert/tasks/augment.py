@@ -10,7 +10,6 @@ word-piece frequencies, which keeps the domain's vocabulary without any extra mo
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import random
 from collections import Counter
@@ -27,16 +26,11 @@ def perturbed_copies(features: Sequence[dict], copies: int, rate: float, seed: i
     cumulative = list(itertools.accumulate(weights))
     rng = random.Random(seed)
 
-    def draw() -> int:
-        return tokens[bisect.bisect_right(cumulative, rng.random() * cumulative[-1])]
+    def perturbed(ids: list[int]) -> list[int]:
+        return [t if t in special_ids or rng.random() >= rate else rng.choices(tokens, cum_weights=cumulative)[0]
+                for t in ids]
 
-    out = []
-    for feature in features:
-        for _ in range(copies):
-            copy = dict(feature)
-            copy["input_ids"] = [t if t in special_ids or rng.random() >= rate else draw() for t in feature["input_ids"]]
-            out.append(copy)
-    return out
+    return [{**feature, "input_ids": perturbed(feature["input_ids"])} for feature in features for _ in range(copies)]
 
 
 def relabel(features: list[dict], labels: Sequence) -> None:
