@@ -61,7 +61,7 @@ class HiddenStateDistillation(torch.nn.Module):
     def fit(self, pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor]]) -> None:
         """Least-squares projection from (student hidden, teacher hidden, mask) of a few batches."""
         # On the CPU in float64: its default driver (gelsy) handles the rank deficiency a LayerNorm
-        # output has (its channels sum to a constant), which CUDA's `gels` does not.
+        # output has (its channels obey one affine constraint), which CUDA's `gels` does not.
         student = torch.cat([_masked_rows(s, [i for i, _ in self.pairs], m) for s, _, m in pairs]).double().cpu()
         teacher = torch.cat([_masked_rows(t, [i for _, i in self.pairs], m) for _, t, m in pairs]).double().cpu()
         design = torch.cat([student, torch.ones(len(student), 1, dtype=student.dtype)], dim=1)
