@@ -145,3 +145,17 @@ def squad_files(root: Path, version: str = "1.1") -> Path:
     for split in ("train", "dev"):
         write(root / "squad" / f"{split}-v{version}.json", json.dumps(document, indent=1))
     return root / "squad"
+
+
+def interrupt_after_first_checkpoint(monkeypatch, store_class) -> list:
+    """Make ``store_class.save_checkpoint`` save once, then raise KeyboardInterrupt (a killed run);
+    returns the list that records each save. Undo with ``monkeypatch.undo()``."""
+    original, saved = store_class.save_checkpoint, []
+
+    def interrupt(self, *args):
+        original(self, *args)
+        saved.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_class, "save_checkpoint", interrupt)
+    return saved

@@ -8,8 +8,8 @@ import torch
 from autotinybert import cli
 from autotinybert.tasks import finetune as ft
 from autotinybert.tasks.run import results_table
-from tasks_fixtures import (SHARED_DATA, glue_layout, minilm_dir, save_tiny_model, squad_files, tiny_encoder,
-                            tiny_tokenizer)
+from tasks_fixtures import (SHARED_DATA, glue_layout, interrupt_after_first_checkpoint, minilm_dir, save_tiny_model,
+                            squad_files, tiny_encoder, tiny_tokenizer)
 
 FAST = dict(epochs=2, batch_size=4, eval_batch_size=8, learning_rate=1e-3, max_seq_length=32, warmup_ratio=0.2)
 
@@ -121,18 +121,10 @@ def test_resume_reproduces_an_uninterrupted_run(glue_dir, tmp_path, monkeypatch)
         return model, ft.finetune_model(model, tiny_tokenizer(), task, data, settings, store=store)
 
     reference, expected = train(ft.RunStore(tmp_path / "a"))
-    original = ft.RunStore.save_checkpoint
-    saved = []
-
-    def interrupt_after_first(self, *args):
-        original(self, *args)
-        saved.append(1)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ft.RunStore, "save_checkpoint", interrupt_after_first)
+    saved = interrupt_after_first_checkpoint(monkeypatch, ft.RunStore)
     with pytest.raises(KeyboardInterrupt):
         train(ft.RunStore(tmp_path / "b"))
-    monkeypatch.setattr(ft.RunStore, "save_checkpoint", original)
+    monkeypatch.undo()
     resumed, result = train(ft.RunStore(tmp_path / "b"))
     assert saved == [1] and result.steps == expected.steps == 12
     assert [h["score"] for h in result.history] == [h["score"] for h in expected.history]

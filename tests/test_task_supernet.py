@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from conftest import randomise_parameters
-from tasks_fixtures import glue_layout, tiny_tokenizer
+from tasks_fixtures import glue_layout, interrupt_after_first_checkpoint, tiny_tokenizer
 
 from autotinybert import task_supernet
 from autotinybert.errors import Preempted
@@ -285,17 +285,10 @@ def test_a_resumed_hidden_state_run_equals_an_uninterrupted_one(tmp_path, monkey
     from safetensors.torch import load_file
 
     _distilled(tmp_path / "a", 1.0, finetune.RunStore(tmp_path / "a-run"))
-    original, saved = finetune.RunStore.save_checkpoint, []
-
-    def interrupt_after_first(self, *args):
-        original(self, *args)
-        saved.append(1)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(finetune.RunStore, "save_checkpoint", interrupt_after_first)
+    saved = interrupt_after_first_checkpoint(monkeypatch, finetune.RunStore)
     with pytest.raises(KeyboardInterrupt):
         _distilled(tmp_path / "b", 1.0, finetune.RunStore(tmp_path / "b-run"))
-    monkeypatch.setattr(finetune.RunStore, "save_checkpoint", original)
+    monkeypatch.undo()
     _distilled(tmp_path / "c", 1.0, finetune.RunStore(tmp_path / "b-run"))
     assert saved == [1]
     # The last checkpoints (the kept best is an early one on these few rows) hold student and projection.

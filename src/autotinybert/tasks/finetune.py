@@ -237,8 +237,13 @@ def _device_of(model) -> torch.device | None:
 
 def head_outputs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The heads' outputs: (logits,) for GLUE, (start_logits, end_logits) for SQuAD."""
+    return _heads(model(**_model_inputs(model, batch)))
+
+
+def _model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's model inputs, on the model's device."""
     device = _device_of(model)
-    return _heads(model(**{k: v if device is None else v.to(device) for k, v in batch.items() if k in _INPUT_KEYS}))
+    return {k: v if device is None else v.to(device) for k, v in batch.items() if k in _INPUT_KEYS}
 
 
 def task_loss(task: Task, student: tuple[torch.Tensor, ...], batch: dict, teacher: tuple[torch.Tensor, ...] | None,
@@ -525,14 +530,14 @@ def _fit_projection(distiller, model, teacher, features: Sequence[dict], pad_id:
     model.eval()
     for begin in range(0, len(rows), settings.batch_size):
         batch = collate([features[i] for i in rows[begin: begin + settings.batch_size]], pad_id)
-        student, taught = _forward(model, batch, settings), _forward(teacher, batch, settings)
+        student, taught = _with_hidden_states(model, batch), _with_hidden_states(teacher, batch)
         pairs.append((student.hidden_states, taught.hidden_states, batch["attention_mask"].to(settings.device)))
     model.train(was_training)
     distiller.fit(pairs)
 
 
-def _forward(model, batch: dict[str, torch.Tensor], settings: FinetuneSettings):
-    return model(**{k: v.to(settings.device) for k, v in batch.items() if k in _INPUT_KEYS}, output_hidden_states=True)
+def _with_hidden_states(model, batch: dict[str, torch.Tensor]):
+    return model(**_model_inputs(model, batch), output_hidden_states=True)
 
 
 def _heads(outputs) -> tuple[torch.Tensor, ...]:
@@ -625,8 +630,8 @@ def _training_step(model, task, batch, rows: list[int], optimizer, teacher, sett
 def _loss_with_hidden_states(model, task, batch, teacher, settings: FinetuneSettings, distiller) -> torch.Tensor:
     """The logits term plus kd_hidden x the layer-mapped hidden-state term (one live teacher pass)."""
     with torch.no_grad():
-        taught = _forward(teacher, batch, settings)
-    student = _forward(model, batch, settings)
+        taught = _with_hidden_states(teacher, batch)
+    student = _with_hidden_states(model, batch)
     logits = task_loss(task, _heads(student), batch, tuple(t.detach() for t in _heads(taught)), settings)
     return logits + settings.kd_hidden * distiller.loss(student.hidden_states, taught.hidden_states,
                                                         batch["attention_mask"])
